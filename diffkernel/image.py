@@ -1,0 +1,255 @@
+"""Masked images and exposures: the pixel containers every other module works on.
+
+A :class:`MaskedImage` holds three aligned planes (image, variance, integer bit mask)
+plus the mapping of mask-plane names to bits, as LSST's ``afw.image.MaskedImage`` does.
+An :class:`Exposure` adds what is known about the sky: a WCS and the PSF width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+__all__ = ["DEFAULT_MASK_PLANES", "MaskedImage", "Exposure"]
+
+#: Bits of the standard mask planes, in LSST's order.
+DEFAULT_MASK_PLANES: dict[str, int] = {
+    "BAD": 0,
+    "SAT": 1,
+    "INTRP": 2,
+    "CR": 3,
+    "EDGE": 4,
+    "DETECTED": 5,
+    "DETECTED_NEGATIVE": 6,
+    "SUSPECT": 7,
+    "NO_DATA": 8,
+}
+
+
+@dataclass
+class MaskedImage:
+    """An image with its variance and a bit mask of named planes.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        2-D pixel values; converted to float64.
+    variance : numpy.ndarray, optional
+        Per-pixel variance, same shape as ``image``. Defaults to ones only when
+        explicitly requested through :meth:`from_image`; here it is required.
+    mask : numpy.ndarray, optional
+        Integer bit mask, same shape; defaults to all zeros.
+    mask_planes : dict of str to int, optional
+        Mask plane name to bit number; defaults to :data:`DEFAULT_MASK_PLANES`.
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray | None = None
+    mask_planes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MASK_PLANES))
+
+    def __post_init__(self) -> None:
+        image = np.asarray(self.image)
+        if image.ndim != 2:
+            raise InputError(f"image must be 2-D, got an array of shape {image.shape}")
+        if not np.issubdtype(image.dtype, np.number) or np.issubdtype(
+            image.dtype, np.complexfloating
+        ):
+            raise InputError(f"image must hold real numbers, got dtype {image.dtype}")
+        self.image = np.asarray(image, dtype=np.float64)
+        variance = np.asarray(self.variance)
+        if variance.shape != image.shape:
+            raise InputError(
+                f"variance shape {variance.shape} differs from image shape {image.shape}"
+            )
+        self.variance = np.asarray(variance, dtype=np.float64)
+        if self.mask is None:
+            self.mask = np.zeros(image.shape, dtype=np.int32)
+        mask = np.asarray(self.mask)
+        if mask.shape != image.shape:
+            raise InputError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise InputError(f"mask must be an integer bit mask, got dtype {mask.dtype}")
+        self.mask = mask.astype(np.int32, copy=False)
+        planes = dict(self.mask_planes)
+        for name, bit in planes.items():
+            if not (0 <= int(bit) < 31):
+                raise InputError(f"mask plane {name!r} has bit {bit}; bits must be in 0..30")
+        if len(set(planes.values())) != len(planes):
+            raise InputError(f"mask planes share bits: {planes}")
+        self.mask_planes = {str(k): int(v) for k, v in planes.items()}
+
+    @classmethod
+    def from_image(
+        cls,
+        image: np.ndarray,
+        variance: np.ndarray | float | None = None,
+        mask: np.ndarray | None = None,
+        mask_planes: Mapping[str, int] | None = None,
+    ) -> MaskedImage:
+        """Build a MaskedImage, broadcasting a scalar variance.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            2-D pixel values.
+        variance : numpy.ndarray or float, optional
+            Variance plane or a constant variance. Required: pass it explicitly,
+            since a guessed variance makes every statistic downstream dishonest.
+        mask : numpy.ndarray, optional
+            Integer bit mask.
+        mask_planes : mapping, optional
+            Mask plane name to bit.
+        """
+        image = np.asarray(image, dtype=np.float64)
+        if variance is None:
+            raise InputError("variance is required: pass a plane or a constant")
+        variance = np.broadcast_to(np.asarray(variance, dtype=np.float64), image.shape).copy()
+        planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
+        return cls(image, variance, mask, planes)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(ny, nx)`` of the planes."""
+        return self.image.shape  # type: ignore[return-value]
+
+    def add_mask_plane(self, name: str) -> int:
+        """Return the bit of plane ``name``, adding the plane if it is new."""
+        if name in self.mask_planes:
+            return self.mask_planes[name]
+        used = set(self.mask_planes.values())
+        bit = next(b for b in range(31) if b not in used)
+        self.mask_planes[name] = bit
+        return bit
+
+    def bitmask(self, names: Iterable[str]) -> int:
+        """Return the OR of the bits of the named planes; unknown names are ignored.
+
+        A plane that this image does not define cannot be set in it, so ignoring
+        it is exact, not lenient.
+        """
+        value = 0
+        for name in names:
+            if name in self.mask_planes:
+                value |= 1 << self.mask_planes[name]
+        return value
+
+    def plane(self, name: str) -> np.ndarray:
+        """Boolean array, True where plane ``name`` is set."""
+        if name not in self.mask_planes:
+            return np.zeros(self.shape, dtype=bool)
+        return (self.mask & (1 << self.mask_planes[name])) != 0
+
+    def set_plane(self, name: str, where: np.ndarray) -> None:
+        """Set plane ``name`` (added if new) where ``where`` is True."""
+        bit = self.add_mask_plane(name)
+        self.mask[np.asarray(where, dtype=bool)] |= np.int32(1 << bit)
+
+    def copy(self) -> MaskedImage:
+        """Deep copy."""
+        return MaskedImage(
+            self.image.copy(), self.variance.copy(), self.mask.copy(), dict(self.mask_planes)
+        )
+
+    def validate(self, name: str = "image", bad_planes: Iterable[str] = ("NO_DATA",)) -> None:
+        """Refuse pixels that would silently corrupt a fit.
+
+        Pixels flagged in ``bad_planes`` may hold anything. Every other pixel must
+        have a finite value and a finite, strictly positive variance.
+
+        Parameters
+        ----------
+        name : str
+            What to call this image in error messages ("template", "science").
+        bad_planes : iterable of str
+            Mask planes whose pixels are exempt from the checks.
+
+        Raises
+        ------
+        InputError
+            Naming the image, the problem and how many pixels have it.
+        """
+        exempt = (self.mask & self.bitmask(bad_planes)) != 0
+        used = ~exempt
+        if not used.any():
+            raise InputError(f"{name}: every pixel is masked ({', '.join(bad_planes)})")
+        bad_pix = used & ~np.isfinite(self.image)
+        if bad_pix.any():
+            raise InputError(
+                f"{name}: {int(bad_pix.sum())} pixel(s) are NaN or infinite but not masked "
+                "NO_DATA; mask them or replace them"
+            )
+        var = self.variance[used]
+        nonfinite = ~np.isfinite(var)
+        if nonfinite.any():
+            raise InputError(
+                f"{name}: variance is NaN or infinite at {int(nonfinite.sum())} unmasked pixel(s)"
+            )
+        nonpos = var <= 0
+        if nonpos.any():
+            raise InputError(
+                f"{name}: variance is zero or negative at {int(nonpos.sum())} unmasked pixel(s); "
+                "variance must be strictly positive"
+            )
+
+
+FwhmModel = float | Callable[[float, float], float]
+
+
+@dataclass
+class Exposure:
+    """A masked image with what is known about its sky and PSF.
+
+    Parameters
+    ----------
+    masked_image : MaskedImage
+        The pixels.
+    wcs : astropy.wcs.WCS, optional
+        Celestial WCS of the pixel grid (0-based pixel coordinates, as astropy uses).
+    psf_fwhm : float or callable, optional
+        PSF full width at half maximum in pixels: a constant, or a function
+        ``fwhm(x, y)`` giving it across the image (a PSF model).
+    meta : dict, optional
+        Header-like metadata (e.g. the FITS header cards) carried along.
+    """
+
+    masked_image: MaskedImage
+    wcs: Any = None
+    psf_fwhm: FwhmModel | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(ny, nx)`` of the pixel grid."""
+        return self.masked_image.shape
+
+    def fwhm_at(self, x: float, y: float) -> float | None:
+        """PSF FWHM in pixels at pixel ``(x, y)``, or None when unknown."""
+        if self.psf_fwhm is None:
+            return None
+        if callable(self.psf_fwhm):
+            return float(self.psf_fwhm(x, y))
+        return float(self.psf_fwhm)
+
+
+def as_exposure(data: MaskedImage | Exposure, name: str) -> Exposure:
+    """Wrap a MaskedImage in an Exposure; pass an Exposure through.
+
+    Raises
+    ------
+    InputError
+        If ``data`` is neither.
+    """
+    if isinstance(data, Exposure):
+        return data
+    if isinstance(data, MaskedImage):
+        return Exposure(data)
+    raise InputError(
+        f"{name} must be a diffkernel MaskedImage or Exposure, got {type(data).__name__}; "
+        "use diffkernel.fitsio.read_exposure or MaskedImage.from_image to build one"
+    )
