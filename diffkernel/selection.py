@@ -1,0 +1,140 @@
+"""Kernel candidates from a source list: placement, vetting, ranking and cells.
+
+A source becomes a candidate when its whole template cutout (stamp plus kernel
+border) lies inside the image, no pixel of that cutout or of the science stamp is
+flagged in ``badMaskPlanes``, and it has enough signal to noise in both images.
+Candidates are ranked by their core flux in the two images (brightest first) and
+placed in spatial cells of ``sizeCellX`` by ``sizeCellY`` pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy.table import Table
+
+from .errors import InputError
+from .image import Exposure, MaskedImage
+
+__all__ = ["source_positions", "vet_positions", "assign_cells", "core_flux_snr"]
+
+
+def source_positions(sources: Table, science: Exposure) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel positions (0-based x, y) of a source table.
+
+    Parameters
+    ----------
+    sources : astropy.table.Table
+        Columns ``x``, ``y`` (pixels, 0-based), or ``ra``, ``dec`` (degrees) with a
+        science WCS to convert them.
+    science : Exposure
+        The science exposure (its WCS is used for ``ra``/``dec``).
+    """
+    names = {n.lower(): n for n in sources.colnames}
+    if "x" in names and "y" in names:
+        x = np.asarray(sources[names["x"]], dtype=np.float64)
+        y = np.asarray(sources[names["y"]], dtype=np.float64)
+    elif "ra" in names and "dec" in names:
+        if science.wcs is None:
+            raise InputError(
+                "kernelSources gives ra/dec but the science exposure has no WCS to place them"
+            )
+        x, y = science.wcs.world_to_pixel_values(
+            np.asarray(sources[names["ra"]], dtype=np.float64),
+            np.asarray(sources[names["dec"]], dtype=np.float64),
+        )
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    else:
+        raise InputError(f"kernelSources needs columns x, y or ra, dec; it has {sources.colnames}")
+    return x, y
+
+
+def vet_positions(
+    template: MaskedImage,
+    science: MaskedImage,
+    x: np.ndarray,
+    y: np.ndarray,
+    half_stamp: int,
+    half_kernel: int,
+    bad_planes: tuple[str, ...],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer centres and the first rejection reason of each source ('' if none).
+
+    Returns
+    -------
+    xc, yc : numpy.ndarray
+        Rounded integer centres.
+    reason : numpy.ndarray of str
+        '' (usable), 'not finite', 'edge', 'masked' or 'duplicate'.
+    """
+    ny, nx = template.shape
+    n = len(x)
+    reason = np.full(n, "", dtype=object)
+    finite = np.isfinite(x) & np.isfinite(y)
+    reason[~finite] = "not finite"
+    xc = np.where(finite, np.round(np.where(finite, x, 0)), 0).astype(np.intp)
+    yc = np.where(finite, np.round(np.where(finite, y, 0)), 0).astype(np.intp)
+    ht = half_stamp + half_kernel
+    inside = (xc - ht >= 0) & (yc - ht >= 0) & (xc + ht < nx) & (yc + ht < ny)
+    reason[(reason == "") & ~inside] = "edge"
+    bad_t = (template.mask & template.bitmask(bad_planes)) != 0
+    bad_s = (science.mask & science.bitmask(bad_planes)) != 0
+    # Counting masked pixels over every cutout at once: summed-area tables.
+    count_t = _box_counts(bad_t, xc, yc, ht)
+    count_s = _box_counts(bad_s, xc, yc, half_stamp)
+    masked = inside & ((count_t > 0) | (count_s > 0))
+    reason[(reason == "") & masked] = "masked"
+    # Two sources on one pixel would be one candidate twice.
+    key = yc * nx + xc
+    _, first = np.unique(np.where(reason == "", key, -1 - np.arange(n)), return_index=True)
+    dup = np.ones(n, dtype=bool)
+    dup[first] = False
+    reason[(reason == "") & dup] = "duplicate"
+    return xc, yc, reason
+
+
+def _box_counts(flags: np.ndarray, xc: np.ndarray, yc: np.ndarray, half: int) -> np.ndarray:
+    """Number of True pixels in the ``(2 half + 1)^2`` box at each centre (clipped)."""
+    ny, nx = flags.shape
+    sat = np.zeros((ny + 1, nx + 1), dtype=np.int64)
+    sat[1:, 1:] = np.cumsum(np.cumsum(flags, axis=0), axis=1)
+    x0 = np.clip(xc - half, 0, nx)
+    x1 = np.clip(xc + half + 1, 0, nx)
+    y0 = np.clip(yc - half, 0, ny)
+    y1 = np.clip(yc + half + 1, 0, ny)
+    return sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+
+
+def core_flux_snr(
+    stamps: np.ndarray, variances: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Background-subtracted flux in a circular aperture, and its signal to noise.
+
+    The background is the median of the stamp's outer ring (pixels beyond
+    ``0.8`` of the half-width).
+
+    Parameters
+    ----------
+    stamps, variances : numpy.ndarray
+        ``(N, S, S)``.
+    radius : float
+        Aperture radius in pixels.
+    """
+    n, s, _ = stamps.shape
+    c = s // 2
+    yy, xx = np.mgrid[0:s, 0:s] - c
+    rr = np.hypot(xx, yy)
+    ring = rr >= 0.8 * c
+    aperture = rr <= radius
+    sky = np.median(stamps[:, ring], axis=1)
+    flux = (stamps[:, aperture] - sky[:, None]).sum(axis=1)
+    noise = np.sqrt(variances[:, aperture].sum(axis=1))
+    return flux, flux / noise
+
+
+def assign_cells(
+    xc: np.ndarray, yc: np.ndarray, shape: tuple[int, int], size_x: int, size_y: int
+) -> np.ndarray:
+    """Cell index ``row * n_cells_x + column`` of each centre."""
+    nx = shape[1]
+    n_cells_x = -(-nx // size_x)
+    return (np.asarray(yc) // size_y) * n_cells_x + np.asarray(xc) // size_x

@@ -1,0 +1,104 @@
+"""Coarse detection of kernel candidates when none are given (``selectDetection``).
+
+Detection uses ``sep`` (Source Extractor's C core as a library): a mesh background
+and a thresholded, deblended segmentation in one call, about an order of magnitude
+faster than photutils' pure-Python equivalents on 4k images. Selection keeps
+compact, unblended, isolated, unsaturated stars above the S/N threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import sep
+from astropy.table import Table
+
+from .errors import NoCandidatesError
+from .image import MaskedImage
+
+__all__ = ["detect_sources"]
+
+# sep's extract flags: 1 = blended, 2 = truncated at edge/mask, 4 = aperture hit
+# saturated data, 16 = isophot. corrupted. Blends and truncations make poor stars.
+_BAD_SEP_FLAGS = 0x01 | 0x02 | 0x10
+
+
+def detect_sources(
+    masked_image: MaskedImage,
+    detection,
+    measurement,
+    bad_planes: tuple[str, ...],
+    isolation_radius: float,
+) -> Table:
+    """Detect compact, isolated stars for kernel fitting.
+
+    Parameters
+    ----------
+    masked_image : MaskedImage
+        Image to detect on (the template unless ``detOnTemplate`` is False).
+    detection : SelectDetectionConfig
+        ``thresholdValue`` (per-pixel S/N above the background rms), ``minArea``,
+        ``deblendNThresh``, ``deblendContrast``, ``maxSources``.
+    measurement : SelectMeasurementConfig
+        ``maxEllipticity`` and ``isolationRadius`` (0: use ``isolation_radius``).
+    bad_planes : tuple of str
+        Masked pixels are excluded from detection.
+    isolation_radius : float
+        Default isolation radius in pixels (the stamp half-width): a source with a
+        brighter neighbour closer than this is dropped.
+
+    Returns
+    -------
+    astropy.table.Table
+        Columns ``id``, ``x``, ``y``, ``flux``, brightest first.
+
+    Raises
+    ------
+    NoCandidatesError
+        When nothing passes.
+    """
+    image = np.ascontiguousarray(masked_image.image, dtype=np.float64)
+    bad = (masked_image.mask & masked_image.bitmask(bad_planes)) != 0
+    bad |= ~np.isfinite(image)
+    data = np.where(bad, 0.0, image)
+    bkg = sep.Background(data, mask=bad)
+    sub = data - bkg.back()
+    sep.set_extract_pixstack(max(300000, image.size // 4))
+    sep.set_sub_object_limit(4096)
+    objects = sep.extract(
+        sub,
+        float(detection.thresholdValue),
+        err=bkg.globalrms,
+        mask=bad,
+        minarea=int(detection.minArea),
+        deblend_nthresh=int(detection.deblendNThresh),
+        deblend_cont=float(detection.deblendContrast),
+    )
+    if len(objects) == 0:
+        raise NoCandidatesError(
+            f"no sources found above {detection.thresholdValue} sigma; lower "
+            "selectDetection.thresholdValue or provide kernelSources"
+        )
+    x, y, flux = objects["x"], objects["y"], objects["flux"]
+    ell = 1.0 - objects["b"] / np.maximum(objects["a"], 1e-12)
+    keep = ((objects["flag"] & _BAD_SEP_FLAGS) == 0) & (ell <= measurement.maxEllipticity)
+    keep &= flux > 0
+    radius = float(measurement.isolationRadius) or float(isolation_radius)
+    if radius > 0 and len(x) > 1:
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(np.column_stack([x, y]))
+        for i, j in tree.query_pairs(radius):
+            # The fainter of a close pair is contaminated; the brighter keeps its
+            # place unless the neighbour is comparable (within a factor 10).
+            faint, bright = (i, j) if flux[i] < flux[j] else (j, i)
+            keep[faint] = False
+            if flux[faint] > 0.1 * flux[bright]:
+                keep[bright] = False
+    idx = np.flatnonzero(keep)
+    idx = idx[np.argsort(-flux[idx], kind="stable")][: int(detection.maxSources)]
+    if idx.size == 0:
+        raise NoCandidatesError(
+            f"{len(objects)} sources detected but none is a compact, isolated star; "
+            "relax selectMeasurement.maxEllipticity/isolationRadius or provide kernelSources"
+        )
+    return Table({"id": np.arange(idx.size), "x": x[idx], "y": y[idx], "flux": flux[idx]})

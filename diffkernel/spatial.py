@@ -1,0 +1,262 @@
+"""Spatial models of the kernel and background, and their global fit.
+
+Each kernel coefficient and the differential background vary over the image as
+a sum of 2-D functions: Chebyshev polynomials of the first kind in coordinates
+mapped to [-1, 1] over the image, or plain monomials ``x^i y^j`` in pixels. Order
+``o`` has ``(o + 1)(o + 2) / 2`` terms, ordered by total degree, so lower orders
+are prefixes of higher ones.
+
+The global fit minimizes the sum of every candidate's chi², which from the
+candidates' normal equations is ``Σ_c (P_c θ)ᵀ M_c (P_c θ) - 2 (P_c θ)ᵀ B_c``, with
+``P_c`` the spatial functions at candidate ``c``. It never touches pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .basis import KernelBasis
+from .candidate import CandidateStats
+from .errors import ConfigError, SpatialFitError
+from .fit import condition_numbers, solve_spd
+
+__all__ = ["n_terms", "SpatialFunctions", "SpatialSolution", "fit_spatial"]
+
+
+def n_terms(order: int) -> int:
+    """Number of 2-D terms of total degree <= ``order``."""
+    return (order + 1) * (order + 2) // 2
+
+
+@dataclass(frozen=True)
+class SpatialFunctions:
+    """2-D basis functions over an image's pixel box.
+
+    Parameters
+    ----------
+    model_type : {"chebyshev1", "polynomial"}
+        Function family.
+    order : int
+        Maximum total degree.
+    bbox : tuple of float
+        ``(x0, y0, x1, y1)``: the pixel range the Chebyshev mapping sends to [-1, 1].
+    """
+
+    model_type: str
+    order: int
+    bbox: tuple[float, float, float, float]
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("chebyshev1", "polynomial"):
+            raise ConfigError(
+                f"spatialModelType must be 'chebyshev1' or 'polynomial', got {self.model_type!r}"
+            )
+        if self.order < 0:
+            raise ConfigError(f"spatial order must be >= 0, got {self.order}")
+
+    @property
+    def size(self) -> int:
+        """Number of terms."""
+        return n_terms(self.order)
+
+    def powers(self) -> list[tuple[int, int]]:
+        """``(i, j)`` degrees in x and y of each term, in order."""
+        return [(total - j, j) for total in range(self.order + 1) for j in range(total + 1)]
+
+    def evaluate(self, x: np.ndarray | float, y: np.ndarray | float) -> np.ndarray:
+        """Values of every term, shape ``(*shape(x), size)``."""
+        x, y = np.broadcast_arrays(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        shape = x.shape
+        x, y = x.ravel(), y.ravel()
+        x0, y0, x1, y1 = self.bbox
+        if self.model_type == "chebyshev1":
+            xs = (2.0 * x - (x0 + x1)) / max(x1 - x0, 1.0)
+            ys = (2.0 * y - (y0 + y1)) / max(y1 - y0, 1.0)
+            px = np.polynomial.chebyshev.chebvander(xs, self.order)
+            py = np.polynomial.chebyshev.chebvander(ys, self.order)
+        else:
+            px = np.polynomial.polynomial.polyvander(x, self.order)
+            py = np.polynomial.polynomial.polyvander(y, self.order)
+        out = np.stack([px[:, i] * py[:, j] for i, j in self.powers()], axis=-1)
+        return out.reshape(*shape, self.size)
+
+    def with_order(self, order: int) -> SpatialFunctions:
+        """The same family at another order."""
+        return SpatialFunctions(self.model_type, order, self.bbox)
+
+
+@dataclass
+class SpatialSolution:
+    """A spatially varying kernel and differential background.
+
+    Attributes
+    ----------
+    basis : KernelBasis
+        The kernel basis the coefficients refer to.
+    kernel_functions : SpatialFunctions
+        Spatial functions of the kernel coefficients.
+    kernel_coeffs : numpy.ndarray
+        ``(n_basis, n_terms)``; when the sum is conserved, row 0 has only a constant.
+    background_functions : SpatialFunctions or None
+        Spatial functions of the background (None when no background was fitted).
+    background_coeffs : numpy.ndarray
+        ``(n_terms_bg,)``.
+    condition : float
+        Condition number of the (equilibrated) spatial normal matrix.
+    covariance : numpy.ndarray or None
+        Covariance of all free parameters when asked for.
+    """
+
+    basis: KernelBasis
+    kernel_functions: SpatialFunctions
+    kernel_coeffs: np.ndarray
+    background_functions: SpatialFunctions | None
+    background_coeffs: np.ndarray
+    condition: float
+    covariance: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def coefficients_at(self, x, y) -> np.ndarray:
+        """Kernel coefficients at positions, shape ``(*shape(x), n_basis)``."""
+        f = self.kernel_functions.evaluate(x, y)
+        return f @ self.kernel_coeffs.T
+
+    def background_at(self, x, y) -> np.ndarray:
+        """Differential background at positions."""
+        if self.background_functions is None:
+            return np.zeros(np.broadcast(np.asarray(x), np.asarray(y)).shape)
+        return self.background_functions.evaluate(x, y) @ self.background_coeffs
+
+    def local_coefficients(self, x, y, stamp_half: int, local_order: int) -> np.ndarray:
+        """Coefficients as a single-kernel fit sees them at candidate centres.
+
+        Kernel terms, then the local background polynomial of degree
+        ``local_order`` over a stamp of half-width ``stamp_half`` that equals the
+        global background there.
+        """
+        a = self.coefficients_at(x, y)
+        if self.background_functions is None:
+            return a
+        jac = background_local_map(self.background_functions, x, y, stamp_half, local_order)
+        local_bg = np.einsum("cml,l->cm", jac, self.background_coeffs)
+        return np.concatenate([a, local_bg], axis=-1)
+
+
+def background_local_map(
+    functions: SpatialFunctions, x: np.ndarray, y: np.ndarray, stamp_half: int, local_order: int
+) -> np.ndarray:
+    """Linear maps from global background coefficients to each stamp's local terms.
+
+    The global functions restricted to a stamp are polynomials of degree
+    ``functions.order``; when ``local_order`` is at least that, the local monomials
+    (see :func:`~diffkernel.candidate.local_background_columns`) represent them
+    exactly, and the least-squares projection below is that representation.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, n_local, n_global)``.
+    """
+    from .candidate import local_background_columns
+
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    size = 2 * stamp_half + 1
+    local = local_background_columns(size, local_order)  # (n_local, P)
+    proj = np.linalg.pinv(local.T)  # (n_local, P)
+    off = np.arange(size) - stamp_half
+    dy, dx = np.meshgrid(off, off, indexing="ij")
+    glob = functions.evaluate(x[:, None] + dx.ravel(), y[:, None] + dy.ravel())  # (N, P, nG)
+    return np.einsum("mp,cpl->cml", proj, glob)
+
+
+def _local_order(n_local: int) -> int:
+    """Degree of a local polynomial with ``n_local`` terms."""
+    order = 0
+    while n_terms(order) < n_local:
+        order += 1
+    if n_terms(order) != n_local:
+        raise ValueError(f"{n_local} is not the number of terms of a 2-D polynomial")
+    return order
+
+
+def fit_spatial(
+    stats: CandidateStats,
+    x: np.ndarray,
+    y: np.ndarray,
+    basis: KernelBasis,
+    kernel_functions: SpatialFunctions,
+    background_functions: SpatialFunctions | None,
+    condition_type: str = "EIGENVALUE",
+) -> SpatialSolution:
+    """Fit the spatial model to the candidates' normal equations.
+
+    Parameters
+    ----------
+    stats : CandidateStats
+        Statistics of the candidates, in ``basis``.
+    x, y : numpy.ndarray
+        Candidate positions in pixels.
+    basis : KernelBasis
+        When ``basis.conserves_sum``, coefficient 0 (the kernel sum) is held
+        constant over the image.
+    kernel_functions, background_functions : SpatialFunctions
+        Spatial functions; the background ones are required when the statistics
+        include a background term and forbidden otherwise.
+    condition_type : {"EIGENVALUE", "SVD"}
+        How to compute the reported condition number.
+
+    Raises
+    ------
+    SpatialFitError
+        If the system is singular (e.g. too few candidates for the terms).
+    """
+    if stats.has_background != (background_functions is not None):
+        raise ValueError("background functions must be given exactly when a background is fitted")
+    n = stats.n_params
+    if stats.n_kernel != basis.size:
+        raise ValueError(
+            f"statistics have {stats.n_kernel} kernel terms but the basis has {basis.size}"
+        )
+    nbg = stats.n_background
+    n_kernel = n - nbg
+    f = kernel_functions.evaluate(x, y)  # (N, LK)
+    lk = f.shape[1]
+    mkk = stats.m_fit[:, :n_kernel, :n_kernel]
+    g_kk = np.einsum("cij,ck,cl->ikjl", mkk, f, f, optimize=True).reshape(n_kernel * lk, -1)
+    r_k = np.einsum("ci,ck->ik", stats.b_fit[:, :n_kernel], f).ravel()
+    active = np.ones((n_kernel, lk), dtype=bool)
+    if basis.conserves_sum:
+        active[0, 1:] = False
+    act = active.ravel()
+    blocks_a = g_kk[np.ix_(act, act)]
+    rhs = r_k[act]
+    if background_functions is not None:
+        jac = background_local_map(background_functions, x, y, stats.stamp_half, _local_order(nbg))
+        mkb = stats.m_fit[:, :n_kernel, n_kernel:]
+        mbb = stats.m_fit[:, n_kernel:, n_kernel:]
+        g_kb = np.einsum("cim,ck,cml->ikl", mkb, f, jac, optimize=True).reshape(n_kernel * lk, -1)
+        g_bb = np.einsum("cma,cmn,cnb->ab", jac, mbb, jac, optimize=True)
+        r_b = np.einsum("cma,cm->a", jac, stats.b_fit[:, n_kernel:])
+        g_kb = g_kb[act]
+        blocks_a = np.block([[blocks_a, g_kb], [g_kb.T, g_bb]])
+        rhs = np.concatenate([rhs, r_b])
+    a_mat = blocks_a
+    cond = float(condition_numbers(a_mat, condition_type))
+    if not np.isfinite(cond):
+        raise SpatialFitError(
+            f"the spatial kernel fit is singular: {len(x)} candidate(s) cannot constrain "
+            f"{a_mat.shape[0]} parameters (spatialKernelOrder={kernel_functions.order}); "
+            "lower the spatial orders or provide more stars"
+        )
+    theta = solve_spd(a_mat, rhs)
+    n_act = int(act.sum())
+    kernel_coeffs = np.zeros(n_kernel * lk)
+    kernel_coeffs[act] = theta[:n_act]
+    kernel_coeffs = kernel_coeffs.reshape(n_kernel, lk)
+    bg_coeffs = theta[n_act:].copy()
+    return SpatialSolution(
+        basis, kernel_functions, kernel_coeffs, background_functions, bg_coeffs, cond
+    )
