@@ -37,22 +37,30 @@ def mesh_background(masked_image: MaskedImage, config) -> np.ndarray:
     ignore = (masked_image.mask & masked_image.bitmask(config.ignoredPixelMask)) != 0
     ignore |= ~np.isfinite(image)
     data = np.where(ignore, 0.0, image)
-    box = int(min(config.binSize, *image.shape))
     if config.statistic == "MEANCLIP":
         bkg = sep.Background(
-            data, mask=ignore, bw=box, bh=box, fw=config.filterSize, fh=config.filterSize
+            data,
+            mask=ignore,
+            bw=min(int(config.binSize), image.shape[1]),
+            bh=min(int(config.binSize), image.shape[0]),
+            fw=config.filterSize,
+            fh=config.filterSize,
         )
         return np.asarray(bkg.back(), dtype=np.float64)
-    # Plain statistic per box, median-filtered and spline-interpolated like sep's.
-    from scipy.interpolate import RectBivariateSpline
+    # Plain statistic per box, median-filtered, then interpolated linearly between box
+    # centres (and extrapolated linearly beyond the outer ones, so a gradient is
+    # followed to the image edge).
+    from scipy.interpolate import RegularGridInterpolator
     from scipy.ndimage import median_filter
 
     ny, nx = image.shape
-    nby, nbx = -(-ny // box), -(-nx // box)
-    mesh = np.full((nby, nbx), np.nan)
-    for j in range(nby):
-        for i in range(nbx):
-            sl = (slice(j * box, (j + 1) * box), slice(i * box, (i + 1) * box))
+    by, bx = min(int(config.binSize), ny), min(int(config.binSize), nx)
+    y_edges = np.append(np.arange(0, ny, by), ny)
+    x_edges = np.append(np.arange(0, nx, bx), nx)
+    mesh = np.full((len(y_edges) - 1, len(x_edges) - 1), np.nan)
+    for j in range(mesh.shape[0]):
+        for i in range(mesh.shape[1]):
+            sl = (slice(y_edges[j], y_edges[j + 1]), slice(x_edges[i], x_edges[i + 1]))
             good = image[sl][~ignore[sl]]
             if good.size:
                 mesh[j, i] = np.median(good) if config.statistic == "MEDIAN" else good.mean()
@@ -61,18 +69,12 @@ def mesh_background(masked_image: MaskedImage, config) -> np.ndarray:
     mesh = np.where(np.isnan(mesh), np.nanmedian(mesh), mesh)
     if config.filterSize > 1:
         mesh = median_filter(mesh, size=config.filterSize, mode="nearest")
-    yc = (np.arange(nby) + 0.5) * box - 0.5
-    xc = (np.arange(nbx) + 0.5) * box - 0.5
-    ky, kx = min(3, nby - 1), min(3, nbx - 1)
-    if ky == 0 or kx == 0:
-        return _broadcast_mesh(mesh, yc, xc, ny, nx)
-    spline = RectBivariateSpline(yc, xc, mesh, kx=ky, ky=kx)
-    return spline(np.arange(ny), np.arange(nx))
-
-
-def _broadcast_mesh(
-    mesh: np.ndarray, yc: np.ndarray, xc: np.ndarray, ny: int, nx: int
-) -> np.ndarray:
-    """Linear interpolation of a mesh with a single row or column of boxes."""
-    rows = np.array([np.interp(np.arange(nx), xc, mesh[j]) for j in range(mesh.shape[0])])
-    return np.array([np.interp(np.arange(ny), yc, rows[:, i]) for i in range(nx)]).T
+    yc = (y_edges[:-1] + y_edges[1:] - 1) / 2.0
+    xc = (x_edges[:-1] + x_edges[1:] - 1) / 2.0
+    if len(yc) == 1:
+        yc, mesh = np.array([yc[0] - 1.0, yc[0] + 1.0]), np.vstack([mesh, mesh])
+    if len(xc) == 1:
+        xc, mesh = np.array([xc[0] - 1.0, xc[0] + 1.0]), np.hstack([mesh, mesh])
+    interp = RegularGridInterpolator((yc, xc), mesh, bounds_error=False, fill_value=None)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    return interp(np.stack([yy.ravel(), xx.ravel()], axis=1)).reshape(ny, nx)

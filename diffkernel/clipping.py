@@ -40,7 +40,9 @@ def clipped_mean_std(
     if width <= 0:
         width = np.std(v)
     for _ in range(max(int(n_iter), 1)):
-        keep = np.abs(v - center) <= nsigma * width if width > 0 else np.ones(v.size, bool)
+        # A zero width (all kept values equal) keeps exactly those values, never
+        # letting clipped outliers back in.
+        keep = np.abs(v - center) <= nsigma * width
         if keep.sum() < 2:
             break
         center = float(np.mean(v[keep]))

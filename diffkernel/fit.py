@@ -38,20 +38,24 @@ def condition_numbers(m: np.ndarray, kind: str = "EIGENVALUE") -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``(...)``; ``inf`` for singular or indefinite matrices.
+        ``(...)``; ``inf`` for numerically singular matrices (smallest value below
+        ``n * eps`` of the largest) and, with EIGENVALUE, for indefinite ones.
     """
     eq = _equilibrate(np.asarray(m, dtype=np.float64))
     if kind == "EIGENVALUE":
-        ev = np.linalg.eigvalsh(eq)
-        lo, hi = ev[..., 0], ev[..., -1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(lo > 0, hi / np.where(lo > 0, lo, 1.0), np.inf)
-    if kind == "SVD":
-        sv = np.linalg.svd(eq, compute_uv=False)
-        lo, hi = sv[..., -1], sv[..., 0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(lo > 0, hi / np.where(lo > 0, lo, 1.0), np.inf)
-    raise ValueError(f"conditionNumberType must be 'EIGENVALUE' or 'SVD', got {kind!r}")
+        ev = np.abs(np.linalg.eigvalsh(eq))
+        # An indefinite matrix is as unusable as a singular one for a least-squares fit.
+        indefinite = np.linalg.eigvalsh(eq)[..., 0] < 0
+    elif kind == "SVD":
+        ev = np.linalg.svd(eq, compute_uv=False)
+        indefinite = np.zeros(ev.shape[:-1], dtype=bool)
+    else:
+        raise ValueError(f"conditionNumberType must be 'EIGENVALUE' or 'SVD', got {kind!r}")
+    lo, hi = ev.min(axis=-1), ev.max(axis=-1)
+    # Below n * eps of the largest, a value is rounding noise: numerically singular.
+    singular = indefinite | (lo <= eq.shape[-1] * np.finfo(np.float64).eps * hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(singular, np.inf, hi / np.where(singular, 1.0, lo))
 
 
 def solve_spd(m: np.ndarray, b: np.ndarray) -> np.ndarray:

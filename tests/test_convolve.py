@@ -1,0 +1,144 @@
+"""Tests of diffkernel.convolve: FFT convolutions, mask spreading, spatially varying kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.signal import convolve2d
+
+from diffkernel.basis import alard_lupton_basis
+from diffkernel.convolve import convolve_region, convolve_valid, spatial_term_kernels, spread_mask
+from diffkernel.spatial import SpatialFunctions, SpatialSolution
+
+
+@pytest.mark.parametrize("shape, k", [((30, 41), 5), ((17, 17), 7), ((64, 33), 3)])
+def test_convolve_valid_matches_scipy(shape, k):
+    """convolve_valid equals scipy.signal.convolve2d(mode='valid') for each kernel."""
+    rng = np.random.default_rng(50)
+    padded = rng.normal(size=shape)
+    kernels = rng.normal(size=(3, k, k))
+    out = convolve_valid(padded, kernels)
+    assert out.shape == (3, shape[0] - k + 1, shape[1] - k + 1)
+    for i in range(3):
+        np.testing.assert_allclose(
+            out[i], convolve2d(padded, kernels[i], mode="valid"), rtol=1e-10, atol=1e-11
+        )
+
+
+def brute_spread(mask, half):
+    ny, nx = mask.shape
+    out = np.zeros_like(mask)
+    for y in range(ny):
+        for x in range(nx):
+            box = mask[max(y - half, 0) : y + half + 1, max(x - half, 0) : x + half + 1]
+            out[y, x] = np.bitwise_or.reduce(box, axis=None)
+    return out
+
+
+def test_spread_mask_two_bits():
+    """Each bit spreads over the (2h+1)^2 box; where boxes overlap both bits are set."""
+    mask = np.zeros((9, 12), dtype=np.int32)
+    mask[4, 4] = 1 << 1
+    mask[4, 6] = 1 << 3
+    out = spread_mask(mask, 1)
+    assert out[4, 5] == (1 << 1) | (1 << 3)
+    assert out[3, 3] == 1 << 1 and out[5, 7] == 1 << 3
+    assert out[4, 2] == 0 and out[4, 8] == 0 and out[2, 4] == 0
+    assert np.count_nonzero(out & 2) == 9 and np.count_nonzero(out & 8) == 9
+    assert out.dtype == np.int32
+
+
+def test_spread_mask_matches_brute_force():
+    """A random multi-bit mask (bits 0..30) spreads exactly as the brute-force box OR."""
+    rng = np.random.default_rng(51)
+    mask = np.zeros((25, 31), dtype=np.int32)
+    pos = rng.integers(0, 25 * 31, 30)
+    bits = rng.choice([0, 1, 4, 5, 8, 30], 30)
+    np.bitwise_or.at(mask.ravel(), pos, (1 << bits).astype(np.int32))
+    for half in (0, 1, 3):
+        np.testing.assert_array_equal(spread_mask(mask, half), brute_spread(mask, half))
+
+
+def test_spread_mask_empty():
+    """An all-zero (or empty) mask stays zero."""
+    np.testing.assert_array_equal(spread_mask(np.zeros((4, 5), np.int32), 2), 0)
+    assert spread_mask(np.zeros((0, 0), np.int32), 2).shape == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    rng = np.random.default_rng(52)
+    image = rng.normal(100.0, 10.0, size=(48, 56))
+    variance = rng.uniform(1.0, 4.0, size=image.shape)
+    mask = np.zeros(image.shape, np.int32)
+    mask[20, 30] = 1 << 1
+    mask[5, 5] = 1 << 4
+    return image, variance, mask
+
+
+def solution(basis, theta, order=1):
+    bbox = (0.0, 0.0, 55.0, 47.0)
+    return SpatialSolution(
+        basis, SpatialFunctions("chebyshev1", order, bbox), theta, None, np.zeros(0), 1.0
+    )
+
+
+def test_spatial_term_kernels():
+    """Q_k = sum_i theta_ik b_i for every spatial term k."""
+    basis = alard_lupton_basis(7, (1.0, 2.0), (1, 1))
+    theta = np.random.default_rng(53).normal(size=(basis.size, 3))
+    q = spatial_term_kernels(solution(basis, theta))
+    assert q.shape == (3, 7, 7)
+    for k in range(3):
+        np.testing.assert_allclose(q[k], basis.kernel_image(theta[:, k]), atol=1e-14)
+
+
+@pytest.mark.parametrize("region", [(10, 30, 12, 40), (0, 48, 0, 56), (0, 7, 50, 56)])
+def test_convolve_region_constant_solution_is_plain_convolution(scene, region):
+    """A spatially constant kernel gives the ordinary 'same' convolution (zero outside)."""
+    image, variance, mask = scene
+    basis = alard_lupton_basis(7, (1.0, 2.0), (1, 1))
+    coeffs = np.array([1.3, 0.2, -0.1, 0.05, 0.3, -0.2])
+    theta = np.zeros((6, 3))
+    theta[:, 0] = coeffs
+    sol = solution(basis, theta)
+    kern = basis.kernel_image(coeffs)
+    y0, y1, x0, x1 = region
+    img, var, msk = convolve_region(image, variance, mask, sol, y0, y1, x0, x1)
+    assert img.shape == var.shape == msk.shape == (y1 - y0, x1 - x0)
+    full = convolve2d(image, kern, mode="same")
+    np.testing.assert_allclose(img, full[y0:y1, x0:x1], rtol=1e-10, atol=1e-9)
+    full_var = convolve2d(variance, kern**2, mode="same")
+    np.testing.assert_allclose(var, full_var[y0:y1, x0:x1], rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(msk, brute_spread(mask, 3)[y0:y1, x0:x1])
+
+
+def test_convolve_region_varying_kernel_per_pixel(scene):
+    """Each output pixel is the template convolved with the kernel evaluated at that pixel."""
+    image, variance, mask = scene
+    basis = alard_lupton_basis(5, (1.0,), (2,))
+    rng = np.random.default_rng(54)
+    theta = rng.normal(size=(basis.size, 6)) * 0.3
+    theta[0] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    sol = solution(basis, theta, order=2)
+    img, _, _ = convolve_region(image, variance, mask, sol, 8, 40, 6, 50)
+    h = 2
+    for y, x in [(8, 6), (20, 30), (39, 49), (25, 11)]:
+        kern = basis.kernel_image(sol.coefficients_at(float(x), float(y)))
+        patch = image[y - h : y + h + 1, x - h : x + h + 1]
+        expected = np.sum(kern[::-1, ::-1] * patch)
+        assert img[y - 8, x - 6] == pytest.approx(expected, rel=1e-10)
+
+
+def test_convolve_region_term_kernels_argument(scene):
+    """Passing precomputed term kernels gives the same result."""
+    image, variance, mask = scene
+    basis = alard_lupton_basis(5, (1.0,), (1,))
+    theta = np.random.default_rng(55).normal(size=(3, 3))
+    sol = solution(basis, theta)
+    a = convolve_region(image, variance, mask, sol, 0, 20, 0, 20)
+    b = convolve_region(
+        image, variance, mask, sol, 0, 20, 0, 20, term_kernels=spatial_term_kernels(sol)
+    )
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v)
