@@ -94,13 +94,16 @@ def _ksums(fit: SingleFit, basis: KernelBasis) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pca_basis(
-    basis: KernelBasis, coeffs: np.ndarray, ksum: np.ndarray, cfg
+    basis: KernelBasis, coeffs: np.ndarray, ksum: np.ndarray, weights: np.ndarray, cfg
 ) -> tuple[KernelBasis, np.ndarray]:
     """A PCA basis from candidates' kernels, renormalized to conserve the sum.
 
     Each kernel is divided by its sum so the components describe shape; with
     ``subtractMeanForPca`` the mean kernel is the first component and
-    ``numPrincipalComponents - 1`` eigen-kernels follow.
+    ``numPrincipalComponents - 1`` eigen-kernels follow. Candidates are weighted by
+    the precision of their kernel sum (bright stars have well-measured kernels; the
+    noisy kernels of faint ones, counted equally, bias the mean kernel's shape and
+    with it the kernel sum).
 
     Returns
     -------
@@ -110,27 +113,29 @@ def _pca_basis(
         ``(basis.size, m)`` its kernels in ``basis`` coordinates.
     """
     a = coeffs / ksum[:, None]  # (Nc, nb), normalized kernels in basis coordinates
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    sw = np.sqrt(w)[:, None]
     images = basis.images.reshape(basis.size, -1)
-    x = a @ images
     n_comp = int(cfg.numPrincipalComponents)
     columns = []
     if cfg.subtractMeanForPca:
-        mean_a = a.mean(axis=0)
+        mean_a = w @ a
         columns.append(mean_a)
         centred = a - mean_a
-        xc = x - mean_a @ images
         n_eig = n_comp - 1
     else:
         centred = a
-        xc = x
         n_eig = n_comp
     if n_eig > 0 and len(a) > 1:
+        xc = (sw * centred) @ images
         u, s, _ = np.linalg.svd(xc, full_matrices=False)
         keep = s > s[0] * 1e-10 if s.size and s[0] > 0 else np.zeros(0, bool)
         k = min(n_eig, int(keep.sum()))
-        # Eigen-image v_i = (1/s_i) u_iᵀ xc, so its basis coefficients are (1/s_i) u_iᵀ centred.
+        # Eigen-image v_i = (1/s_i) u_iᵀ xc, so its basis coefficients are
+        # (1/s_i) u_iᵀ (sqrt(w) * centred).
         for i in range(k):
-            columns.append(centred.T @ u[:, i] / s[i])
+            columns.append((sw * centred).T @ u[:, i] / s[i])
     transform = np.stack(columns, axis=1)
     new_t, _ = renormalize(basis.images, transform)
     pca = derive_basis(
@@ -247,6 +252,18 @@ def solve(
     last_rejected = 0
 
     local_order = int(cfg.spatialBgOrder)
+    sums = basis.sums
+
+    def ksum_precision(idx: np.ndarray) -> np.ndarray:
+        """Inverse variance of each candidate's kernel sum, from its fit matrix."""
+        m = stats.m_fit[idx]
+        if reg is not None:
+            h = np.zeros(m.shape[1:])
+            h[: basis.size, : basis.size] = reg
+            m = m + single.lam[idx, None, None] * h
+        cov = np.linalg.pinv(m, hermitian=True)[:, : basis.size, : basis.size]
+        var = np.einsum("i,nij,j->n", sums, cov, sums)
+        return 1.0 / np.maximum(var, np.finfo(float).tiny)
 
     def _local(sol: SpatialSolution, visited: np.ndarray) -> np.ndarray:
         return sol.local_coefficients(
@@ -256,7 +273,13 @@ def solve(
     def spatial_fit(visited: np.ndarray) -> tuple[SpatialSolution, KernelBasis, CandidateStats]:
         b_use, st_use = basis, stats
         if cfg.usePcaForSpatialKernel:
-            b_use, t = _pca_basis(basis, single.coeffs[visited, : basis.size], ksum[visited], cfg)
+            b_use, t = _pca_basis(
+                basis,
+                single.coeffs[visited, : basis.size],
+                ksum[visited],
+                ksum_precision(visited),
+                cfg,
+            )
             st_use = stats.transformed(t)
         if cfg.useBicForKernelBasis:
             m = _bic_truncation(st_use.take(visited), b_use, cfg)
