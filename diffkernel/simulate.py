@@ -351,6 +351,7 @@ def make_pair(
     template_sky: float = 1000.0,
     gain: float = 2.0,
     read_noise: float = 5.0,
+    template_depth: float = 1.0,
     noise: bool = True,
     flux_range: tuple[float, float] = (200.0, 2e5),
     flux_slope: float = 1.5,
@@ -396,6 +397,10 @@ def make_pair(
         Electrons per ADU (> 0).
     read_noise : float
         Read noise in electrons (>= 0).
+    template_depth : float
+        The template is the mean of this many exposures (a coadd, as survey
+        templates are): its variance is divided by ``template_depth`` (effective
+        gain ``gain * depth``, read noise ``read_noise * sqrt(depth)`` electrons).
     noise : bool
         Add Poisson and read noise. The variance plane is the same either way.
     flux_range : tuple of float
@@ -529,22 +534,30 @@ def make_pair(
     template_model = truth.template_model
 
     images = {}
-    for name, model, rng in (
-        ("template", template_model, rng_tmpl),
-        ("science", science_model, rng_sci),
+    if not template_depth >= 1.0:
+        raise ConfigError(f"template_depth must be >= 1 exposure, got {template_depth!r}")
+    for name, model, rng, g, rn in (
+        (
+            "template",
+            template_model,
+            rng_tmpl,
+            gain * template_depth,
+            read_noise * np.sqrt(template_depth),
+        ),
+        ("science", science_model, rng_sci, gain, read_noise),
     ):
         if noise and model.min() < 0:
             raise ConfigError(
                 f"the noise-free {name} model reaches {model.min():.3g} ADU < 0, so Poisson "
                 "noise is undefined; raise template_sky or change background"
             )
-        variance = np.maximum(model, 0.0) / gain + (read_noise / gain) ** 2
+        variance = np.maximum(model, 0.0) / g + (rn / g) ** 2
         if variance.min() <= 0:
             raise ConfigError(
                 f"the {name} variance is zero where its model is 0; set read_noise > 0 "
                 "or raise template_sky"
             )
-        pixels = _noisy(rng, model, gain, read_noise) if noise else model.copy()
+        pixels = _noisy(rng, model, g, rn) if noise else model.copy()
         sat = np.zeros(model.shape, dtype=bool)
         if saturation is not None:
             sat = pixels >= saturation
