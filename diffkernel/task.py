@@ -292,21 +292,25 @@ class MakeKernelTask:
         stats_parts: list[CandidateStats] = []
         kept: list[np.ndarray] = []
         batch = 8 if basis.kind == "delta-function" else 64
+        # S/N and ranking on small cutouts first: most sources of a deep field are
+        # faint, and only the survivors need full stamps.
+        radius = cfg.selectMeasurement.apertureRadius
+        half_snr = int(min(half_s, max(np.ceil(2.5 * radius), 8)))
+        for start in range(0, len(usable), 4096):
+            idx = usable[start : start + 4096]
+            small = cut_stamps(t_mi, s_mi, xc[idx], yc[idx], half_snr, 0)
+            ft, st = core_flux_snr(small.template, small.template_variance, radius)
+            fs, ss = core_flux_snr(small.science, small.science_variance, radius)
+            snr_t[idx], snr_s[idx], rating[idx] = st, ss, ft + fs
+        min_snr = cfg.selectMeasurement.minSnr
+        low = (reason == "") & ~((snr_t >= min_snr) & (snr_s >= min_snr))
+        reason[low] = "low S/N"
+        usable = np.flatnonzero(reason == "")
         for start in range(0, len(usable), batch):
             idx = usable[start : start + batch]
             stamps = cut_stamps(t_mi, s_mi, xc[idx], yc[idx], half_s, half_k)
-            t_center, tv_center = stamps.template_center()
-            ft, st = core_flux_snr(t_center, tv_center, cfg.selectMeasurement.apertureRadius)
-            fs, ss = core_flux_snr(
-                stamps.science, stamps.science_variance, cfg.selectMeasurement.apertureRadius
-            )
-            snr_t[idx], snr_s[idx], rating[idx] = st, ss, ft + fs
-            ok = (st >= cfg.selectMeasurement.minSnr) & (ss >= cfg.selectMeasurement.minSnr)
-            reason[idx[~ok]] = "low S/N"
-            if not ok.any():
-                continue
-            stats_parts.append(self._candidate_stats(stamps.take(ok), basis, kcfg))
-            kept.append(idx[ok])
+            stats_parts.append(self._candidate_stats(stamps, basis, kcfg))
+            kept.append(idx)
         if not kept:
             counts = {r: int((reason == r).sum()) for r in sorted(set(reason)) if r}
             raise NoCandidatesError(
