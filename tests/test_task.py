@@ -466,3 +466,43 @@ def test_sources_without_positions_raise(noisy_pair):
         MakeKernelTask(al_config()).run(
             noisy_pair.template, noisy_pair.science, Table({"flux": [1.0]})
         )
+
+
+# --- alignment --------------------------------------------------------------------------------
+
+
+def test_exposures_with_different_wcs_are_aligned():
+    """A template stored on a grid shifted by whole pixels is warped back exactly, and the
+    fit matches the one on the aligned template."""
+    pair = make_pair((512, 512), seed=8, template_depth=4, wcs=True)
+    template = pair.template
+    shifted = template.masked_image.copy()
+    dx, dy = 7, -4
+    shifted.image[:] = np.roll(template.masked_image.image, (dy, dx), axis=(0, 1))
+    shifted.variance[:] = np.roll(template.masked_image.variance, (dy, dx), axis=(0, 1))
+    wcs = template.wcs.deepcopy()
+    wcs.wcs.crpix = wcs.wcs.crpix + np.array([dx, dy])
+    moved = type(template)(shifted, wcs, template.psf_fwhm)
+    cfg = al_config()
+    aligned = MakeKernelTask(cfg).run(template, pair.science, pair.truth.sources)
+    warped = MakeKernelTask(cfg).run(moved, pair.science, pair.truth.sources)
+    assert warped.metadata["aligned"] and not aligned.metadata["aligned"]
+    inner = (slice(20, -20), slice(20, -20))
+    assert np.allclose(warped.alignedTemplate.image[inner], template.masked_image.image[inner])
+    assert warped.psfMatchingKernel.sum_at(256, 256) == pytest.approx(
+        aligned.psfMatchingKernel.sum_at(256, 256), rel=1e-3
+    )
+    diff = subtract_images(moved, pair.science, warped)
+    z = normalized_difference(diff)
+    assert abs(z.mean()) < 0.05 and 0.9 < z.std() < 1.1
+    # Pixels the shifted template does not cover are flagged, not invented.
+    assert (diff.mask[:, 512 - dx :] & (1 << diff.mask_planes["NO_DATA"])).all()
+
+
+def test_alignment_errors(noisy_pair):
+    pair = make_pair((256, 256), seed=9, wcs=True)
+    far = pair.template.wcs.deepcopy()
+    far.wcs.crval = far.wcs.crval + np.array([30.0, 20.0])
+    lost = type(pair.template)(pair.template.masked_image, far, pair.template.psf_fwhm)
+    with pytest.raises(InputError, match="do not overlap"):
+        MakeKernelTask(al_config()).run(lost, pair.science, pair.truth.sources)
