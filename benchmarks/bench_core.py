@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
@@ -103,8 +102,10 @@ def main(sizes: list[int]) -> None:
             f"{f['n_good']:>4}/{f['n_cand']:<5} {f['mean']:>7.3f} {f['robust_std']:>7.3f}"
         )
     if len(rows) >= 2:
-        print(f"time({rows[-1][0]}) / time({rows[-2][0]}) = "
-              f"{rows[-1][2]['total_s'] / rows[-2][2]['total_s']:.2f}")
+        print(
+            f"time({rows[-1][0]}) / time({rows[-2][0]}) = "
+            f"{rows[-1][2]['total_s'] / rows[-2][2]['total_s']:.2f}"
+        )
 
 
 if __name__ == "__main__":
