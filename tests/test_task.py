@@ -18,15 +18,27 @@ from diffkernel import (
 from diffkernel.simulate import make_pair
 
 
-def al_config(**fields) -> MakeKernelConfig:
-    """AL config with a fitted background; widths not rescaled (exact basis)."""
+def kernel_config(kernel: str, **fields) -> MakeKernelConfig:
+    """Config of the given kernel type with a fitted background and no FWHM rescaling
+    (the basis stays the one the truth is built for); ``fields`` set on the active one."""
     cfg = MakeKernelConfig()
+    cfg.kernel.name = kernel
     k = cfg.kernel.active
     k.scaleByFwhm = False
     k.fitForBackground = True
     for name, value in fields.items():
         setattr(k, name, value)
     return cfg
+
+
+def al_config(**fields) -> MakeKernelConfig:
+    """Alard-Lupton config (see :func:`kernel_config`)."""
+    return kernel_config("AL", **fields)
+
+
+def df_config(**fields) -> MakeKernelConfig:
+    """Delta-function config (see :func:`kernel_config`)."""
+    return kernel_config("DF", **fields)
 
 
 def kernel_error(result, truth, x: float, y: float) -> float:
@@ -95,13 +107,7 @@ def test_df_recovers_known_kernel_noise_free():
         kernel_size=15,
         kernel_sigmas=(1.0, 2.0),
     )
-    cfg = MakeKernelConfig()
-    cfg.kernel.name = "DF"
-    k = cfg.kernel.active
-    k.kernelSize = 15
-    k.scaleByFwhm = False
-    k.fitForBackground = True
-    k.useRegularization = False
+    cfg = df_config(kernelSize=15, useRegularization=False)
     result = MakeKernelTask(cfg).run(pair.template, pair.science, pair.truth.sources)
     assert result.metadata["basis_kind"] == "pca"
     for x, y in [(200, 200), (800, 500), (500, 800)]:
@@ -129,12 +135,7 @@ def test_df_noisy_pair_difference_statistics():
         kernel_sigmas=(1.0, 2.0),
         flux_range=(1000.0, 1e6),
     )
-    cfg = MakeKernelConfig()
-    cfg.kernel.name = "DF"
-    k = cfg.kernel.active
-    k.kernelSize = 15
-    k.scaleByFwhm = False
-    k.fitForBackground = True
+    cfg = df_config(kernelSize=15)
     result = MakeKernelTask(cfg).run(pair.template, pair.science, pair.truth.sources)
     assert result.psfMatchingKernel.sum_at(256, 256) == pytest.approx(1.0, rel=0.005)
     z = normalized_difference(subtract_images(pair.template, pair.science, result))
@@ -158,14 +159,7 @@ def test_difference_of_two_exposures_of_one_scene():
         background=(0.0,),
         kernel_size=9,
     )
-    cfg = MakeKernelConfig()
-    cfg.kernel.name = "DF"
-    k = cfg.kernel.active
-    k.kernelSize = 9
-    k.scaleByFwhm = False
-    k.fitForBackground = True
-    k.useRegularization = False
-    k.spatialKernelOrder = 0
+    cfg = df_config(kernelSize=9, useRegularization=False, spatialKernelOrder=0)
     result = MakeKernelTask(cfg).run(pair.template, pair.science, pair.truth.sources)
     diff = subtract_images(pair.template, pair.science, result)
     good = np.isfinite(diff.image) & (diff.mask == 0)
