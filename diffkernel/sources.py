@@ -28,6 +28,8 @@ def detect_sources(
     measurement,
     bad_planes: tuple[str, ...],
     isolation_radius: float,
+    footprint=None,
+    saturation: float | None = None,
 ) -> Table:
     """Detect compact, isolated stars for kernel fitting.
 
@@ -45,6 +47,15 @@ def detect_sources(
     isolation_radius : float
         Default isolation radius in pixels (the stamp half-width): a source with a
         brighter neighbour closer than this is dropped.
+    footprint : DetectionConfig, optional
+        Footprint acceptance, as ip_diffim's candidate detection: the peak must pass
+        ``detThreshold`` in the units of ``detThresholdType`` (a pixel value; the
+        image's standard deviation; its variance; or the peak pixel's own sigma from
+        the variance plane), the footprint must have ``fpNpixMin`` to ``fpNpixMax``
+        pixels, and its ``badMaskPlanes`` are excluded too.
+    saturation : float, optional
+        Known saturation level; sources peaking above
+        ``measurement.saturationFraction`` of it are dropped.
 
     Returns
     -------
@@ -57,6 +68,8 @@ def detect_sources(
         When nothing passes.
     """
     image = np.ascontiguousarray(masked_image.image, dtype=np.float64)
+    if footprint is not None:
+        bad_planes = tuple(dict.fromkeys(tuple(bad_planes) + tuple(footprint.badMaskPlanes)))
     bad = (masked_image.mask & masked_image.bitmask(bad_planes)) != 0
     bad |= ~np.isfinite(image)
     data = np.where(bad, 0.0, image)
@@ -82,6 +95,23 @@ def detect_sources(
     ell = 1.0 - objects["b"] / np.maximum(objects["a"], 1e-12)
     keep = ((objects["flag"] & _BAD_SEP_FLAGS) == 0) & (ell <= measurement.maxEllipticity)
     keep &= flux > 0
+    yp = np.clip(objects["ypeak"], 0, image.shape[0] - 1)
+    xp = np.clip(objects["xpeak"], 0, image.shape[1] - 1)
+    if footprint is not None:
+        peak = objects["peak"]
+        kind = footprint.detThresholdType
+        if kind == "value":
+            level = np.full(peak.shape, footprint.detThreshold)
+        elif kind == "stdev":
+            level = np.full(peak.shape, footprint.detThreshold * bkg.globalrms)
+        elif kind == "variance":
+            level = np.full(peak.shape, footprint.detThreshold * bkg.globalrms**2)
+        else:  # pixel_stdev
+            level = footprint.detThreshold * np.sqrt(masked_image.variance[yp, xp])
+        keep &= peak >= level
+        keep &= (objects["npix"] >= footprint.fpNpixMin) & (objects["npix"] <= footprint.fpNpixMax)
+    if saturation is not None:
+        keep &= image[yp, xp] <= measurement.saturationFraction * saturation
     radius = float(measurement.isolationRadius) or float(isolation_radius)
     if radius > 0 and len(x) > 1:
         from scipy.spatial import cKDTree

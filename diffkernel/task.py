@@ -247,8 +247,23 @@ class MakeKernelTask:
 
             det_on = t_mi if kcfg.detectionConfig.detOnTemplate else s_mi
             guess_half = kcfg.detectionConfig.stamp_half_width(kcfg.kernelSize)
+            det_exp = tmpl if kcfg.detectionConfig.detOnTemplate else sci
+            saturation = next(
+                (
+                    float(det_exp.meta[k])
+                    for k in ("SATURATE", "ESATUR", "SATURATI")
+                    if k in det_exp.meta
+                ),
+                None,
+            )
             kernelSources = detect_sources(
-                det_on, cfg.selectDetection, cfg.selectMeasurement, bad_planes, guess_half
+                det_on,
+                cfg.selectDetection,
+                cfg.selectMeasurement,
+                bad_planes,
+                guess_half,
+                kcfg.detectionConfig,
+                saturation,
             )
             meta["detected_sources"] = len(kernelSources)
         elif not isinstance(kernelSources, Table):

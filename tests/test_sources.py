@@ -73,3 +73,56 @@ def test_detect_sources_close_pair_is_dropped():
     assert len(table) == 1
     assert table["x"][0] == pytest.approx(70.0, abs=0.1)
     assert table["y"][0] == pytest.approx(70.0, abs=0.1)
+
+
+def test_footprint_rules_of_detection_config(pair):
+    """detThreshold (each type) and fpNpixMin/Max remove sources; saturationFraction drops
+    stars near a known saturation level."""
+    from diffkernel.config import DetectionConfig
+
+    mi = pair.template.masked_image
+    base = detect(mi)
+    loose = DetectionConfig(detThreshold=1.0, detThresholdType="pixel_stdev")
+    found = detect_sources(
+        mi, SelectDetectionConfig(), SelectMeasurementConfig(), ("SAT", "NO_DATA"), ISOLATION, loose
+    )
+    assert len(found) == len(base)
+    for kind, value in (
+        ("value", 500.0),
+        ("stdev", 25.0),
+        ("variance", 1.0),
+        ("pixel_stdev", 15.0),
+    ):
+        strict = DetectionConfig(detThreshold=value, detThresholdType=kind)
+        kept = detect_sources(
+            mi,
+            SelectDetectionConfig(),
+            SelectMeasurementConfig(),
+            ("SAT", "NO_DATA"),
+            ISOLATION,
+            strict,
+        )
+        assert 0 < len(kept) < len(base), kind
+        assert kept["flux"].min() >= np.median(base["flux"]) * 0.1
+    tiny = DetectionConfig(fpNpixMax=6)
+    with pytest.raises(NoCandidatesError):
+        detect_sources(
+            mi,
+            SelectDetectionConfig(),
+            SelectMeasurementConfig(),
+            ("SAT", "NO_DATA"),
+            ISOLATION,
+            tiny,
+        )
+    peaks = mi.image[np.rint(base["y"]).astype(int), np.rint(base["x"]).astype(int)]
+    level = float(np.median(peaks)) / 0.9  # saturationFraction 0.9: about half are too bright
+    capped = detect_sources(
+        mi,
+        SelectDetectionConfig(),
+        SelectMeasurementConfig(),
+        ("SAT", "NO_DATA"),
+        ISOLATION,
+        None,
+        saturation=level,
+    )
+    assert len(capped) < len(base)
