@@ -32,6 +32,7 @@ __all__ = [
     "renormalize",
     "derive_basis",
     "regularization_matrix",
+    "regularization_for",
     "basis_from_config",
     "al_sigmas_for_fwhm",
 ]
@@ -367,6 +368,22 @@ def regularization_matrix(
     border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
     h = h + border_penalty * np.diag(border.ravel().astype(np.float64))
     return h
+
+
+def regularization_for(basis: KernelBasis, config) -> np.ndarray | None:
+    """The penalty ``H`` a configuration asks for on ``basis``, or None.
+
+    Only delta-function bases are regularized (``useRegularization``).
+    """
+    if basis.kind != "delta-function" or not getattr(config, "useRegularization", False):
+        return None
+    return regularization_matrix(
+        basis.kernel_size,
+        config.regularizationType,
+        config.centralRegularizationStencil,
+        tuple(config.forwardRegularizationOrders),
+        config.regularizationBorderPenalty,
+    )
 
 
 def _binomial_differences(order: int) -> list[float]:

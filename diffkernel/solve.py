@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .basis import KernelBasis, derive_basis, regularization_matrix, renormalize
+from .basis import KernelBasis, derive_basis, regularization_for, renormalize
 from .candidate import CandidateStats
 from .clipping import kernel_sum_outliers, residual_failures
 from .errors import NoCandidatesError, SpatialFitError
@@ -201,15 +201,7 @@ def solve(
     status = np.full(n, UNUSED, dtype=object)
     reason = np.full(n, "", dtype=object)
     rejected_round = np.full(n, -1)
-    reg = None
-    if basis.kind == "delta-function" and getattr(cfg, "useRegularization", False):
-        reg = regularization_matrix(
-            basis.kernel_size,
-            cfg.regularizationType,
-            cfg.centralRegularizationStencil,
-            tuple(cfg.forwardRegularizationOrders),
-            cfg.regularizationBorderPenalty,
-        )
+    reg = regularization_for(basis, cfg)
     want_err = bool(cfg.calculateKernelUncertainty)
     single = fit_single_kernels(stats, cfg, reg, with_uncertainty=want_err)
     ksum, ksum_err = _ksums(single, basis)

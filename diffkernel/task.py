@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
-from .basis import KernelBasis, basis_from_config
+from .basis import KernelBasis, basis_from_config, regularization_for
 from .candidate import (
     CandidateStats,
     StampBatch,
@@ -405,17 +405,7 @@ class MakeKernelTask:
         )
         stats = compute_stats(conv, stamps.science, variance, **kwargs)
         if kcfg.iterateSingleKernel:
-            from .basis import regularization_matrix
-
-            reg = None
-            if basis.kind == "delta-function" and kcfg.useRegularization:
-                reg = regularization_matrix(
-                    basis.kernel_size,
-                    kcfg.regularizationType,
-                    kcfg.centralRegularizationStencil,
-                    tuple(kcfg.forwardRegularizationOrders),
-                    kcfg.regularizationBorderPenalty,
-                )
+            reg = regularization_for(basis, kcfg)
             first = fit_single_kernels(stats, kcfg, reg)
             kernels = basis.kernel_image(first.coeffs[:, : basis.size])
             # Better variance: science variance plus the template variance seen
