@@ -12,7 +12,14 @@ import numpy as np
 
 from .candidate import CandidateStats
 
-__all__ = ["condition_numbers", "solve_spd", "lambda_grid", "SingleFit", "fit_single_kernels"]
+__all__ = [
+    "pad_background",
+    "condition_numbers",
+    "solve_spd",
+    "lambda_grid",
+    "SingleFit",
+    "fit_single_kernels",
+]
 
 
 def _equilibrate(m: np.ndarray) -> np.ndarray:
@@ -116,7 +123,7 @@ class SingleFit:
     covariance: np.ndarray | None
 
 
-def _pad_background(h: np.ndarray, n_background: int) -> np.ndarray:
+def pad_background(h: np.ndarray, n_background: int) -> np.ndarray:
     """The kernel penalty extended with zeros over the background terms."""
     if not n_background:
         return h
@@ -184,7 +191,7 @@ def fit_single_kernels(
     m, b = stats.m_fit, stats.b_fit
     n = len(stats)
     if regularization is not None:
-        h = _pad_background(regularization, stats.n_background)
+        h = pad_background(regularization, stats.n_background)
         lam = _choose_lambda(stats, h, cfg)
         m = m + lam[:, None, None] * h
     else:

@@ -114,7 +114,7 @@ from scipy import ndimage
 from scipy.interpolate import RegularGridInterpolator
 
 from .errors import DiffkernelError, InputError, StoreError
-from .image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
+from .image import DEFAULT_MASK_PLANES, Exposure, MaskedImage, as_exposure
 
 __all__ = [
     "write_exposure",
@@ -226,22 +226,11 @@ def write_exposure(
         If the object is not an Exposure or MaskedImage, or ``extra_header`` holds a card
         that is not valid FITS.
     """
-    exposure = _as_exposure(exposure_or_masked_image)
+    exposure = as_exposure(exposure_or_masked_image, "exposure")
     target = Path(path)
     _check_writable(target, overwrite)
     hdul = _build_hdulist(exposure, extra_header)
     _atomic_write(hdul, target, overwrite)
-
-
-def _as_exposure(obj: Any) -> Exposure:
-    if isinstance(obj, Exposure):
-        return obj
-    if isinstance(obj, MaskedImage):
-        return Exposure(obj)
-    raise InputError(
-        f"expected a diffkernel Exposure or MaskedImage, got {type(obj).__name__}; "
-        "build one with MaskedImage.from_image or fitsio.from_nddata"
-    )
 
 
 def _check_writable(target: Path, overwrite: bool) -> None:
@@ -879,7 +868,7 @@ def to_nddata(
         ``MP_<NAME> = bit`` cards and ``PSFFWHM`` (a constant FWHM). ``CCDData.write``
         keeps the boolean mask but not ``flags``.
     """
-    exp = _as_exposure(exposure)
+    exp = as_exposure(exposure, "exposure")
     mi = exp.masked_image
     if unit is None:
         unit = exp.meta.get("BUNIT", "adu")

@@ -250,6 +250,6 @@ def as_exposure(data: MaskedImage | Exposure, name: str) -> Exposure:
     if isinstance(data, MaskedImage):
         return Exposure(data)
     raise InputError(
-        f"{name} must be a diffkernel MaskedImage or Exposure, got {type(data).__name__}; "
+        f"{name} must be a diffkernel Exposure or MaskedImage, got {type(data).__name__}; "
         "use diffkernel.fitsio.read_exposure or MaskedImage.from_image to build one"
     )

@@ -27,7 +27,7 @@ from .basis import KernelBasis, derive_basis, regularization_for, renormalize
 from .candidate import CandidateStats
 from .clipping import kernel_sum_outliers, residual_failures
 from .errors import NoCandidatesError, SpatialFitError
-from .fit import SingleFit, fit_single_kernels
+from .fit import SingleFit, fit_single_kernels, pad_background
 from .spatial import SpatialFunctions, SpatialSolution, fit_spatial, n_terms
 
 __all__ = ["CandidateSet", "SolveOutcome", "solve"]
@@ -250,9 +250,7 @@ def solve(
         """Inverse variance of each candidate's kernel sum, from its fit matrix."""
         m = stats.m_fit[idx]
         if reg is not None:
-            h = np.zeros(m.shape[1:])
-            h[: basis.size, : basis.size] = reg
-            m = m + single.lam[idx, None, None] * h
+            m = m + single.lam[idx, None, None] * pad_background(reg, stats.n_background)
         cov = np.linalg.pinv(m, hermitian=True)[:, : basis.size, : basis.size]
         var = np.einsum("i,nij,j->n", sums, cov, sums)
         return 1.0 / np.maximum(var, np.finfo(float).tiny)

@@ -27,6 +27,7 @@ from .candidate import (
 from .config import MakeKernelConfig
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fit import fit_single_kernels
+from .fitsio import SATURATION_KEYS
 from .image import Exposure, MaskedImage, as_exposure
 from .psf import exposure_fwhm, measure_fwhm
 from .selection import assign_cells, core_flux_snr, source_positions, vet_positions
@@ -249,11 +250,7 @@ class MakeKernelTask:
             guess_half = kcfg.detectionConfig.stamp_half_width(kcfg.kernelSize)
             det_exp = tmpl if kcfg.detectionConfig.detOnTemplate else sci
             saturation = next(
-                (
-                    float(det_exp.meta[k])
-                    for k in ("SATURATE", "ESATUR", "SATURATI")
-                    if k in det_exp.meta
-                ),
+                (float(det_exp.meta[k]) for k in SATURATION_KEYS if k in det_exp.meta),
                 None,
             )
             kernelSources = detect_sources(
