@@ -15,26 +15,24 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
-from .basis import KernelBasis, basis_from_config, regularization_for
-from .candidate import (
-    CandidateStats,
-    StampBatch,
-    compute_stats,
-    convolve_stamps,
-    core_selector,
-    cut_stamps,
-)
+from .basis import KernelBasis, basis_from_config
+from .candidate import cut_stamps
+from .cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
 from .config import MakeKernelConfig
 from .errors import ConfigError, InputError, NoCandidatesError
-from .fit import fit_single_kernels
 from .fitsio import SATURATION_KEYS
 from .image import Exposure, MaskedImage, as_exposure
 from .psf import exposure_fwhm, measure_fwhm
-from .selection import assign_cells, core_flux_snr, source_positions, vet_positions
-from .solve import CandidateSet, SolveOutcome, solve
+from .selection import source_positions, vet_positions
 from .spatial import SpatialSolution
 
-__all__ = ["MakeKernelTask", "MakeKernelResult", "SpatialKernel", "BackgroundModel"]
+__all__ = [
+    "MakeKernelTask",
+    "MakeKernelResult",
+    "SpatialKernel",
+    "BackgroundModel",
+    "make_cell_plan",
+]
 
 
 class SpatialKernel:
@@ -288,65 +286,15 @@ class MakeKernelTask:
             **basis.description,
         }
 
-        half_k = basis.kernel_size // 2
-        half_s = kcfg.detectionConfig.stamp_half_width(basis.kernel_size)
-        if 2 * half_s + 1 < basis.kernel_size:
-            raise ConfigError(
-                f"stamp of {2 * half_s + 1} px is smaller than the {basis.kernel_size} px kernel; "
-                "raise detectionConfig.fpGrowPix/fpGrowMin or lower kernelSize"
-            )
-        xc, yc, reason = vet_positions(t_mi, s_mi, x, y, half_s, half_k, bad_planes)
-        usable = np.flatnonzero(reason == "")
-        n_src = len(x)
-        snr_t = np.full(n_src, np.nan)
-        snr_s = np.full(n_src, np.nan)
-        rating = np.full(n_src, np.nan)
-        stats_parts: list[CandidateStats] = []
-        kept: list[np.ndarray] = []
-        batch = 8 if basis.kind == "delta-function" else 64
-        # S/N and ranking on small cutouts first: most sources of a deep field are
-        # faint, and only the survivors need full stamps.
-        radius = cfg.selectMeasurement.apertureRadius
-        half_snr = int(min(half_s, max(np.ceil(2.5 * radius), 8)))
-        for start in range(0, len(usable), 4096):
-            idx = usable[start : start + 4096]
-            small = cut_stamps(t_mi, s_mi, xc[idx], yc[idx], half_snr, 0)
-            ft, st = core_flux_snr(small.template, small.template_variance, radius)
-            fs, ss = core_flux_snr(small.science, small.science_variance, radius)
-            snr_t[idx], snr_s[idx], rating[idx] = st, ss, ft + fs
-        min_snr = cfg.selectMeasurement.minSnr
-        low = (reason == "") & ~((snr_t >= min_snr) & (snr_s >= min_snr))
-        reason[low] = "low S/N"
-        usable = np.flatnonzero(reason == "")
-        for start in range(0, len(usable), batch):
-            idx = usable[start : start + batch]
-            stamps = cut_stamps(t_mi, s_mi, xc[idx], yc[idx], half_s, half_k)
-            stats_parts.append(self._candidate_stats(stamps, basis, kcfg))
-            kept.append(idx)
-        if not kept:
-            counts = {r: int((reason == r).sum()) for r in sorted(set(reason)) if r}
-            raise NoCandidatesError(
-                f"none of the {n_src} sources is a usable kernel candidate ({counts}); "
-                "sources need their whole stamp inside the image, no "
-                f"{'/'.join(bad_planes)} pixels and S/N >= {cfg.selectMeasurement.minSnr}"
-            )
-        cidx = np.concatenate(kept)
-        stats = CandidateStats.concatenate(stats_parts)
-        cell = assign_cells(xc, yc, s_mi.shape, kcfg.sizeCellX, kcfg.sizeCellY)
-        cset = CandidateSet(
-            ids[cidx],
-            xc[cidx].astype(float),
-            yc[cidx].astype(float),
-            cell[cidx],
-            rating[cidx],
-            stats,
-        )
-        outcome = solve(cset, basis, kcfg, s_mi.shape)
-        meta.update(outcome.metadata)
-        meta["vetting_rejected"] = {r: int((reason == r).sum()) for r in sorted(set(reason)) if r}
-        table = self._candidate_table(
-            ids, x, y, xc, yc, cell, reason, snr_t, snr_s, rating, cidx, outcome
-        )
+        plan = make_cell_plan(cfg, basis, s_mi.shape)
+        placement = SourcePlacement.from_positions(ids, x, y, plan)
+        read = InMemoryPair(t_mi, s_mi)
+        results = [
+            fit_cell(plan, cell, idx, placement.xc[idx], placement.yc[idx], read)
+            for cell, idx in placement.cells()
+        ]
+        outcome, table, solve_meta = reduce_cells(plan, placement, results)
+        meta.update(solve_meta)
         return MakeKernelResult(
             SpatialKernel(outcome.solution),
             BackgroundModel(outcome.solution, bg_s, bg_t),
@@ -381,80 +329,22 @@ class MakeKernelTask:
                 fwhm_s = float(np.nanmedian(values))
         return fwhm_t, fwhm_s
 
-    @staticmethod
-    def _candidate_stats(stamps: StampBatch, basis: KernelBasis, kcfg) -> CandidateStats:
-        """Sufficient statistics of a batch, with the optional second variance pass."""
-        native = convolve_stamps(basis, stamps.template)
-        conv = np.einsum("nrys,rj->njys", native, basis.transform, optimize=True)
-        del native
-        selector = (
-            core_selector(stamps.stamp_size, kcfg.candidateCoreRadius)
-            if kcfg.useCoreStats
-            else None
+
+def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, int]) -> CellPlan:
+    """Run-wide constants of the candidate stage, checked against the basis."""
+    kcfg = cfg.kernel.active
+    half_s = kcfg.detectionConfig.stamp_half_width(basis.kernel_size)
+    if 2 * half_s + 1 < basis.kernel_size:
+        raise ConfigError(
+            f"stamp of {2 * half_s + 1} px is smaller than the {basis.kernel_size} px kernel; "
+            "raise detectionConfig.fpGrowPix/fpGrowMin or lower kernelSize"
         )
-        _, tvar_center = stamps.template_center()
-        variance = stamps.science_variance + tvar_center
-        kwargs = dict(
-            background_order=int(kcfg.spatialBgOrder) if kcfg.fitForBackground else None,
-            constant_variance_weighting=bool(kcfg.constantVarianceWeighting),
-            stats_selector=selector,
-            with_uncertainty=bool(kcfg.calculateKernelUncertainty),
-        )
-        stats = compute_stats(conv, stamps.science, variance, **kwargs)
-        if kcfg.iterateSingleKernel:
-            reg = regularization_for(basis, kcfg)
-            first = fit_single_kernels(stats, kcfg, reg)
-            kernels = basis.kernel_image(first.coeffs[:, : basis.size])
-            # Better variance: science variance plus the template variance seen
-            # through the fitted kernel squared.
-            from numpy.lib.stride_tricks import sliding_window_view
-
-            s = stamps.stamp_size
-            win = sliding_window_view(stamps.template_variance, (s, s), axis=(1, 2))
-            tvar_conv = np.einsum("nji,njixy->nxy", kernels[:, ::-1, ::-1] ** 2, win)
-            variance = stamps.science_variance + tvar_conv
-            stats = compute_stats(conv, stamps.science, variance, **kwargs)
-        return stats
-
-    @staticmethod
-    def _candidate_table(
-        ids, x, y, xc, yc, cell, reason, snr_t, snr_s, rating, cidx, outcome: SolveOutcome
-    ) -> Table:
-        n = len(x)
-        status = np.full(n, "BAD", dtype=object)
-        why = reason.copy()
-
-        def full(values, fill=np.nan):
-            out = np.full(n, fill, dtype=np.asarray(values).dtype if fill is None else float)
-            out[cidx] = values
-            return out
-
-        status[cidx] = outcome.status
-        why[cidx] = np.where(outcome.reason == "", why[cidx], outcome.reason)
-        rounds = np.full(n, -1)
-        rounds[cidx] = outcome.rejected_in_round
-        return Table(
-            {
-                "id": ids,
-                "x": x,
-                "y": y,
-                "x_center": xc,
-                "y_center": yc,
-                "cell": cell,
-                "status": status.astype(str),
-                "reason": why.astype(str),
-                "rating": rating,
-                "snr_template": snr_t,
-                "snr_science": snr_s,
-                "kernel_sum": full(outcome.kernel_sum),
-                "kernel_sum_err": full(outcome.kernel_sum_err),
-                "background": full(outcome.background),
-                "background_err": full(outcome.background_err),
-                "resid_mean": full(outcome.single_mean),
-                "resid_std": full(outcome.single_std),
-                "spatial_resid_mean": full(outcome.spatial_mean),
-                "spatial_resid_std": full(outcome.spatial_std),
-                "condition": full(outcome.condition),
-                "rejected_round": rounds,
-            }
-        )
+    return CellPlan(
+        basis,
+        kcfg,
+        tuple(shape),
+        int(half_s),
+        basis.kernel_size // 2,
+        float(cfg.selectMeasurement.apertureRadius),
+        float(cfg.selectMeasurement.minSnr),
+    )

@@ -1,0 +1,430 @@
+"""Spatial cells: the unit of work of the candidate stage.
+
+Candidates are grouped by the ``sizeCellX`` x ``sizeCellY`` cell their rounded centre
+falls in. Each cell is fitted on its own from one small region of the two images (the
+cell grown by a stamp and a kernel): vetting for masked pixels, signal to noise,
+ranking and the candidates' sufficient statistics. The in-memory path and the Dask
+path call the same :func:`fit_cell` on the same cells, in any order, and the results
+are put back together in cell order, so both give bit-identical statistics whatever
+the number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.table import Table
+
+from .basis import KernelBasis, regularization_for
+from .candidate import (
+    CandidateStats,
+    StampBatch,
+    compute_stats,
+    convolve_stamps,
+    core_selector,
+    cut_stamps,
+)
+from .errors import NoCandidatesError
+from .fit import fit_single_kernels
+from .image import MaskedImage
+from .selection import assign_cells, core_flux_snr, vet_positions
+from .solve import BAD, CandidateSet, SolveOutcome, solve
+
+__all__ = [
+    "CellPlan",
+    "CellResult",
+    "PairRegionReader",
+    "InMemoryPair",
+    "place_sources",
+    "cell_region",
+    "fit_cell",
+    "candidate_stats",
+    "SourcePlacement",
+    "reduce_cells",
+    "candidate_table",
+]
+
+#: Reads ``(template, science)`` over ``[y0:y1, x0:x1]`` of the full images.
+PairRegionReader = Callable[[int, int, int, int], tuple[MaskedImage, MaskedImage]]
+
+
+class InMemoryPair:
+    """Region reader over two aligned in-memory masked images (views, no copies)."""
+
+    def __init__(self, template: MaskedImage, science: MaskedImage) -> None:
+        self.template = template
+        self.science = science
+
+    def __call__(self, y0: int, y1: int, x0: int, x1: int) -> tuple[MaskedImage, MaskedImage]:
+        return _view(self.template, y0, y1, x0, x1), _view(self.science, y0, y1, x0, x1)
+
+
+def _view(mi: MaskedImage, y0: int, y1: int, x0: int, x1: int) -> MaskedImage:
+    out = MaskedImage.__new__(MaskedImage)
+    out.image = mi.image[y0:y1, x0:x1]
+    out.variance = mi.variance[y0:y1, x0:x1]
+    out.mask = mi.mask[y0:y1, x0:x1]
+    out.mask_planes = mi.mask_planes
+    return out
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """What every cell of one run needs; small and shipped once to each worker.
+
+    Attributes
+    ----------
+    basis : KernelBasis
+        Kernel basis the statistics are computed in.
+    kernel_config : PsfMatchConfig
+        The active kernel configuration.
+    shape : tuple of int
+        ``(ny, nx)`` of the full images.
+    half_stamp, half_kernel : int
+        Half-widths of the science stamp and of the kernel.
+    aperture_radius, min_snr : float
+        ``selectMeasurement.apertureRadius`` and ``minSnr``.
+    """
+
+    basis: KernelBasis
+    kernel_config: object
+    shape: tuple[int, int]
+    half_stamp: int
+    half_kernel: int
+    aperture_radius: float
+    min_snr: float
+
+    @property
+    def bad_planes(self) -> tuple[str, ...]:
+        """Mask planes that disqualify a stamp."""
+        return tuple(self.kernel_config.badMaskPlanes)
+
+    @property
+    def margin(self) -> int:
+        """Half-width of a template cutout (stamp plus kernel)."""
+        return self.half_stamp + self.half_kernel
+
+
+@dataclass
+class CellResult:
+    """The candidate stage of one cell.
+
+    Attributes
+    ----------
+    cell : int
+        Cell index (row-major).
+    index : numpy.ndarray
+        Positions of the cell's sources in the run's source list, increasing.
+    reason : numpy.ndarray of str
+        Vetting rejection per source ('' for a candidate).
+    snr_template, snr_science, rating : numpy.ndarray
+        Aperture S/N in each image and the ranking flux (NaN where not measured).
+    stats : CandidateStats or None
+        Sufficient statistics of the candidates (sources with ``reason == ''``), in
+        ``index`` order.
+    """
+
+    cell: int
+    index: np.ndarray
+    reason: np.ndarray
+    snr_template: np.ndarray
+    snr_science: np.ndarray
+    rating: np.ndarray
+    stats: CandidateStats | None
+
+
+def place_sources(
+    x: np.ndarray, y: np.ndarray, plan: CellPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Integer centres, position-only rejections and cells of every source.
+
+    Returns
+    -------
+    xc, yc : numpy.ndarray
+        Rounded centres (0 where not finite).
+    reason : numpy.ndarray of str
+        'not finite' or 'edge' (the template cutout leaves the image), else ''.
+    cell : numpy.ndarray
+        Cell index of sources with ``reason == ''``, -1 for the others.
+    """
+    ny, nx = plan.shape
+    n = len(x)
+    reason = np.full(n, "", dtype=object)
+    finite = np.isfinite(x) & np.isfinite(y)
+    reason[~finite] = "not finite"
+    xc = np.where(finite, np.round(np.where(finite, x, 0)), 0).astype(np.intp)
+    yc = np.where(finite, np.round(np.where(finite, y, 0)), 0).astype(np.intp)
+    m = plan.margin
+    inside = (xc - m >= 0) & (yc - m >= 0) & (xc + m < nx) & (yc + m < ny)
+    reason[(reason == "") & ~inside] = "edge"
+    kcfg = plan.kernel_config
+    cell = np.where(
+        reason == "",
+        assign_cells(xc, yc, plan.shape, int(kcfg.sizeCellX), int(kcfg.sizeCellY)),
+        -1,
+    )
+    return xc, yc, reason, cell
+
+
+def cell_region(
+    xc: np.ndarray, yc: np.ndarray, plan: CellPlan
+) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` holding the template cutouts of every centre given."""
+    m = plan.margin
+    return (
+        int(yc.min()) - m,
+        int(yc.max()) + m + 1,
+        int(xc.min()) - m,
+        int(xc.max()) + m + 1,
+    )
+
+
+def fit_cell(
+    plan: CellPlan,
+    cell: int,
+    index: np.ndarray,
+    xc: np.ndarray,
+    yc: np.ndarray,
+    read: PairRegionReader,
+) -> CellResult:
+    """Vet, rank and reduce to sufficient statistics the sources of one cell.
+
+    Parameters
+    ----------
+    plan : CellPlan
+        Run-wide constants.
+    cell : int
+        Cell index.
+    index : numpy.ndarray
+        Positions of the cell's sources in the run's source list.
+    xc, yc : numpy.ndarray
+        Their integer centres, all with whole template cutouts inside the image.
+    read : callable
+        ``read(y0, y1, x0, x1) -> (template, science)`` region reader.
+    """
+    index = np.asarray(index)
+    n = len(index)
+    y0, y1, x0, x1 = cell_region(xc, yc, plan)
+    template, science = read(y0, y1, x0, x1)
+    lx, ly = xc - x0, yc - y0
+    reason = vet_positions(
+        template, science, lx, ly, plan.half_stamp, plan.half_kernel, plan.bad_planes
+    )[2]
+    snr_t = np.full(n, np.nan)
+    snr_s = np.full(n, np.nan)
+    rating = np.full(n, np.nan)
+    ok = np.flatnonzero(reason == "")
+    if ok.size:
+        # S/N on small cutouts: the stamps are only cut for the survivors.
+        radius = plan.aperture_radius
+        half_snr = int(min(plan.half_stamp, max(np.ceil(2.5 * radius), 8)))
+        small = cut_stamps(template, science, lx[ok], ly[ok], half_snr, 0)
+        ft, snr_t[ok] = core_flux_snr(small.template, small.template_variance, radius)
+        fs, snr_s[ok] = core_flux_snr(small.science, small.science_variance, radius)
+        rating[ok] = ft + fs
+        low = ~((snr_t[ok] >= plan.min_snr) & (snr_s[ok] >= plan.min_snr))
+        reason[ok[low]] = "low S/N"
+    keep = np.flatnonzero(reason == "")
+    stats = None
+    if keep.size:
+        stamps = cut_stamps(
+            template, science, lx[keep], ly[keep], plan.half_stamp, plan.half_kernel
+        )
+        stats = candidate_stats(stamps, plan.basis, plan.kernel_config)
+    return CellResult(cell, index, reason.astype(str), snr_t, snr_s, rating, stats)
+
+
+def candidate_stats(stamps: StampBatch, basis: KernelBasis, kcfg) -> CandidateStats:
+    """Sufficient statistics of a batch, with the optional second variance pass."""
+    native = convolve_stamps(basis, stamps.template)
+    conv = np.einsum("nrys,rj->njys", native, basis.transform, optimize=True)
+    del native
+    selector = (
+        core_selector(stamps.stamp_size, kcfg.candidateCoreRadius) if kcfg.useCoreStats else None
+    )
+    _, tvar_center = stamps.template_center()
+    variance = stamps.science_variance + tvar_center
+    kwargs = dict(
+        background_order=int(kcfg.spatialBgOrder) if kcfg.fitForBackground else None,
+        constant_variance_weighting=bool(kcfg.constantVarianceWeighting),
+        stats_selector=selector,
+        with_uncertainty=bool(kcfg.calculateKernelUncertainty),
+    )
+    stats = compute_stats(conv, stamps.science, variance, **kwargs)
+    if kcfg.iterateSingleKernel:
+        reg = regularization_for(basis, kcfg)
+        first = fit_single_kernels(stats, kcfg, reg)
+        kernels = basis.kernel_image(first.coeffs[:, : basis.size])
+        # Better variance: science variance plus the template variance seen
+        # through the fitted kernel squared.
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        s = stamps.stamp_size
+        win = sliding_window_view(stamps.template_variance, (s, s), axis=(1, 2))
+        tvar_conv = np.einsum("nji,njixy->nxy", kernels[:, ::-1, ::-1] ** 2, win)
+        variance = stamps.science_variance + tvar_conv
+        stats = compute_stats(conv, stamps.science, variance, **kwargs)
+    return stats
+
+
+@dataclass
+class SourcePlacement:
+    """Every source of a run, placed on the pixel grid and in cells.
+
+    Attributes
+    ----------
+    ids : numpy.ndarray
+        Source identifiers.
+    x, y : numpy.ndarray
+        Positions as given (0-based pixels).
+    xc, yc : numpy.ndarray
+        Rounded centres.
+    reason : numpy.ndarray of str
+        Position-only rejection ('not finite', 'edge') or ''.
+    cell : numpy.ndarray
+        Cell of each source with ``reason == ''``, else -1.
+    """
+
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    xc: np.ndarray
+    yc: np.ndarray
+    reason: np.ndarray
+    cell: np.ndarray
+
+    @classmethod
+    def from_positions(
+        cls, ids: np.ndarray, x: np.ndarray, y: np.ndarray, plan: CellPlan
+    ) -> SourcePlacement:
+        """Place sources for ``plan``."""
+        xc, yc, reason, cell = place_sources(x, y, plan)
+        return cls(np.asarray(ids), x, y, xc, yc, reason, cell)
+
+    def cells(self) -> list[tuple[int, np.ndarray]]:
+        """``(cell, source positions)`` of every non-empty cell, in cell order."""
+        placed = np.flatnonzero(self.cell >= 0)
+        if placed.size == 0:
+            return []
+        order = placed[np.argsort(self.cell[placed], kind="stable")]
+        cells, starts = np.unique(self.cell[order], return_index=True)
+        groups = np.split(order, starts[1:])
+        return [(int(c), g) for c, g in zip(cells, groups, strict=True)]
+
+
+def reduce_cells(
+    plan: CellPlan, placement: SourcePlacement, results: list[CellResult]
+) -> tuple[SolveOutcome, Table, dict]:
+    """Kernel-sum clipping, spatial fit and rejection rounds over every cell's candidates.
+
+    Parameters
+    ----------
+    plan : CellPlan
+        Run-wide constants.
+    placement : SourcePlacement
+        Every source of the run.
+    results : list of CellResult
+        One per non-empty cell, in any order (they are sorted by cell here).
+
+    Returns
+    -------
+    outcome : SolveOutcome
+    table : astropy.table.Table
+        One row per source (see :func:`candidate_table`).
+    metadata : dict
+        The solve's metadata plus the vetting rejection counts.
+
+    Raises
+    ------
+    NoCandidatesError
+        When no source survived vetting.
+    """
+    results = sorted(results, key=lambda r: r.cell)
+    n_src = len(placement.x)
+    reason = placement.reason.copy()
+    snr_t = np.full(n_src, np.nan)
+    snr_s = np.full(n_src, np.nan)
+    rating = np.full(n_src, np.nan)
+    parts: list[CandidateStats] = []
+    kept: list[np.ndarray] = []
+    for res in results:
+        reason[res.index] = res.reason
+        snr_t[res.index] = res.snr_template
+        snr_s[res.index] = res.snr_science
+        rating[res.index] = res.rating
+        if res.stats is not None:
+            parts.append(res.stats)
+            kept.append(res.index[res.reason == ""])
+    vetting = {r: int((reason == r).sum()) for r in sorted(set(reason)) if r}
+    if not kept:
+        raise NoCandidatesError(
+            f"none of the {n_src} sources is a usable kernel candidate ({vetting}); "
+            "sources need their whole stamp inside the image, no "
+            f"{'/'.join(plan.bad_planes)} pixels and S/N >= {plan.min_snr}"
+        )
+    cidx = np.concatenate(kept)
+    cset = CandidateSet(
+        placement.ids[cidx],
+        placement.xc[cidx].astype(float),
+        placement.yc[cidx].astype(float),
+        placement.cell[cidx],
+        rating[cidx],
+        CandidateStats.concatenate(parts),
+    )
+    outcome = solve(cset, plan.basis, plan.kernel_config, plan.shape)
+    meta = dict(outcome.metadata)
+    meta["vetting_rejected"] = vetting
+    table = candidate_table(placement, reason, snr_t, snr_s, rating, cidx, outcome)
+    return outcome, table, meta
+
+
+def candidate_table(
+    placement: SourcePlacement,
+    reason: np.ndarray,
+    snr_t: np.ndarray,
+    snr_s: np.ndarray,
+    rating: np.ndarray,
+    cidx: np.ndarray,
+    outcome: SolveOutcome,
+) -> Table:
+    """One row per source: position, cell, status, reason and fit statistics."""
+    n = len(placement.x)
+    status = np.full(n, BAD, dtype=object)
+    why = reason.astype(object).copy()
+
+    def full(values):
+        out = np.full(n, np.nan)
+        out[cidx] = values
+        return out
+
+    status[cidx] = outcome.status
+    why[cidx] = np.where(outcome.reason == "", why[cidx], outcome.reason)
+    rounds = np.full(n, -1)
+    rounds[cidx] = outcome.rejected_in_round
+    return Table(
+        {
+            "id": placement.ids,
+            "x": placement.x,
+            "y": placement.y,
+            "x_center": placement.xc,
+            "y_center": placement.yc,
+            "cell": placement.cell,
+            "status": status.astype(str),
+            "reason": why.astype(str),
+            "rating": rating,
+            "snr_template": snr_t,
+            "snr_science": snr_s,
+            "kernel_sum": full(outcome.kernel_sum),
+            "kernel_sum_err": full(outcome.kernel_sum_err),
+            "background": full(outcome.background),
+            "background_err": full(outcome.background_err),
+            "resid_mean": full(outcome.single_mean),
+            "resid_std": full(outcome.single_std),
+            "spatial_resid_mean": full(outcome.spatial_mean),
+            "spatial_resid_std": full(outcome.spatial_std),
+            "condition": full(outcome.condition),
+            "rejected_round": rounds,
+        }
+    )
