@@ -6,10 +6,14 @@ convolution per *spatial term* (6 for order 2), not one per pixel or per basis
 kernel, with the kernel evaluated at each output pixel exactly as ip_diffim's
 spatially varying convolution does. The convolutions share one forward FFT.
 
-The variance is convolved with the square of the kernel taken at the region's
-centre: the variance plane is smooth and the kernel changes little over a tile,
-so this keeps the variance honest at a fraction of the cost of the exact
-``Σ_kl f_k f_l (Q_k Q_l ⊛ V)``. Mask bits of the template spread over the kernel
+The variance is convolved with the square of the kernel, ``K(x, y)²``, expanded in
+the same spatial functions: ``K² ≈ Σ_k f_k R_k`` with ``R_k`` fitted by least squares
+to ``K²`` on a fixed grid over the image. That is exact for a spatially constant
+kernel and close to it for a slowly varying one (the terms of ``K²`` beyond the
+functions' order are small products of small variations); it costs
+as many convolutions as the image instead of the ``Σ_kl f_k f_l (Q_k Q_l ⊛ V)`` of
+the exact product, and, unlike the kernel at each tile's centre, does not depend on
+how the image is cut into tiles. Mask bits of the template spread over the kernel
 footprint (a bitwise OR, separable in x and y).
 """
 
@@ -21,13 +25,42 @@ from scipy.ndimage import maximum_filter1d
 
 from .spatial import SpatialSolution
 
-__all__ = ["spatial_term_kernels", "convolve_valid", "convolve_region", "spread_mask"]
+__all__ = [
+    "spatial_term_kernels",
+    "variance_term_kernels",
+    "convolve_valid",
+    "convolve_region",
+    "spread_mask",
+    "window",
+]
+
+#: Points per side of the grid on which ``K²`` is fitted for the variance terms.
+_VARIANCE_GRID = 16
 
 
 def spatial_term_kernels(solution: SpatialSolution) -> np.ndarray:
     """Kernel images ``Q_k`` (``(n_terms, K, K)``) multiplying each spatial function."""
     images = solution.basis.images  # (nb, K, K)
     return np.einsum("ik,iyx->kyx", solution.kernel_coeffs, images)
+
+
+def variance_term_kernels(solution: SpatialSolution) -> np.ndarray:
+    """Kernel images ``R_k`` with ``K(x, y)² ≈ Σ_k f_k(x, y) R_k`` over the image.
+
+    Fitted by least squares on a fixed ``16 x 16`` grid spanning the spatial
+    functions' domain, so the result depends only on the solution.
+    """
+    functions = solution.kernel_functions
+    x0, y0, x1, y1 = functions.bbox
+    gx = np.linspace(x0, x1, _VARIANCE_GRID)
+    gy = np.linspace(y0, y1, _VARIANCE_GRID)
+    xx, yy = np.meshgrid(gx, gy)
+    f = functions.evaluate(xx.ravel(), yy.ravel())  # (G, L)
+    terms = spatial_term_kernels(solution)  # (L, K, K)
+    kernels = np.tensordot(f, terms, axes=([1], [0]))  # (G, K, K)
+    squared = (kernels**2).reshape(len(f), -1)
+    coeffs, *_ = np.linalg.lstsq(f, squared, rcond=None)
+    return coeffs.reshape(terms.shape)
 
 
 def convolve_valid(
@@ -57,14 +90,29 @@ def convolve_valid(
     return out[:, k - 1 : hi, k - 1 : wi]
 
 
-def _window(array: np.ndarray, y0: int, y1: int, x0: int, x1: int, fill: float) -> np.ndarray:
-    """``array[y0:y1, x0:x1]`` with out-of-bounds pixels set to ``fill``."""
+def window(
+    array: np.ndarray,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    fill: float,
+    origin: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """Pixels ``[y0:y1, x0:x1]`` of the full image, from a part of it.
+
+    ``array`` holds the full image's pixels from ``origin = (oy, ox)`` on; pixels
+    outside it are set to ``fill``.
+    """
+    oy, ox = origin
     ny, nx = array.shape
     out = np.full((y1 - y0, x1 - x0), fill, dtype=array.dtype)
-    sy0, sy1 = max(y0, 0), min(y1, ny)
-    sx0, sx1 = max(x0, 0), min(x1, nx)
+    sy0, sy1 = max(y0, oy), min(y1, oy + ny)
+    sx0, sx1 = max(x0, ox), min(x1, ox + nx)
     if sy1 > sy0 and sx1 > sx0:
-        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = array[sy0:sy1, sx0:sx1]
+        out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = array[
+            sy0 - oy : sy1 - oy, sx0 - ox : sx1 - ox
+        ]
     return out
 
 
@@ -84,21 +132,31 @@ def spread_mask(mask: np.ndarray, half: int) -> np.ndarray:
 
 
 def convolve_region(
-    template_image: np.ndarray,
-    template_variance: np.ndarray,
-    template_mask: np.ndarray,
+    padded_image: np.ndarray,
+    padded_variance: np.ndarray,
+    padded_mask: np.ndarray,
     solution: SpatialSolution,
     y0: int,
-    y1: int,
     x0: int,
-    x1: int,
     term_kernels: np.ndarray | None = None,
+    variance_kernels: np.ndarray | None = None,
     workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Convolve the template over the output region ``[y0:y1, x0:x1]``.
+    """Convolve the template over an output region starting at ``(y0, x0)``.
 
-    Pixels outside the image count as zero; callers flag the border.
-    Non-finite template pixels must have been replaced beforehand.
+    Parameters
+    ----------
+    padded_image, padded_variance, padded_mask : numpy.ndarray
+        Template pixels over the output region grown by half a kernel on every side
+        (see :func:`window`); pixels outside the image count as zero and non-finite
+        ones must have been replaced beforehand. Callers flag the border.
+    solution : SpatialSolution
+        The kernel model.
+    y0, x0 : int
+        Full-image coordinates of the output region's first pixel.
+    term_kernels, variance_kernels : numpy.ndarray, optional
+        :func:`spatial_term_kernels` and :func:`variance_term_kernels` of the
+        solution, when already computed.
 
     Returns
     -------
@@ -109,15 +167,17 @@ def convolve_region(
     h = k // 2
     if term_kernels is None:
         term_kernels = spatial_term_kernels(solution)
-    pad_img = _window(template_image, y0 - h, y1 + h, x0 - h, x1 + h, 0.0)
-    convolved = convolve_valid(pad_img, term_kernels, workers)
-    yy, xx = np.mgrid[y0:y1, x0:x1]
+    if variance_kernels is None:
+        variance_kernels = variance_term_kernels(solution)
+    height = padded_image.shape[0] - 2 * h
+    width = padded_image.shape[1] - 2 * h
+    yy, xx = np.mgrid[y0 : y0 + height, x0 : x0 + width]
     f = solution.kernel_functions.evaluate(xx, yy)  # (H, W, L)
+    convolved = convolve_valid(padded_image, term_kernels, workers)
     image = np.einsum("lyx,yxl->yx", convolved, f)
-    kc = solution.coefficients_at((x0 + x1 - 1) / 2.0, (y0 + y1 - 1) / 2.0)
-    k_center = solution.basis.kernel_image(kc)
-    pad_var = _window(template_variance, y0 - h, y1 + h, x0 - h, x1 + h, 0.0)
-    variance = convolve_valid(pad_var, (k_center**2)[None], workers)[0]
-    pad_mask = _window(template_mask, y0 - h, y1 + h, x0 - h, x1 + h, 0)
-    mask = spread_mask(pad_mask, h)[h : h + (y1 - y0), h : h + (x1 - x0)]
+    del convolved
+    convolved = convolve_valid(padded_variance, variance_kernels, workers)
+    variance = np.einsum("lyx,yxl->yx", convolved, f)
+    del convolved
+    mask = spread_mask(padded_mask, h)[h : h + height, h : h + width]
     return image, variance, mask

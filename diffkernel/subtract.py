@@ -11,42 +11,131 @@ from __future__ import annotations
 
 import numpy as np
 
-from .convolve import convolve_region, spatial_term_kernels
+from .convolve import convolve_region, spatial_term_kernels, variance_term_kernels, window
 from .errors import InputError
 from .image import Exposure, MaskedImage, as_exposure
 
-__all__ = ["subtract_images", "difference_tile", "prepare_inputs"]
+__all__ = [
+    "subtract_images",
+    "difference_tile",
+    "prepare_inputs",
+    "merged_mask_planes",
+    "prepare_template",
+    "prepare_science",
+    "padded_template",
+    "SubtractionKernels",
+]
 
 
-def difference_tile(
+class SubtractionKernels:
+    """The solution with the kernel images every tile convolves with, computed once."""
+
+    def __init__(self, solution) -> None:
+        self.solution = solution
+        self.terms = spatial_term_kernels(solution)
+        self.variance_terms = variance_term_kernels(solution)
+
+    @property
+    def half(self) -> int:
+        """Half-width of the kernel."""
+        return self.solution.basis.kernel_size // 2
+
+
+def merged_mask_planes(science_planes: dict, template_planes: dict) -> dict[str, int]:
+    """The science's mask planes plus any template plane it lacks, and NO_DATA and EDGE."""
+    planes = dict(science_planes)
+    for name in list(template_planes) + ["NO_DATA", "EDGE"]:
+        if name not in planes:
+            planes[name] = next(b for b in range(31) if b not in planes.values())
+    return planes
+
+
+def prepare_template(
+    template: MaskedImage, planes: dict[str, int], background: np.ndarray | None = None
+) -> MaskedImage:
+    """Template pixels as the convolution needs them (pixel by pixel, so per region).
+
+    Mask bits are renamed onto ``planes``; a mesh ``background`` is removed; pixels
+    that are not finite (masked NO_DATA) become zero with zero variance so they
+    cannot spread NaN (their mask bits still spread).
+    """
+    t_mask = np.zeros(template.mask.shape, dtype=np.int32)
+    for name, bit in template.mask_planes.items():
+        t_mask |= ((template.mask >> bit) & 1).astype(np.int32) << planes[name]
+    t_img = template.image
+    if background is not None:
+        t_img = t_img - background
+    t_var = template.variance
+    bad = ~np.isfinite(t_img) | ~np.isfinite(t_var)
+    if bad.any():
+        t_img = np.where(bad, 0.0, t_img)
+        t_var = np.where(bad, 0.0, t_var)
+    return MaskedImage(t_img, t_var, t_mask, planes)
+
+
+def prepare_science(
+    science: MaskedImage, planes: dict[str, int], background: np.ndarray | None = None
+) -> MaskedImage:
+    """Science pixels with a mesh ``background`` removed, on ``planes``."""
+    s_img = science.image if background is None else science.image - background
+    return MaskedImage(s_img, science.variance, science.mask, planes)
+
+
+def padded_template(
     template: MaskedImage,
-    science: MaskedImage,
-    solution,
     y0: int,
     y1: int,
     x0: int,
     x1: int,
-    term_kernels: np.ndarray | None = None,
+    half: int,
+    origin: tuple[int, int] = (0, 0),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Difference image, variance and mask over ``[y0:y1, x0:x1]``.
+    """Prepared template over ``[y0:y1, x0:x1]`` grown by ``half``, zero outside the image.
+
+    ``template`` holds the full image's pixels from ``origin`` on.
+    """
+    args = (y0 - half, y1 + half, x0 - half, x1 + half)
+    return (
+        window(template.image, *args, 0.0, origin),
+        window(template.variance, *args, 0.0, origin),
+        window(template.mask, *args, 0, origin),
+    )
+
+
+def difference_tile(
+    padded: tuple[np.ndarray, np.ndarray, np.ndarray],
+    science: MaskedImage,
+    kernels: SubtractionKernels,
+    y0: int,
+    x0: int,
+    shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Difference image, variance and mask of one tile.
 
     Parameters
     ----------
-    template, science : MaskedImage
-        Prepared inputs (see :func:`prepare_inputs`): aligned, same shape, mask
-        planes shared, mesh backgrounds removed and non-finite template pixels zeroed.
-    solution : SpatialSolution
-        The kernel and background model.
+    padded : tuple of numpy.ndarray
+        :func:`padded_template` of the tile.
+    science : MaskedImage
+        Prepared science pixels of the tile (see :func:`prepare_science`).
+    kernels : SubtractionKernels
+        The solution and its convolution kernels.
+    y0, x0 : int
+        Full-image coordinates of the tile's first pixel.
+    shape : tuple of int
+        ``(ny, nx)`` of the full image, to flag its border.
     """
+    solution = kernels.solution
     conv, conv_var, conv_mask = convolve_region(
-        template.image, template.variance, template.mask, solution, y0, y1, x0, x1, term_kernels
+        *padded, solution, y0, x0, kernels.terms, kernels.variance_terms
     )
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    diff = science.image[y0:y1, x0:x1] - conv - solution.background_at(xx, yy)
-    var = science.variance[y0:y1, x0:x1] + conv_var
-    mask = science.mask[y0:y1, x0:x1] | conv_mask
-    h = solution.basis.kernel_size // 2
-    ny, nx = science.shape
+    height, width = science.shape
+    yy, xx = np.mgrid[y0 : y0 + height, x0 : x0 + width]
+    diff = science.image - conv - solution.background_at(xx, yy)
+    var = science.variance + conv_var
+    mask = science.mask | conv_mask
+    h = kernels.half
+    ny, nx = shape
     border = (yy < h) | (xx < h) | (yy >= ny - h) | (xx >= nx - h)
     if border.any():
         edge_bits = (1 << science.mask_planes["NO_DATA"]) | (1 << science.mask_planes["EDGE"])
@@ -57,13 +146,10 @@ def difference_tile(
 
 
 def prepare_inputs(template, science, result) -> tuple[MaskedImage, MaskedImage]:
-    """Template and science as the subtraction needs them.
+    """Whole template and science as the subtraction needs them.
 
-    The template is the aligned one the kernel was fitted on; both lose the mesh
-    backgrounds fitted with ``useAfwBackground``; template mask bits are renamed
-    onto the science's planes (adding any it lacks, and NO_DATA and EDGE); template
-    pixels that are not finite (masked NO_DATA) become zero with zero variance so
-    they cannot spread NaN (their mask bits still spread).
+    The template is the aligned one the kernel was fitted on; see
+    :func:`prepare_template` and :func:`prepare_science`.
     """
     t = result.alignedTemplate
     if t is None:
@@ -71,27 +157,10 @@ def prepare_inputs(template, science, result) -> tuple[MaskedImage, MaskedImage]
     s = as_exposure(science, "science").masked_image
     if t.shape != s.shape:
         raise InputError(f"template shape {t.shape} differs from science shape {s.shape}")
-    planes = dict(s.mask_planes)
-    for name in list(t.mask_planes) + ["NO_DATA", "EDGE"]:
-        if name not in planes:
-            planes[name] = next(b for b in range(31) if b not in planes.values())
-    t_mask = np.zeros_like(t.mask)
-    for name, bit in t.mask_planes.items():
-        t_mask |= ((t.mask >> bit) & 1).astype(np.int32) << planes[name]
-    t_img = t.image
-    if result.templateBackground is not None:
-        t_img = t_img - result.templateBackground
-    t_var = t.variance
-    bad = ~np.isfinite(t_img) | ~np.isfinite(t_var)
-    if bad.any():
-        t_img = np.where(bad, 0.0, t_img)
-        t_var = np.where(bad, 0.0, t_var)
-    s_img = s.image
-    if result.scienceBackground is not None:
-        s_img = s_img - result.scienceBackground
+    planes = merged_mask_planes(s.mask_planes, t.mask_planes)
     return (
-        MaskedImage(t_img, t_var, t_mask, planes),
-        MaskedImage(s_img, s.variance, s.mask, planes),
+        prepare_template(t, planes, result.templateBackground),
+        prepare_science(s, planes, result.scienceBackground),
     )
 
 
@@ -122,10 +191,14 @@ def subtract_images(
     diff = np.empty((ny, nx))
     var = np.empty((ny, nx))
     mask = np.empty((ny, nx), dtype=np.int32)
-    terms = spatial_term_kernels(result.spatialSolution)
+    kernels = SubtractionKernels(result.spatialSolution)
     for y0 in range(0, ny, tile_size):
         for x0 in range(0, nx, tile_size):
             y1, x1 = min(y0 + tile_size, ny), min(x0 + tile_size, nx)
-            d, v, m = difference_tile(t, s, result.spatialSolution, y0, y1, x0, x1, terms)
+            padded = padded_template(t, y0, y1, x0, x1, kernels.half)
+            sci = MaskedImage(
+                s.image[y0:y1, x0:x1], s.variance[y0:y1, x0:x1], s.mask[y0:y1, x0:x1], s.mask_planes
+            )
+            d, v, m = difference_tile(padded, sci, kernels, y0, x0, s.shape)
             diff[y0:y1, x0:x1], var[y0:y1, x0:x1], mask[y0:y1, x0:x1] = d, v, m
     return MaskedImage(diff, var, mask, dict(s.mask_planes))

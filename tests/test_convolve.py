@@ -7,7 +7,14 @@ import pytest
 from scipy.signal import convolve2d
 
 from diffkernel.basis import alard_lupton_basis
-from diffkernel.convolve import convolve_region, convolve_valid, spatial_term_kernels, spread_mask
+from diffkernel.convolve import (
+    convolve_region,
+    convolve_valid,
+    spatial_term_kernels,
+    spread_mask,
+    variance_term_kernels,
+    window,
+)
 from diffkernel.spatial import SpatialFunctions, SpatialSolution
 
 
@@ -83,6 +90,25 @@ def solution(basis, theta, order=1):
     )
 
 
+def region_convolution(image, variance, mask, sol, y0, y1, x0, x1, **kwargs):
+    """convolve_region over [y0:y1, x0:x1] of the full arrays, zero outside them."""
+    h = sol.basis.kernel_size // 2
+    args = (y0 - h, y1 + h, x0 - h, x1 + h)
+    padded = (window(image, *args, 0.0), window(variance, *args, 0.0), window(mask, *args, 0))
+    return convolve_region(*padded, sol, y0, x0, **kwargs)
+
+
+def test_window_from_a_part_of_the_image():
+    """window() reads full-image coordinates from a sub-array with an origin, filling outside."""
+    full = np.arange(20 * 30, dtype=float).reshape(20, 30)
+    part = full[5:15, 8:25]
+    out = window(part, 3, 12, 20, 28, -1.0, origin=(5, 8))
+    expected = np.full((9, 8), -1.0)
+    expected[2:9, 0:5] = full[5:12, 20:25]
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(window(full, -2, 3, -1, 4, 0.0)[2:, 1:], full[0:3, 0:4])
+
+
 def test_spatial_term_kernels():
     """Q_k = sum_i theta_ik b_i for every spatial term k."""
     basis = alard_lupton_basis(7, (1.0, 2.0), (1, 1))
@@ -104,7 +130,7 @@ def test_convolve_region_constant_solution_is_plain_convolution(scene, region):
     sol = solution(basis, theta)
     kern = basis.kernel_image(coeffs)
     y0, y1, x0, x1 = region
-    img, var, msk = convolve_region(image, variance, mask, sol, y0, y1, x0, x1)
+    img, var, msk = region_convolution(image, variance, mask, sol, y0, y1, x0, x1)
     assert img.shape == var.shape == msk.shape == (y1 - y0, x1 - x0)
     full = convolve2d(image, kern, mode="same")
     np.testing.assert_allclose(img, full[y0:y1, x0:x1], rtol=1e-10, atol=1e-9)
@@ -121,7 +147,7 @@ def test_convolve_region_varying_kernel_per_pixel(scene):
     theta = rng.normal(size=(basis.size, 6)) * 0.3
     theta[0] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     sol = solution(basis, theta, order=2)
-    img, _, _ = convolve_region(image, variance, mask, sol, 8, 40, 6, 50)
+    img, _, _ = region_convolution(image, variance, mask, sol, 8, 40, 6, 50)
     h = 2
     for y, x in [(8, 6), (20, 30), (39, 49), (25, 11)]:
         kern = basis.kernel_image(sol.coefficients_at(float(x), float(y)))
@@ -136,9 +162,50 @@ def test_convolve_region_term_kernels_argument(scene):
     basis = alard_lupton_basis(5, (1.0,), (1,))
     theta = np.random.default_rng(55).normal(size=(3, 3))
     sol = solution(basis, theta)
-    a = convolve_region(image, variance, mask, sol, 0, 20, 0, 20)
-    b = convolve_region(
-        image, variance, mask, sol, 0, 20, 0, 20, term_kernels=spatial_term_kernels(sol)
+    a = region_convolution(image, variance, mask, sol, 0, 20, 0, 20)
+    b = region_convolution(
+        image,
+        variance,
+        mask,
+        sol,
+        0,
+        20,
+        0,
+        20,
+        term_kernels=spatial_term_kernels(sol),
+        variance_kernels=variance_term_kernels(sol),
     )
     for u, v in zip(a, b, strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def test_variance_follows_slowly_varying_kernel(scene):
+    """The variance is V convolved with K(x, y)^2 at each pixel, to 1e-3 for a few % variation."""
+    image, variance, mask = scene
+    basis = alard_lupton_basis(5, (1.0, 2.0), (1, 1))
+    rng = np.random.default_rng(56)
+    theta = np.zeros((basis.size, 6))
+    theta[:, 0] = rng.normal(size=basis.size) * 0.2
+    theta[0, 0] = 1.0
+    theta[1:, 1:] = rng.normal(size=(basis.size - 1, 5)) * 0.005
+    sol = solution(basis, theta, order=2)
+    _, var, _ = region_convolution(image, variance, mask, sol, 4, 44, 4, 52)
+    h = 2
+    for y, x in [(4, 4), (20, 30), (43, 51), (30, 10)]:
+        kern = basis.kernel_image(sol.coefficients_at(float(x), float(y)))
+        patch = variance[y - h : y + h + 1, x - h : x + h + 1]
+        expected = np.sum((kern[::-1, ::-1] ** 2) * patch)
+        assert var[y - 4, x - 4] == pytest.approx(expected, rel=1e-3)
+
+
+def test_convolution_does_not_depend_on_the_tiling(scene):
+    """Two overlapping regions agree on their common pixels (image and variance)."""
+    image, variance, mask = scene
+    basis = alard_lupton_basis(5, (1.0,), (2,))
+    theta = np.random.default_rng(57).normal(size=(basis.size, 6)) * 0.1
+    theta[0] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    sol = solution(basis, theta, order=2)
+    a = region_convolution(image, variance, mask, sol, 0, 30, 0, 40)
+    b = region_convolution(image, variance, mask, sol, 10, 48, 20, 56)
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_allclose(u[10:30, 20:40], v[0:20, 0:20], rtol=1e-12, atol=1e-10)
