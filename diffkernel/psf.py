@@ -7,7 +7,7 @@ import numpy as np
 from .basis import SIGMA_TO_FWHM
 from .image import Exposure
 
-__all__ = ["exposure_fwhm", "measure_fwhm"]
+__all__ = ["exposure_fwhm", "measure_fwhm", "measure_pair_fwhm"]
 
 
 def exposure_fwhm(exposure: Exposure, grid: int, buffer: float) -> float | None:
@@ -77,3 +77,66 @@ def measure_fwhm(stamps: np.ndarray, n_iter: int = 20) -> np.ndarray:
     out = np.sqrt(sigma2) * SIGMA_TO_FWHM
     out[~ok] = np.nan
     return out
+
+
+def measure_pair_fwhm(
+    read,
+    x: np.ndarray,
+    y: np.ndarray,
+    shape: tuple[int, int],
+    bad_planes: tuple[str, ...],
+    which: tuple[bool, bool] = (True, True),
+    max_stars: int = 200,
+    half: int = 15,
+) -> tuple[float | None, float | None]:
+    """Median FWHM of the sources in the template and the science image.
+
+    The first ``max_stars`` sources (in list order) whose ``(2 half + 1)^2`` stamps lie
+    inside the image with no ``bad_planes`` pixel in either image are measured.
+
+    Parameters
+    ----------
+    read : callable
+        ``read(y0, y1, x0, x1) -> (template, science)`` region reader.
+    x, y : numpy.ndarray
+        Source positions.
+    shape : tuple of int
+        ``(ny, nx)`` of the images.
+    bad_planes : tuple of str
+        Mask planes that disqualify a stamp.
+    which : tuple of bool
+        Whether to measure the template and the science image.
+
+    Returns
+    -------
+    tuple
+        Template and science FWHM in pixels; None where not measured or where fewer
+        than three stars gave a finite width.
+    """
+    ny, nx = shape
+    finite = np.isfinite(x) & np.isfinite(y)
+    xc = np.round(np.where(finite, x, -1e9)).astype(np.int64)
+    yc = np.round(np.where(finite, y, -1e9)).astype(np.int64)
+    inside = (xc >= half) & (yc >= half) & (xc < nx - half) & (yc < ny - half)
+    stamps_t: list[np.ndarray] = []
+    stamps_s: list[np.ndarray] = []
+    seen: set[tuple[int, int]] = set()
+    for i in np.flatnonzero(inside):
+        key = (int(yc[i]), int(xc[i]))
+        if key in seen:
+            continue
+        seen.add(key)
+        t, s = read(key[0] - half, key[0] + half + 1, key[1] - half, key[1] + half + 1)
+        if (t.mask & t.bitmask(bad_planes)).any() or (s.mask & s.bitmask(bad_planes)).any():
+            continue
+        stamps_t.append(t.image)
+        stamps_s.append(s.image)
+        if len(stamps_t) >= max_stars:
+            break
+    out: list[float | None] = [None, None]
+    for k, (wanted, stamps) in enumerate(zip(which, (stamps_t, stamps_s), strict=True)):
+        if wanted and stamps:
+            values = measure_fwhm(np.asarray(stamps))
+            if np.isfinite(values).sum() >= 3:
+                out[k] = float(np.nanmedian(values))
+    return out[0], out[1]

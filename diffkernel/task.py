@@ -16,14 +16,13 @@ import numpy as np
 from astropy.table import Table
 
 from .basis import KernelBasis, basis_from_config
-from .candidate import cut_stamps
 from .cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
 from .config import MakeKernelConfig
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
 from .image import Exposure, MaskedImage, as_exposure
-from .psf import exposure_fwhm, measure_fwhm
-from .selection import source_positions, vet_positions
+from .psf import exposure_fwhm, measure_pair_fwhm
+from .selection import source_positions
 from .spatial import SpatialSolution
 
 __all__ = [
@@ -313,22 +312,15 @@ class MakeKernelTask:
         fwhm_s = exposure_fwhm(sci, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
         if not kcfg.scaleByFwhm or (fwhm_t is not None and fwhm_s is not None):
             return fwhm_t, fwhm_s
-        half = 15
-        xc, yc, reason = vet_positions(t_mi, s_mi, x, y, half, 0, bad_planes)
-        good = np.flatnonzero(reason == "")[:200]
-        if good.size == 0:
-            return fwhm_t, fwhm_s
-        stamps = cut_stamps(t_mi, s_mi, xc[good], yc[good], half, 0)
-        if fwhm_t is None:
-            values = measure_fwhm(stamps.template)
-            if np.isfinite(values).sum() >= 3:
-                fwhm_t = float(np.nanmedian(values))
-        if fwhm_s is None:
-            values = measure_fwhm(stamps.science)
-            if np.isfinite(values).sum() >= 3:
-                fwhm_s = float(np.nanmedian(values))
-        return fwhm_t, fwhm_s
-
+        mt, ms = measure_pair_fwhm(
+            InMemoryPair(t_mi, s_mi),
+            x,
+            y,
+            s_mi.shape,
+            bad_planes,
+            (fwhm_t is None, fwhm_s is None),
+        )
+        return (mt if fwhm_t is None else fwhm_t), (ms if fwhm_s is None else fwhm_s)
 
 def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, int]) -> CellPlan:
     """Run-wide constants of the candidate stage, checked against the basis."""
