@@ -15,7 +15,34 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MASK_PLANES", "MaskedImage", "Exposure"]
+__all__ = ["DEFAULT_MASK_PLANES", "MaskedImage", "Exposure", "report_validation"]
+
+
+def report_validation(name: str, counts: dict[str, int], bad_planes: Iterable[str]) -> None:
+    """Raise the error :meth:`MaskedImage.validate` describes for these pixel counts.
+
+    Raises
+    ------
+    InputError
+        Naming the image, the problem and how many pixels have it.
+    """
+    if counts["used"] == 0:
+        raise InputError(f"{name}: every pixel is masked ({', '.join(bad_planes)})")
+    if counts["nan_image"]:
+        raise InputError(
+            f"{name}: {counts['nan_image']} pixel(s) are NaN or infinite but not masked "
+            "NO_DATA; mask them or replace them"
+        )
+    if counts["nonfinite_variance"]:
+        raise InputError(
+            f"{name}: variance is NaN or infinite at {counts['nonfinite_variance']} "
+            "unmasked pixel(s)"
+        )
+    if counts["nonpositive_variance"]:
+        raise InputError(
+            f"{name}: variance is zero or negative at {counts['nonpositive_variance']} "
+            "unmasked pixel(s); variance must be strictly positive"
+        )
 
 #: Bits of the standard mask planes, in LSST's order.
 DEFAULT_MASK_PLANES: dict[str, int] = {
@@ -174,28 +201,26 @@ class MaskedImage:
         InputError
             Naming the image, the problem and how many pixels have it.
         """
-        exempt = (self.mask & self.bitmask(bad_planes)) != 0
-        used = ~exempt
-        if not used.any():
-            raise InputError(f"{name}: every pixel is masked ({', '.join(bad_planes)})")
-        bad_pix = used & ~np.isfinite(self.image)
-        if bad_pix.any():
-            raise InputError(
-                f"{name}: {int(bad_pix.sum())} pixel(s) are NaN or infinite but not masked "
-                "NO_DATA; mask them or replace them"
-            )
+        report_validation(name, self.validation_counts(bad_planes), bad_planes)
+
+    def validation_counts(self, bad_planes: Iterable[str] = ("NO_DATA",)) -> dict[str, int]:
+        """Pixel counts behind :meth:`validate`, which add up over tiles of an image.
+
+        Returns
+        -------
+        dict
+            ``used`` (pixels not exempt), ``nan_image``, ``nonfinite_variance`` and
+            ``nonpositive_variance`` among the used pixels.
+        """
+        used = (self.mask & self.bitmask(bad_planes)) == 0
         var = self.variance[used]
-        nonfinite = ~np.isfinite(var)
-        if nonfinite.any():
-            raise InputError(
-                f"{name}: variance is NaN or infinite at {int(nonfinite.sum())} unmasked pixel(s)"
-            )
-        nonpos = var <= 0
-        if nonpos.any():
-            raise InputError(
-                f"{name}: variance is zero or negative at {int(nonpos.sum())} unmasked pixel(s); "
-                "variance must be strictly positive"
-            )
+        finite_var = np.isfinite(var)
+        return {
+            "used": int(used.sum()),
+            "nan_image": int((used & ~np.isfinite(self.image)).sum()),
+            "nonfinite_variance": int((~finite_var).sum()),
+            "nonpositive_variance": int((finite_var & (var <= 0)).sum()),
+        }
 
 
 FwhmModel = float | Callable[[float, float], float]

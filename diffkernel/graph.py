@@ -1,0 +1,728 @@
+"""The Dask service: one image pair from Zarr to a published Zarr result.
+
+Stages, each a set of independent Dask tasks that read what they need from Zarr in
+the workers (no image goes through the scheduler):
+
+1. *check*: one task per 1024-px tile validates both images (NaN, variance) and,
+   alongside, one task per input array computes its checksum for the provenance;
+2. *prepare* (only when needed): warp the template onto the science grid tile by
+   tile, mesh backgrounds, coarse detection, star FWHMs;
+3. *cells*: one task per spatial cell vets, ranks and reduces its candidates to
+   sufficient statistics (:func:`diffkernel.cells.fit_cell`);
+4. *reduction*: one task clips on kernel sums, fits the spatial model and runs the
+   rejection rounds (:func:`diffkernel.cells.reduce_cells`);
+5. *tiles*: one task per output tile (a multiple of the store's chunks) convolves,
+   subtracts and writes its difference, variance and mask chunks.
+
+Everything is written into a partial store next to the output, which is renamed
+onto the output path only once complete (:class:`diffkernel.store.ResultWriter`).
+The tasks call the same functions as :class:`diffkernel.MakeKernelTask` on the
+same cells and regions, so the result equals the in-memory path's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from astropy.table import Table
+
+from . import __version__
+from .align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
+from .basis import basis_from_config
+from .cells import SourcePlacement, fit_cell, reduce_cells
+from .config import MakeKernelConfig
+from .errors import ConfigError, InputError, NoCandidatesError
+from .fitsio import SATURATION_KEYS
+from .image import MaskedImage, report_validation
+from .psf import exposure_fwhm, measure_pair_fwhm
+from .selection import source_positions
+from .store import (
+    ResultStore,
+    ResultWriter,
+    ZarrImage,
+    create_image_arrays,
+    open_result,
+    write_tile,
+)
+from .subtract import (
+    SubtractionKernels,
+    difference_tile,
+    merged_mask_planes,
+    padded_template,
+    prepare_science,
+    prepare_template,
+)
+from .task import _needs_alignment, make_cell_plan
+
+__all__ = ["run_pair", "connect", "ZarrPair", "PairRun", "default_tile_size"]
+
+#: Tile side of the check stage (fixed: the checksums must not depend on tiling).
+CHECK_TILE = 1024
+
+#: Bins of the histogram of difference / sqrt(variance) that tiles report.
+Z_BINS = np.linspace(-10.0, 10.0, 2001)
+
+
+@dataclass
+class PairRun:
+    """What :func:`run_pair` returns.
+
+    Attributes
+    ----------
+    result : ResultStore
+        The published result, read back.
+    timings : dict
+        Wall seconds per stage.
+    summary : dict
+        Candidates per stage, kernel-sum range and residual statistics.
+    """
+
+    result: ResultStore
+    timings: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class ZarrPair:
+    """Region reader over a template and a science image in Zarr (picklable).
+
+    Parameters
+    ----------
+    template, science : ZarrImage
+        Aligned images of the same shape.
+    template_background, science_background : tuple of (path, array name), optional
+        Mesh backgrounds to remove, stored as 2-D arrays.
+    cached : bool
+        Read through the per-process chunk cache (for many small regions).
+    """
+
+    def __init__(
+        self,
+        template: ZarrImage,
+        science: ZarrImage,
+        template_background: tuple[str, str] | None = None,
+        science_background: tuple[str, str] | None = None,
+        cached: bool = True,
+    ) -> None:
+        self.template = template
+        self.science = science
+        self.template_background = template_background
+        self.science_background = science_background
+        self.cached = cached
+
+    def __call__(self, y0: int, y1: int, x0: int, x1: int) -> tuple[MaskedImage, MaskedImage]:
+        t = self.template.read(y0, y1, x0, x1, cached=self.cached)
+        s = self.science.read(y0, y1, x0, x1, cached=self.cached)
+        if self.template_background is not None:
+            t.image = t.image - _read_array(self.template_background, y0, y1, x0, x1)
+        if self.science_background is not None:
+            s.image = s.image - _read_array(self.science_background, y0, y1, x0, x1)
+        return t, s
+
+
+def _read_array(ref: tuple[str, str], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    import zarr
+
+    path, name = ref
+    return np.asarray(zarr.open_array(path, path=name, mode="r")[y0:y1, x0:x1], dtype=np.float64)
+
+
+def default_tile_size(chunks: tuple[int, int]) -> int:
+    """The largest multiple of the chunk side not above 1024 (at least one chunk)."""
+    c = int(chunks[0])
+    return c * max(1, 1024 // c)
+
+
+@contextlib.contextmanager
+def connect(
+    client=None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    progress: bool = False,
+) -> Iterator[Any]:
+    """A ``distributed.Client``: the one given, one to ``scheduler``, or a LocalCluster.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Used as is (not closed).
+    scheduler : str, optional
+        Address such as ``tcp://host:8786`` of a running scheduler.
+    n_workers : int, optional
+        Worker processes of the LocalCluster started when neither is given
+        (default: one per core), each single-threaded.
+    progress : bool
+        Print the dashboard link.
+    """
+    from distributed import Client, LocalCluster
+
+    if client is not None:
+        yield client
+        return
+    if scheduler is not None:
+        try:
+            own = Client(scheduler, timeout="20s")
+        except OSError as err:
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
+        try:
+            if progress:
+                print(f"diffkernel: scheduler {scheduler}, dashboard {own.dashboard_link}")
+            yield own
+        finally:
+            own.close()
+        return
+    workers = n_workers or os.cpu_count() or 1
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0" if progress else None,
+        ) as cluster,
+        Client(cluster) as own,
+    ):
+        if progress:
+            print(f"diffkernel: LocalCluster of {workers} workers, dashboard {own.dashboard_link}")
+        yield own
+
+
+def _open(image, name: str) -> ZarrImage:
+    if isinstance(image, ZarrImage):
+        return image
+    if isinstance(image, tuple):
+        return ZarrImage.open(*image)
+    if isinstance(image, (str, os.PathLike)):
+        return ZarrImage.open(image)
+    raise InputError(
+        f"{name} must be a ZarrImage, a store path or (path, group), got {type(image).__name__}"
+    )
+
+
+# --- tasks (module-level functions: they run in the workers) ---------------------------------
+
+
+def _check_tile(
+    template: ZarrImage, science: ZarrImage, y0: int, y1: int, x0: int, x1: int, exempt
+) -> dict[str, dict[str, int]]:
+    return {
+        "template": template.read(y0, y1, x0, x1).validation_counts(exempt),
+        "science": science.read(y0, y1, x0, x1).validation_counts(exempt),
+    }
+
+
+def _digest(image: ZarrImage, name: str) -> str:
+    return image.digest(name)
+
+
+def _warp_task(
+    template: ZarrImage, science_wcs, out: str, y0: int, y1: int, x0: int, x1: int, config
+) -> bool:
+    tile, covered = warp_region(
+        lambda a, b, c, d: template.read(a, b, c, d),
+        template.wcs,
+        template.shape,
+        template.mask_planes,
+        science_wcs,
+        y0,
+        y1,
+        x0,
+        x1,
+        config,
+    )
+    write_tile(out, "aligned_template", y0, x0, tile.image, tile.variance, tile.mask)
+    return covered
+
+
+def _background_task(image: ZarrImage, config, out: str, name: str, chunks) -> tuple[str, str]:
+    import zarr
+
+    from .background import mesh_background
+
+    ny, nx = image.shape
+    background = mesh_background(image.read(0, ny, 0, nx), config)
+    root = zarr.open_group(out, mode="r+")
+    array = root.create_array(
+        f"backgrounds/{name}", shape=background.shape, chunks=chunks, dtype=np.float64
+    )
+    array[:] = background
+    return out, f"backgrounds/{name}"
+
+
+def _detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, saturation):
+    from .sources import detect_sources
+
+    kcfg = cfg.kernel.active
+    ny, nx = reader.science.shape
+    template, science = reader(0, ny, 0, nx)
+    guess_half = kcfg.detectionConfig.stamp_half_width(kcfg.kernelSize)
+    return detect_sources(
+        template if on_template else science,
+        cfg.selectDetection,
+        cfg.selectMeasurement,
+        tuple(kcfg.badMaskPlanes),
+        guess_half,
+        kcfg.detectionConfig,
+        saturation,
+    )
+
+
+def _reduce_task(plan, placement, *results):
+    return reduce_cells(plan, placement, list(results))
+
+
+def _kernels_task(reduction) -> SubtractionKernels:
+    return SubtractionKernels(reduction[0].solution)
+
+
+def _tile_task(
+    kernels: SubtractionKernels,
+    reader: ZarrPair,
+    planes: dict[str, int],
+    out: str,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+) -> np.ndarray:
+    ny, nx = reader.science.shape
+    h = kernels.half
+    ty0, ty1, tx0, tx1 = max(y0 - h, 0), min(y1 + h, ny), max(x0 - h, 0), min(x1 + h, nx)
+    template = reader.template.read(ty0, ty1, tx0, tx1)
+    t_bg = s_bg = None
+    if reader.template_background is not None:
+        t_bg = _read_array(reader.template_background, ty0, ty1, tx0, tx1)
+        s_bg = _read_array(reader.science_background, y0, y1, x0, x1)
+    template = prepare_template(template, planes, t_bg)
+    science = prepare_science(reader.science.read(y0, y1, x0, x1), planes, s_bg)
+    padded = padded_template(template, y0, y1, x0, x1, h, origin=(ty0, tx0))
+    diff, var, mask = difference_tile(padded, science, kernels, y0, x0, (ny, nx))
+    write_tile(out, "difference", y0, x0, diff, var, mask)
+    z = diff / np.sqrt(var)
+    clean = np.isfinite(z) & (mask == 0)
+    return np.histogram(np.clip(z[clean], Z_BINS[0], Z_BINS[-1]), Z_BINS)[0]
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def run_pair(
+    science,
+    template,
+    out: str | os.PathLike,
+    *,
+    config: MakeKernelConfig | None = None,
+    sources: Table | None = None,
+    client=None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    tile_size: int | None = None,
+    preconvolved: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> PairRun:
+    """Fit the PSF-matching kernel of a pair stored in Zarr and write the difference.
+
+    Parameters
+    ----------
+    science, template : ZarrImage, path or (path, group)
+        Image groups (see :mod:`diffkernel.store`); the template is warped onto the
+        science grid when their WCS differ (``warpingConfig.doAlign``).
+    out : path
+        Result store to publish; refused if it exists unless ``overwrite``.
+    config : MakeKernelConfig, optional
+        Default: the default configuration (Alard-Lupton).
+    sources : astropy.table.Table, optional
+        Kernel candidates (``x``, ``y`` or ``ra``, ``dec``); detected when None.
+    client, scheduler, n_workers
+        Where to run (see :func:`connect`).
+    tile_size : int, optional
+        Side of the subtraction tiles, a multiple of the science chunks (default:
+        :func:`default_tile_size`). Results do not depend on it.
+    preconvolved : bool
+        The science image was already convolved with its PSF.
+    overwrite : bool
+        Replace an existing output.
+    progress : bool
+        Show dask's progress bar and the dashboard link.
+
+    Returns
+    -------
+    PairRun
+    """
+    cfg = MakeKernelConfig() if config is None else config
+    if not isinstance(cfg, MakeKernelConfig):
+        raise ConfigError(f"config must be a MakeKernelConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    sci = _open(science, "science")
+    tmpl = _open(template, "template")
+    tile = default_tile_size(sci.chunks) if tile_size is None else int(tile_size)
+    if tile <= 0 or tile % sci.chunks[0] or tile % sci.chunks[1]:
+        raise ConfigError(
+            f"tile_size {tile} must be a positive multiple of the science chunks {sci.chunks} "
+            "(tiles write whole chunks)"
+        )
+    if sources is not None and not isinstance(sources, Table):
+        raise InputError(f"sources must be an astropy Table, got {type(sources).__name__}")
+    writer = ResultWriter(out, overwrite=overwrite)
+    try:
+        with connect(client, scheduler, n_workers, progress) as cl:
+            run = _Run(cl, cfg, sci, tmpl, writer, tile, progress)
+            path, timings, summary = run.execute(sources, preconvolved)
+    except BaseException:
+        writer.abort()
+        raise
+    return PairRun(open_result(path), timings, summary)
+
+
+class _Run:
+    """One pair on one client: the stages of :func:`run_pair`."""
+
+    def __init__(self, client, cfg, science, template, writer, tile, progress) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.kcfg = cfg.kernel.active
+        self.science = science
+        self.template = template
+        self.writer = writer
+        self.partial = str(writer.partial_path)
+        self.tile = tile
+        self.progress = progress
+        self.token = uuid.uuid4().hex[:8]
+        self.timings: dict[str, float] = {}
+        self.meta: dict[str, Any] = {}
+
+    def _wait(self, futures, stage: str, started: float) -> list:
+        from distributed import progress
+
+        if self.progress:
+            print(f"diffkernel: {stage} ({len(futures)} tasks)")
+            progress(futures)
+            print()
+        values = self.client.gather(futures)
+        self.timings[stage] = time.perf_counter() - started
+        return values
+
+    def _submit(self, fn, *args, name: str, **kwargs):
+        return self.client.submit(fn, *args, key=f"{name}-{self.token}", pure=False, **kwargs)
+
+    def execute(self, sources: Table | None, preconvolved: bool):
+        cl = self.client
+        kcfg = self.kcfg
+        sci, tmpl = self.science, self.template
+        started = time.perf_counter()
+        aligned = _needs_alignment(tmpl, sci, kcfg)
+        if not aligned and tmpl.shape != sci.shape:
+            raise InputError(
+                f"template shape {tmpl.shape} differs from science shape {sci.shape}; "
+                "give both a WCS (alignment) or warp the template first"
+            )
+        digests = {
+            (who, name): self._submit(_digest, img, name, name=f"digest-{who}-{name}")
+            for who, img in (("science", sci), ("template", tmpl))
+            for name in ("image", "variance", "mask")
+        }
+
+        t0 = time.perf_counter()
+        if aligned:
+            tmpl = self._align(tmpl, sci)
+            self.meta["aligned"] = True
+        else:
+            self.meta["aligned"] = False
+        self.meta["preconvolved"] = bool(preconvolved)
+        self._check(tmpl, sci)
+        self.timings["check"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        reader = ZarrPair(tmpl, sci)
+        if kcfg.useAfwBackground:
+            refs = [
+                self._submit(
+                    _background_task,
+                    img,
+                    kcfg.afwBackgroundConfig,
+                    self.partial,
+                    who,
+                    img.chunks,
+                    name=f"background-{who}",
+                )
+                for who, img in (("template", tmpl), ("science", sci))
+            ]
+            t_ref, s_ref = self._wait(refs, "background", t0)
+            reader = ZarrPair(tmpl, sci, tuple(t_ref), tuple(s_ref))
+        reader_f = cl.scatter(reader, broadcast=True)
+        if sources is None:
+            det_exp = tmpl if kcfg.detectionConfig.detOnTemplate else sci
+            saturation = next(
+                (float(det_exp.meta[k]) for k in SATURATION_KEYS if k in det_exp.meta), None
+            )
+            fut = self._submit(
+                _detect_task,
+                reader_f,
+                bool(kcfg.detectionConfig.detOnTemplate),
+                self.cfg,
+                saturation,
+                name="detect",
+            )
+            sources = self._wait([fut], "detect", time.perf_counter())[0]
+            self.meta["detected_sources"] = len(sources)
+        if len(sources) == 0:
+            raise NoCandidatesError("kernelSources is empty: no stars to fit a kernel on")
+        x, y = source_positions(sources, sci)
+        ids = np.asarray(sources["id"]) if "id" in sources.colnames else np.arange(len(sources))
+        fwhm_t, fwhm_s = self._fwhms(reader_f, x, y)
+        if preconvolved and fwhm_s is not None:
+            fwhm_s *= np.sqrt(2.0)
+        self.meta["template_fwhm"], self.meta["science_fwhm"] = fwhm_t, fwhm_s
+        basis = basis_from_config(kcfg, fwhm_t, fwhm_s)
+        self.meta["basis"] = {
+            "kind": basis.kind,
+            "size": basis.size,
+            "kernel_size": basis.kernel_size,
+            **basis.description,
+        }
+        self.timings["prepare"] = time.perf_counter() - t0
+
+        plan = make_cell_plan(self.cfg, basis, sci.shape)
+        placement = SourcePlacement.from_positions(ids, x, y, plan)
+        plan_f = cl.scatter(plan, broadcast=True)
+        t0 = time.perf_counter()
+        cells = self._cell_order(placement.cells(), sci.chunks)
+        cell_futures = [
+            self._submit(
+                fit_cell,
+                plan_f,
+                cell,
+                idx,
+                placement.xc[idx],
+                placement.yc[idx],
+                reader_f,
+                name=f"cell-{cell}",
+            )
+            for cell, idx in cells
+        ]
+        if not cell_futures:
+            raise NoCandidatesError(
+                f"none of the {len(x)} sources has its stamp inside the image; no kernel candidates"
+            )
+        self._wait(cell_futures, "cells", t0)
+
+        t0 = time.perf_counter()
+        reduction = self._submit(_reduce_task, plan_f, placement, *cell_futures, name="reduce")
+        outcome, table, solve_meta = self._wait([reduction], "reduce", t0)[0]
+        self.meta.update(solve_meta)
+        del cell_futures
+
+        t0 = time.perf_counter()
+        kernels = self._submit(_kernels_task, reduction, name="kernels")
+        planes = merged_mask_planes(sci.mask_planes, tmpl.mask_planes)
+        self.writer.create_difference(
+            sci.shape, sci.chunks, planes, _wcs_header(sci), sci.origin, sci.meta
+        )
+        tile_reader = ZarrPair(
+            tmpl, sci, reader.template_background, reader.science_background, cached=False
+        )
+        ny, nx = sci.shape
+        tiles = [
+            self._submit(
+                _tile_task,
+                kernels,
+                tile_reader,
+                planes,
+                self.partial,
+                y0,
+                min(y0 + self.tile, ny),
+                x0,
+                min(x0 + self.tile, nx),
+                name=f"tile-{y0}-{x0}",
+            )
+            for y0 in range(0, ny, self.tile)
+            for x0 in range(0, nx, self.tile)
+        ]
+        histogram = np.sum(self._wait(tiles, "tiles", t0), axis=0)
+
+        checksums = dict(zip(digests, cl.gather(list(digests.values())), strict=True))
+        summary = _summary(table, outcome, histogram)
+        self.meta["residuals"] = summary["residuals"]
+        self.meta["n_cells"] = len(cells)
+        self.meta["n_tiles"] = len(tiles)
+        self.meta["tile_size"] = self.tile
+        self.timings["total"] = time.perf_counter() - started
+        self.meta["timings"] = dict(self.timings)
+        provenance = _provenance(self.science, self.template, checksums)
+        path = self.writer.finalize(
+            outcome.solution, table, self.meta, self.cfg.to_dict(), provenance
+        )
+        return path, dict(self.timings), summary
+
+    def _check(self, tmpl: ZarrImage, sci: ZarrImage) -> None:
+        exempt = tuple(dict.fromkeys(("NO_DATA",) + tuple(self.kcfg.badMaskPlanes)))
+        ny, nx = sci.shape
+        futures = [
+            self._submit(
+                _check_tile,
+                tmpl,
+                sci,
+                y0,
+                min(y0 + CHECK_TILE, ny),
+                x0,
+                min(x0 + CHECK_TILE, nx),
+                exempt,
+                name=f"check-{y0}-{x0}",
+            )
+            for y0 in range(0, ny, CHECK_TILE)
+            for x0 in range(0, nx, CHECK_TILE)
+        ]
+        counts = self.client.gather(futures)
+        for who in ("template", "science"):
+            total = {k: sum(c[who][k] for c in counts) for k in counts[0][who]}
+            report_validation(who, total, exempt)
+
+    def _align(self, tmpl: ZarrImage, sci: ZarrImage) -> ZarrImage:
+        check_wcs(tmpl.wcs, sci.wcs)
+        planes = dict(tmpl.mask_planes)
+        for name in ("NO_DATA", "EDGE"):
+            if name not in planes:
+                planes[name] = next(b for b in range(31) if b not in planes.values())
+        chunk = sci.chunks[0] if WARP_TILE % sci.chunks[0] == 0 else 256
+        import zarr
+
+        root = zarr.open_group(self.partial, mode="r+")
+        create_image_arrays(
+            root,
+            "aligned_template",
+            sci.shape,
+            (chunk, chunk),
+            planes,
+            wcs_header=_wcs_header(sci),
+            origin=sci.origin,
+            dtype=np.float64,
+            meta=tmpl.meta,
+        )
+        wcs = sci.wcs
+        t0 = time.perf_counter()
+        futures = [
+            self._submit(
+                _warp_task,
+                tmpl,
+                wcs,
+                self.partial,
+                y0,
+                y1,
+                x0,
+                x1,
+                self.kcfg.warpingConfig,
+                name=f"warp-{y0}-{x0}",
+            )
+            for y0, y1, x0, x1 in warp_tiles(sci.shape)
+        ]
+        check_overlap(self._wait(futures, "align", t0))
+        return ZarrImage.open(self.partial, "aligned_template")
+
+    def _fwhms(self, reader_f, x, y) -> tuple[float | None, float | None]:
+        kcfg = self.kcfg
+        fwhm_t = exposure_fwhm(self.template, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
+        fwhm_s = exposure_fwhm(self.science, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
+        if not kcfg.scaleByFwhm or (fwhm_t is not None and fwhm_s is not None):
+            return fwhm_t, fwhm_s
+        fut = self._submit(
+            measure_pair_fwhm,
+            reader_f,
+            x,
+            y,
+            self.science.shape,
+            tuple(kcfg.badMaskPlanes),
+            (fwhm_t is None, fwhm_s is None),
+            name="fwhm",
+        )
+        mt, ms = self._wait([fut], "fwhm", time.perf_counter())[0]
+        return (mt if fwhm_t is None else fwhm_t), (ms if fwhm_s is None else fwhm_s)
+
+    def _cell_order(self, cells, chunks) -> list[tuple[int, np.ndarray]]:
+        """Cells grouped by the chunk they fall in, so a worker's cache stays warm."""
+        kcfg = self.kcfg
+        n_cells_x = -(-self.science.shape[1] // int(kcfg.sizeCellX))
+
+        def key(item):
+            cell = item[0]
+            cy, cx = divmod(cell, n_cells_x)
+            return (
+                cy * int(kcfg.sizeCellY) // chunks[0],
+                cx * int(kcfg.sizeCellX) // chunks[1],
+                cell,
+            )
+
+        return sorted(cells, key=key)
+
+
+def _wcs_header(image: ZarrImage) -> dict | None:
+    wcs = image.wcs
+    if wcs is None:
+        return None
+    return {k: v for k, v in wcs.to_header(relax=True).items()}
+
+
+def _summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:
+    """Candidates per stage, kernel-sum range and residual statistics of the difference."""
+    status = np.asarray(table["status"])
+    reasons = np.asarray(table["reason"])
+    good = status == "GOOD"
+    ksum = np.asarray(table["kernel_sum"])[good]
+    centres = 0.5 * (Z_BINS[1:] + Z_BINS[:-1])
+    n = int(histogram.sum())
+    residuals: dict[str, Any] = {"n_pixels": n}
+    if n:
+        cdf = np.cumsum(histogram) / n
+        median = float(np.interp(0.5, cdf, centres))
+        mean = float(np.sum(histogram * centres) / n)
+        dev = np.abs(centres - median)
+        order = np.argsort(dev)
+        mad = float(dev[order][np.searchsorted(np.cumsum(histogram[order]) / n, 0.5)])
+        residuals.update(mean=mean, median=median, robust_std=1.4826 * mad)
+    return {
+        "n_sources": len(table),
+        "n_good": int(good.sum()),
+        "status": {str(s): int((status == s).sum()) for s in sorted(set(status))},
+        "rejected": {str(r): int((reasons == r).sum()) for r in sorted(set(reasons)) if r},
+        "kernel_sum": [float(ksum.min()), float(ksum.max())] if ksum.size else None,
+        "residuals": residuals,
+    }
+
+
+def _provenance(science: ZarrImage, template: ZarrImage, checksums: dict) -> dict[str, Any]:
+    import dask
+    import distributed
+    import scipy
+    import zarr
+
+    def describe(who: str, image: ZarrImage) -> dict[str, Any]:
+        return {
+            "path": str(image.path),
+            "group": image.group,
+            "uid": image.uid,
+            "shape": list(image.shape),
+            "sha256": {name: checksums[(who, name)] for name in ("image", "variance", "mask")},
+        }
+
+    return {
+        "diffkernel": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "zarr": zarr.__version__,
+        "host": platform.node(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": {
+            "science": describe("science", science),
+            "template": describe("template", template),
+        },
+    }
+
