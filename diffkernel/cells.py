@@ -33,6 +33,7 @@ from .selection import assign_cells, core_flux_snr, vet_positions
 from .solve import BAD, CandidateSet, SolveOutcome, solve
 
 __all__ = [
+    "single_threaded_blas",
     "CellPlan",
     "CellResult",
     "PairRegionReader",
@@ -45,6 +46,27 @@ __all__ = [
     "reduce_cells",
     "candidate_table",
 ]
+
+_BLAS_LIMITED = False
+
+
+def single_threaded_blas() -> None:
+    """Limit BLAS to one thread in this (worker) process, once.
+
+    A multithreaded BLAS may sum in another order than a single-threaded one, so
+    the same candidate would get statistics that differ in the last bits depending
+    on the machine. Cells are small (one thread per task is what Dask workers run
+    anyway), so the candidate stage always runs with single-threaded BLAS: Dask
+    tasks call this, and :class:`diffkernel.MakeKernelTask` limits BLAS around its
+    candidate stage, so both compute bit-identical numbers.
+    """
+    global _BLAS_LIMITED
+    if not _BLAS_LIMITED:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+        _BLAS_LIMITED = True
+
 
 #: Reads ``(template, science)`` over ``[y0:y1, x0:x1]`` of the full images.
 PairRegionReader = Callable[[int, int, int, int], tuple[MaskedImage, MaskedImage]]

@@ -37,7 +37,7 @@ from astropy.table import Table
 from . import __version__
 from .align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
 from .basis import basis_from_config
-from .cells import SourcePlacement, fit_cell, reduce_cells
+from .cells import SourcePlacement, fit_cell, reduce_cells, single_threaded_blas
 from .config import MakeKernelConfig
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
@@ -273,7 +273,13 @@ def _detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, sat
     )
 
 
+def _cell_task(plan, cell, index, xc, yc, reader):
+    single_threaded_blas()
+    return fit_cell(plan, cell, index, xc, yc, reader)
+
+
 def _reduce_task(plan, placement, *results):
+    single_threaded_blas()
     return reduce_cells(plan, placement, list(results))
 
 
@@ -496,7 +502,7 @@ class _Run:
         cells = self._cell_order(placement.cells(), sci.chunks)
         cell_futures = [
             self._submit(
-                fit_cell,
+                _cell_task,
                 plan_f,
                 cell,
                 idx,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from astropy.table import Table
+from threadpoolctl import threadpool_limits
 
 from .basis import KernelBasis, basis_from_config
 from .cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
@@ -288,11 +289,13 @@ class MakeKernelTask:
         plan = make_cell_plan(cfg, basis, s_mi.shape)
         placement = SourcePlacement.from_positions(ids, x, y, plan)
         read = InMemoryPair(t_mi, s_mi)
-        results = [
-            fit_cell(plan, cell, idx, placement.xc[idx], placement.yc[idx], read)
-            for cell, idx in placement.cells()
-        ]
-        outcome, table, solve_meta = reduce_cells(plan, placement, results)
+        # Single-threaded BLAS, as in the Dask workers: bit-identical results.
+        with threadpool_limits(1, user_api="blas"):
+            results = [
+                fit_cell(plan, cell, idx, placement.xc[idx], placement.yc[idx], read)
+                for cell, idx in placement.cells()
+            ]
+            outcome, table, solve_meta = reduce_cells(plan, placement, results)
         meta.update(solve_meta)
         return MakeKernelResult(
             SpatialKernel(outcome.solution),

@@ -1,0 +1,347 @@
+"""The Dask service on a real cluster: distributed equals serial, whatever the tiling.
+
+A LocalCluster with two worker processes is shared by the module; one test starts
+``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1 and submits to the
+address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
+from diffkernel.errors import ConfigError, InputError, NoCandidatesError, StoreError
+from diffkernel.graph import run_pair
+from diffkernel.image import Exposure, MaskedImage
+from diffkernel.simulate import make_pair
+from diffkernel.store import ZarrImage, result_status, write_image
+
+distributed = pytest.importorskip("distributed")
+
+SHAPE = (320, 352)
+
+
+def as_float32(exposure: Exposure, wcs=None) -> Exposure:
+    """The exposure with float32-valued pixels, as real data comes (and Zarr keeps)."""
+    mi = exposure.masked_image
+    return Exposure(
+        MaskedImage(
+            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
+        ),
+        exposure.wcs if wcs is None else wcs,
+        exposure.psf_fwhm,
+        dict(exposure.meta),
+    )
+
+
+@pytest.fixture(scope="module")
+def client():
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    sim = make_pair(SHAPE, seed=31, template_depth=4, wcs=True)
+    template, science = as_float32(sim.template), as_float32(sim.science)
+    store = tmp_path_factory.mktemp("pair") / "pair.zarr"
+    write_image(store, template, group="template", chunks=64)
+    write_image(store, science, group="science", chunks=64)
+    return {"sim": sim, "template": template, "science": science, "store": store}
+
+
+def config(**kernel) -> MakeKernelConfig:
+    cfg = MakeKernelConfig()
+    cfg.kernel.active.fitForBackground = True
+    cfg.kernel.active.spatialKernelOrder = 1
+    cfg.kernel.active.sizeCellX = cfg.kernel.active.sizeCellY = 64
+    for name, value in kernel.items():
+        setattr(cfg.kernel.active, name, value)
+    return cfg
+
+
+def assert_tables_equal(a, b, rtol=0.0):
+    """Same rows and columns; text and integers identical, floats to ``rtol``.
+
+    Floats are compared relative to the column's largest value: residual means are
+    differences of nearly equal numbers, zero to within rounding.
+    """
+    assert a.colnames == b.colnames
+    assert len(a) == len(b)
+    for name in a.colnames:
+        x, y = np.asarray(a[name]), np.asarray(b[name])
+        if x.dtype.kind == "f":
+            scale = np.nanmax(np.abs(x)) if np.isfinite(x).any() else 0.0
+            np.testing.assert_allclose(
+                x, y, rtol=rtol, atol=rtol * scale, equal_nan=True, err_msg=name
+            )
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def assert_same_solution(serial, stored, rtol=0.0):
+    a = serial.spatialSolution.kernel_coeffs
+    b = stored.solution.kernel_coeffs
+    assert np.max(np.abs(a - b)) <= rtol * np.max(np.abs(a)), np.max(np.abs(a - b))
+    np.testing.assert_allclose(
+        serial.spatialSolution.background_coeffs,
+        stored.solution.background_coeffs,
+        rtol=rtol,
+        atol=rtol * np.max(np.abs(serial.spatialSolution.background_coeffs)),
+    )
+
+
+def run(pair, out, cfg, client, **kwargs):
+    store = pair["store"]
+    return run_pair(
+        (store, "science"), (store, "template"), out, config=cfg, client=client, **kwargs
+    )
+
+
+def test_distributed_equals_serial(pair, client, tmp_path):
+    """Kernel to 1e-10, candidate table identical, difference equal to float32 precision."""
+    cfg = config()
+    sources = pair["sim"].truth.sources
+    out = run(pair, tmp_path / "out.zarr", cfg, client, sources=sources, tile_size=128)
+    serial = MakeKernelTask(cfg).run(pair["template"], pair["science"], sources)
+    assert_same_solution(serial, out.result)
+    assert_tables_equal(serial.candidates, out.result.candidates)
+    diff = subtract_images(pair["template"], pair["science"], serial)
+    stored = out.result.difference.read(0, SHAPE[0], 0, SHAPE[1])
+    np.testing.assert_array_equal(stored.mask, diff.mask)
+    finite = np.isfinite(diff.image)
+    assert (np.isfinite(stored.image) == finite).all()
+    scale = np.abs(diff.image[finite]).max()
+    np.testing.assert_allclose(stored.image[finite], diff.image[finite], rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(stored.variance[finite], diff.variance[finite], rtol=1e-6)
+    # The residuals are what the engine promises.
+    res = out.summary["residuals"]
+    assert abs(res["median"]) < 0.05 and 0.9 < res["robust_std"] < 1.1
+    assert out.result.metadata["n_tiles"] == 9
+    assert set(out.timings) >= {"check", "cells", "reduce", "tiles", "total"}
+    prov = out.result.provenance
+    assert len(prov["inputs"]["science"]["sha256"]["image"]) == 64
+    assert result_status(tmp_path / "out.zarr") == "complete"
+
+
+def test_tile_size_and_workers_do_not_change_the_result(pair, client, tmp_path):
+    """64-px tiles and one 384-px tile give the same kernel, table and difference."""
+    cfg = config()
+    sources = pair["sim"].truth.sources
+    a = run(pair, tmp_path / "a.zarr", cfg, client, sources=sources, tile_size=64)
+    b = run(pair, tmp_path / "b.zarr", cfg, client, sources=sources, tile_size=384)
+    np.testing.assert_array_equal(a.result.solution.kernel_coeffs, b.result.solution.kernel_coeffs)
+    assert_tables_equal(a.result.candidates, b.result.candidates, rtol=0)
+    da = a.result.difference.read(0, SHAPE[0], 0, SHAPE[1])
+    db = b.result.difference.read(0, SHAPE[0], 0, SHAPE[1])
+    finite = np.isfinite(da.image)
+    np.testing.assert_allclose(da.image[finite], db.image[finite], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(da.mask, db.mask)
+
+
+def test_front_end_in_the_workers_equals_serial(pair, client, tmp_path):
+    """Detection, mesh backgrounds and FWHM measurement on the cluster match the task."""
+    cfg = config(useAfwBackground=True)
+    cfg.kernel.active.afwBackgroundConfig.binSize = 64
+    template = Exposure(pair["template"].masked_image, pair["template"].wcs)
+    science = Exposure(pair["science"].masked_image, pair["science"].wcs)
+    store = tmp_path / "nofwhm.zarr"
+    write_image(store, template, group="template", chunks=64)
+    write_image(store, science, group="science", chunks=64)
+    out = run_pair(
+        (store, "science"), (store, "template"), tmp_path / "o.zarr", config=cfg, client=client
+    )
+    serial = MakeKernelTask(cfg).run(template, science)
+    assert out.result.metadata["detected_sources"] == serial.metadata["detected_sources"]
+    assert out.result.metadata["template_fwhm"] == pytest.approx(
+        serial.metadata["template_fwhm"], rel=1e-12
+    )
+    assert_same_solution(serial, out.result)
+    assert_tables_equal(serial.candidates, out.result.candidates)
+
+
+def test_alignment_in_the_workers_equals_serial(pair, client, tmp_path):
+    """A template on a shifted grid is warped tile by tile in the workers as in the task."""
+    sim = pair["sim"]
+    template = pair["template"]
+    dx, dy = 5, -3
+    mi = template.masked_image
+    moved_mi = MaskedImage(
+        np.roll(mi.image, (dy, dx), axis=(0, 1)),
+        np.roll(mi.variance, (dy, dx), axis=(0, 1)),
+        np.roll(mi.mask, (dy, dx), axis=(0, 1)),
+        mi.mask_planes,
+    )
+    wcs = template.wcs.deepcopy()
+    wcs.wcs.crpix = wcs.wcs.crpix + np.array([dx, dy])
+    moved = Exposure(moved_mi, wcs, template.psf_fwhm)
+    store = tmp_path / "moved.zarr"
+    write_image(store, moved, group="template", chunks=64)
+    write_image(store, pair["science"], group="science", chunks=64)
+    cfg = config()
+    out = run_pair(
+        (store, "science"),
+        (store, "template"),
+        tmp_path / "o.zarr",
+        config=cfg,
+        client=client,
+        sources=sim.truth.sources,
+    )
+    # The serial run gets the inputs as stored: a WCS goes through FITS header cards,
+    # which keep 14 significant digits, and the warp sees that WCS.
+    moved = ZarrImage.open(store, "template").to_exposure()
+    science = ZarrImage.open(store, "science").to_exposure()
+    serial = MakeKernelTask(cfg).run(moved, science, sim.truth.sources)
+    assert out.result.metadata["aligned"] and serial.metadata["aligned"]
+    assert_same_solution(serial, out.result)
+    assert_tables_equal(serial.candidates, out.result.candidates)
+
+
+def test_failed_run_publishes_nothing(pair, client, tmp_path):
+    """A run that fails leaves neither an output nor a partial directory."""
+    cfg = config()
+    cfg.selectMeasurement.minSnr = 1e9
+    out = tmp_path / "never.zarr"
+    with pytest.raises(NoCandidatesError, match="usable kernel candidate"):
+        run(pair, out, cfg, client, sources=pair["sim"].truth.sources)
+    assert result_status(out) == "missing"
+    assert not list(tmp_path.glob("never.zarr*"))
+
+
+def test_existing_output_is_refused_unless_overwrite(pair, client, tmp_path):
+    out = tmp_path / "out.zarr"
+    out.mkdir()
+    (out / "notes.txt").write_text("not ours")
+    sources = pair["sim"].truth.sources
+    with pytest.raises(StoreError, match="not a diffkernel result"):
+        run(pair, out, config(), client, sources=sources)
+    assert (out / "notes.txt").exists()
+    run(pair, out, config(), client, sources=sources, overwrite=True)
+    assert result_status(out) == "complete" and not (out / "notes.txt").exists()
+
+
+def test_bad_inputs_are_named(pair, client, tmp_path):
+    """A tile size off the chunk grid, a NaN pixel and a missing store are clear errors."""
+    sources = pair["sim"].truth.sources
+    with pytest.raises(ConfigError, match="multiple of the science chunks"):
+        run(pair, tmp_path / "o.zarr", config(), client, sources=sources, tile_size=100)
+    bad = as_float32(pair["science"])
+    bad.masked_image.image[100, 100] = np.nan
+    store = tmp_path / "nan.zarr"
+    write_image(store, pair["template"], group="template", chunks=64)
+    write_image(store, bad, group="science", chunks=64)
+    with pytest.raises(InputError, match="science: 1 pixel"):
+        run_pair(
+            (store, "science"),
+            (store, "template"),
+            tmp_path / "o.zarr",
+            config=config(),
+            client=client,
+            sources=sources,
+        )
+    assert result_status(tmp_path / "o.zarr") == "missing"
+    with pytest.raises(StoreError):
+        run_pair(
+            tmp_path / "nowhere.zarr", (store, "template"), tmp_path / "o.zarr", client=client
+        )
+
+
+def _start(args, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **kwargs,
+    )
+
+
+def test_job_submitted_to_a_scheduler_address(pair, tmp_path):
+    """`dask scheduler` and two `dask worker` processes on 127.0.0.1 run a job by address."""
+    pytest.importorskip("distributed.cli.dask_scheduler")
+    info = tmp_path / "scheduler.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [
+        _start(
+            [
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(info),
+            ],
+            env=env,
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(info.read_text())["address"]
+        for _ in range(2):
+            procs.append(
+                _start(
+                    [
+                        "distributed.cli.dask_worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--local-directory",
+                        str(tmp_path),
+                    ],
+                    env=env,
+                )
+            )
+        with distributed.Client(address, timeout="30s") as c:
+            c.wait_for_workers(2, timeout=60)
+        assert address.startswith("tcp://127.0.0.1:")
+        cfg = config()
+        out = run_pair(
+            (pair["store"], "science"),
+            (pair["store"], "template"),
+            tmp_path / "out.zarr",
+            config=cfg,
+            sources=pair["sim"].truth.sources,
+            scheduler=address,
+        )
+        serial = MakeKernelTask(cfg).run(
+            pair["template"], pair["science"], pair["sim"].truth.sources
+        )
+        assert_same_solution(serial, out.result)
+    finally:
+        for proc in procs[::-1]:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    shutil.rmtree(tmp_path / "out.zarr", ignore_errors=True)
+
+
+def test_unreachable_scheduler_is_a_clear_error(pair, tmp_path):
+    with pytest.raises(InputError, match="cannot reach the Dask scheduler"):
+        run_pair(
+            (pair["store"], "science"),
+            (pair["store"], "template"),
+            tmp_path / "o.zarr",
+            sources=pair["sim"].truth.sources,
+            scheduler="tcp://127.0.0.1:9",
+        )
+    assert result_status(tmp_path / "o.zarr") == "missing"
