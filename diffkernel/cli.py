@@ -15,73 +15,65 @@ from . import __version__
 __all__ = ["main"]
 
 
-def _robust_stats(diff) -> dict:
-    z = diff.image / np.sqrt(diff.variance)
-    good = np.isfinite(z) & (diff.mask == 0)
-    v = z[good]
-    med = float(np.median(v))
-    return {
-        "pixels": int(v.size),
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-        "median": med,
-        "robust_std": float(1.4826 * np.median(np.abs(v - med))),
-    }
+def _float32(exposure):
+    """The exposure with float32 pixel values, as cameras deliver them."""
+    from .image import Exposure, MaskedImage
 
-
-def summarize(result, diff) -> dict:
-    """A JSON-able summary of a kernel solution and its difference image."""
-    table = result.candidates
-    good = table[table["status"] == "GOOD"]
-    meta = result.metadata
-    return {
-        "candidates": {
-            "sources": len(table),
-            "good": len(good),
-            "rejected_at_vetting": meta.get("vetting_rejected", {}),
-            "rejected_by_stage": meta.get("rejected", {}),
-            "spatial_rounds": meta.get("rounds"),
-        },
-        "kernel": {
-            "basis": meta.get("basis_kind"),
-            "basis_size": meta.get("basis_size"),
-            "kernel_size": result.psfMatchingKernel.kernel_size,
-            "kernel_sum_range_good": [
-                float(np.min(good["kernel_sum"])),
-                float(np.max(good["kernel_sum"])),
-            ]
-            if len(good)
-            else None,
-            "spatial_condition": meta.get("spatial_condition"),
-        },
-        "difference_over_sigma": _robust_stats(diff),
-        "notes": meta.get("notes", []),
-    }
+    mi = exposure.masked_image
+    return Exposure(
+        MaskedImage(
+            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
+        ),
+        exposure.wcs,
+        exposure.psf_fwhm,
+        dict(exposure.meta),
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .fitsio import write_exposure
+    from .graph import run_pair
     from .image import Exposure
     from .simulate import make_pair
-    from .subtract import subtract_images
-    from .task import MakeKernelTask
+    from .store import write_image
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pair = make_pair((args.size, args.size), seed=args.seed, template_depth=4, n_variable=5)
+    inputs = out / "pair.zarr"
+    # The demo owns its directory: a rerun replaces what an earlier one wrote.
+    write_image(inputs, _float32(pair.template), group="template", overwrite=True)
+    write_image(inputs, _float32(pair.science), group="science", overwrite=True)
     t1 = time.perf_counter()
-    result = MakeKernelTask().run(pair.template, pair.science)
+    run = run_pair(
+        (inputs, "science"),
+        (inputs, "template"),
+        out / "result.zarr",
+        scheduler=args.scheduler,
+        n_workers=args.workers,
+        overwrite=True,
+        progress=not args.quiet,
+    )
     t2 = time.perf_counter()
-    diff = subtract_images(pair.template, pair.science, result)
-    t3 = time.perf_counter()
-    summary = summarize(result, diff)
-    summary["timing_s"] = {"simulate": t1 - t0, "fit": t2 - t1, "subtract": t3 - t2}
-    write_exposure(out / "difference.fits", Exposure(diff, wcs=pair.science.wcs), overwrite=True)
+    result = run.result
+    diff = result.difference.read(0, args.size, 0, args.size)
+    write_exposure(
+        out / "difference.fits", Exposure(diff, wcs=result.difference.wcs), overwrite=True
+    )
     result.candidates.write(out / "candidates.ecsv", overwrite=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(json.dumps(summary, indent=2, default=float))
-    print(f"wrote {out / 'difference.fits'}, {out / 'candidates.ecsv'}, {out / 'summary.json'}")
+    summary = {
+        **run.summary,
+        "kernel": result.metadata.get("basis"),
+        "notes": result.metadata.get("notes", []),
+        "timing_s": {"simulate_and_store": t1 - t0, "run": t2 - t1, **run.timings},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    print(
+        f"wrote {out / 'result.zarr'}, {out / 'difference.fits'}, "
+        f"{out / 'candidates.ecsv'}, {out / 'summary.json'}"
+    )
     return 0
 
 
@@ -96,12 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         "demo",
         help="simulate a pair, fit the kernel (detection included) and subtract",
         description="Simulate a template/science pair with a known spatially varying "
-        "kernel, detect stars, fit the kernel with the default configuration, subtract, "
-        "and write the difference image, candidate table and a summary.",
+        "kernel, store it in Zarr, and run the Dask service on it (a LocalCluster unless "
+        "--scheduler is given): detect stars, fit the kernel with the default "
+        "configuration, subtract, and write the Zarr result, the difference image as "
+        "FITS, the candidate table and a summary.",
     )
     demo.add_argument("--size", type=int, default=1024, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the simulation")
     demo.add_argument("--out", default="diffkernel-demo", help="output directory")
+    demo.add_argument(
+        "--workers", type=int, default=None, help="LocalCluster worker processes (default: cores)"
+    )
+    demo.add_argument(
+        "--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:port)"
+    )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -184,7 +184,7 @@ def connect(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=":0" if progress else None,
+            dashboard_address=":0",
         ) as cluster,
         Client(cluster) as own,
     ):
@@ -281,10 +281,6 @@ def _cell_task(plan, cell, index, xc, yc, reader):
 def _reduce_task(plan, placement, *results):
     single_threaded_blas()
     return reduce_cells(plan, placement, list(results))
-
-
-def _kernels_task(reduction) -> SubtractionKernels:
-    return SubtractionKernels(reduction[0].solution)
 
 
 def _tile_task(
@@ -500,6 +496,7 @@ class _Run:
         plan_f = cl.scatter(plan, broadcast=True)
         t0 = time.perf_counter()
         cells = self._cell_order(placement.cells(), sci.chunks)
+        t_submit = time.perf_counter()
         cell_futures = [
             self._submit(
                 _cell_task,
@@ -513,6 +510,7 @@ class _Run:
             )
             for cell, idx in cells
         ]
+        self.timings["cells_submit"] = time.perf_counter() - t_submit
         if not cell_futures:
             raise NoCandidatesError(
                 f"none of the {len(x)} sources has its stamp inside the image; no kernel candidates"
@@ -526,7 +524,10 @@ class _Run:
         del cell_futures
 
         t0 = time.perf_counter()
-        kernels = self._submit(_kernels_task, reduction, name="kernels")
+        # The kernels go to every worker: left on the one that made them, the tile
+        # tasks would all be scheduled there (data locality).
+        kernels = cl.scatter(SubtractionKernels(outcome.solution), broadcast=True)
+        del reduction
         planes = merged_mask_planes(sci.mask_planes, tmpl.mask_planes)
         self.writer.create_difference(
             sci.shape, sci.chunks, planes, _wcs_header(sci), sci.origin, sci.meta

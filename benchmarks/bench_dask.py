@@ -1,0 +1,125 @@
+"""Benchmark of the Dask service: one pair in Zarr, 1 and 2 worker processes.
+
+Usage::
+
+    python benchmarks/bench_dask.py            # 4096 x 4096
+    python benchmarks/bench_dask.py 2048       # another size
+
+A simulated pair (coadd-depth template, float32 pixels, sources given) is written
+to a Zarr store once; then :func:`diffkernel.graph.run_pair` processes it on a
+LocalCluster of one worker process and on one of two, each single-threaded. The
+table gives the wall time of each stage (workers already started and warmed up
+with the package imported), the peak resident memory of each worker,
+and the residual statistics of the difference; the last lines give the speed-up of
+the cell and tile stages and check that both runs found the same kernel. Compare
+ratios within one run: machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process in GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def make_store(n: int, path: Path):
+    from diffkernel.image import Exposure, MaskedImage
+    from diffkernel.simulate import make_pair
+    from diffkernel.store import write_image
+
+    pair = make_pair((n, n), seed=42, template_depth=4)
+    for name, exp in (("template", pair.template), ("science", pair.science)):
+        mi = exp.masked_image
+        f32 = MaskedImage(
+            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
+        )
+        write_image(path, Exposure(f32, exp.wcs, exp.psf_fwhm), group=name, chunks=512)
+    return pair.truth.sources
+
+
+def _warm_up() -> None:
+    import diffkernel.graph  # noqa: F401
+
+
+def run(path: Path, out: Path, sources, workers: int):
+    from distributed import Client, LocalCluster
+
+    from diffkernel import MakeKernelConfig
+    from diffkernel.graph import run_pair
+
+    cfg = MakeKernelConfig()
+    cfg.kernel.active.fitForBackground = True
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        # Long-lived workers have their imports done; fresh ones pay ~1 s for them.
+        client.run(_warm_up)
+        t0 = time.perf_counter()
+        result = run_pair(
+            (path, "science"),
+            (path, "template"),
+            out,
+            config=cfg,
+            sources=sources,
+            client=client,
+            overwrite=True,
+        )
+        wall = time.perf_counter() - t0
+        memory = client.run(peak_rss_gb)
+    return result, wall, sorted(memory.values())
+
+
+def main(sizes: list[int]) -> None:
+    header = (
+        f"{'size':>6} {'workers':>7} {'check':>6} {'cells':>6} {'reduce':>6} {'tiles':>6} "
+        f"{'wall s':>7} {'worker GB':>12} {'good/cand':>10} {'mean z':>7} {'rstd z':>7}"
+    )
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = Path(tmp) / "pair.zarr"
+            t0 = time.perf_counter()
+            sources = make_store(n, store)
+            print(f"# {n}x{n} pair simulated and stored in {time.perf_counter() - t0:.1f} s")
+            print(header)
+            print("-" * len(header))
+            runs = {}
+            for workers in (1, 2):
+                res, wall, memory = run(store, Path(tmp) / f"out{workers}.zarr", sources, workers)
+                runs[workers] = res
+                t = res.timings
+                meta = res.result.metadata
+                r = res.summary["residuals"]
+                print(
+                    f"{n:>6} {workers:>7} {t['check']:>6.2f} {t['cells']:>6.2f} "
+                    f"{t['reduce']:>6.2f} {t['tiles']:>6.2f} {wall:>7.2f} "
+                    f"{'/'.join(f'{m:.2f}' for m in memory):>12} "
+                    f"{meta['n_good']:>4}/{meta['n_candidates']:<5} {r['mean']:>7.3f} "
+                    f"{r['robust_std']:>7.3f}"
+                )
+            one, two = runs[1].timings, runs[2].timings
+            both = (one["cells"] + one["tiles"]) / (two["cells"] + two["tiles"])
+            same = np.array_equal(
+                runs[1].result.solution.kernel_coeffs, runs[2].result.solution.kernel_coeffs
+            )
+            print(
+                f"speed-up 1 -> 2 workers: cells {one['cells'] / two['cells']:.2f}x, "
+                f"tiles {one['tiles'] / two['tiles']:.2f}x, "
+                f"cells+tiles {both:.2f}x, "
+                f"total {one['total'] / two['total']:.2f}x; identical kernels: {same}"
+            )
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [4096])
