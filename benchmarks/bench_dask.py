@@ -27,7 +27,19 @@ import numpy as np
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process in GB."""
+    """Peak resident memory of this process in GB.
+
+    Linux's ``VmHWM`` is the high-water mark of this process's own address space;
+    ``getrusage``'s ``ru_maxrss`` survives ``exec`` and would report a spawned
+    worker's parent (here holding the simulated pair) instead.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
@@ -51,19 +63,12 @@ def _warm_up() -> None:
 
 
 def run(path: Path, out: Path, sources, workers: int):
-    from distributed import Client, LocalCluster
-
     from diffkernel import MakeKernelConfig
-    from diffkernel.graph import run_pair
+    from diffkernel.graph import connect, run_pair
 
     cfg = MakeKernelConfig()
     cfg.kernel.active.fitForBackground = True
-    with (
-        LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with connect(n_workers=workers) as client:  # the LocalCluster run_pair would start
         # Long-lived workers have their imports done; fresh ones pay ~1 s for them.
         client.run(_warm_up)
         t0 = time.perf_counter()

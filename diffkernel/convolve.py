@@ -131,6 +131,34 @@ def spread_mask(mask: np.ndarray, half: int) -> np.ndarray:
     return out
 
 
+def _spatial_convolution(
+    padded: np.ndarray,
+    kernels: np.ndarray,
+    fx: np.ndarray,
+    fy: np.ndarray,
+    workers: int | None,
+) -> np.ndarray:
+    """``Σ_l (fy_l ⊗ fx_l) · (padded ⊛ kernels_l)`` over the valid region.
+
+    One forward FFT of the input; then per term one small kernel FFT, one inverse
+    FFT and an in-place weighting, so no array larger than the tile is allocated
+    (big temporaries are mmapped and page-faulted afresh on every call, which costs
+    more than the arithmetic when several workers share a machine).
+    """
+    hi, wi = padded.shape
+    k = kernels.shape[-1]
+    shape = (fft.next_fast_len(hi, real=True), fft.next_fast_len(wi, real=True))
+    f_in = fft.rfft2(padded, shape, workers=workers)
+    out = np.zeros((hi - k + 1, wi - k + 1))
+    for kernel, wx, wy in zip(kernels, fx, fy, strict=True):
+        conv = fft.irfft2(f_in * fft.rfft2(kernel, shape, workers=workers), shape, workers=workers)
+        term = conv[k - 1 : hi, k - 1 : wi]
+        term *= wx[None, :]
+        term *= wy[:, None]
+        out += term
+    return out
+
+
 def convolve_region(
     padded_image: np.ndarray,
     padded_variance: np.ndarray,
@@ -171,13 +199,10 @@ def convolve_region(
         variance_kernels = variance_term_kernels(solution)
     height = padded_image.shape[0] - 2 * h
     width = padded_image.shape[1] - 2 * h
-    yy, xx = np.mgrid[y0 : y0 + height, x0 : x0 + width]
-    f = solution.kernel_functions.evaluate(xx, yy)  # (H, W, L)
-    convolved = convolve_valid(padded_image, term_kernels, workers)
-    image = np.einsum("lyx,yxl->yx", convolved, f)
-    del convolved
-    convolved = convolve_valid(padded_variance, variance_kernels, workers)
-    variance = np.einsum("lyx,yxl->yx", convolved, f)
-    del convolved
+    fx, fy = solution.kernel_functions.factors(
+        np.arange(x0, x0 + width), np.arange(y0, y0 + height)
+    )
+    image = _spatial_convolution(padded_image, term_kernels, fx, fy, workers)
+    variance = _spatial_convolution(padded_variance, variance_kernels, fx, fy, workers)
     mask = spread_mask(padded_mask, h)[h : h + height, h : h + width]
     return image, variance, mask

@@ -82,6 +82,45 @@ class SpatialFunctions:
         out = np.stack([px[:, i] * py[:, j] for i, j in self.powers()], axis=-1)
         return out.reshape(*shape, self.size)
 
+    def factors(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Separable factors of every term on a grid: term ``l`` is ``fy[l] ⊗ fx[l]``.
+
+        Parameters
+        ----------
+        x, y : numpy.ndarray
+            1-D pixel coordinates of the grid's columns and rows.
+
+        Returns
+        -------
+        fx : numpy.ndarray
+            ``(size, len(x))``.
+        fy : numpy.ndarray
+            ``(size, len(y))``.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        x0, y0, x1, y1 = self.bbox
+        if self.model_type == "chebyshev1":
+            px = np.polynomial.chebyshev.chebvander(
+                (2.0 * x - (x0 + x1)) / max(x1 - x0, 1.0), self.order
+            )
+            py = np.polynomial.chebyshev.chebvander(
+                (2.0 * y - (y0 + y1)) / max(y1 - y0, 1.0), self.order
+            )
+        else:
+            px = np.polynomial.polynomial.polyvander(x, self.order)
+            py = np.polynomial.polynomial.polyvander(y, self.order)
+        powers = self.powers()
+        return (
+            np.stack([px[:, i] for i, _ in powers]),
+            np.stack([py[:, j] for _, j in powers]),
+        )
+
+    def grid_sum(self, coefficients: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``Σ_l c_l f_l`` on the grid of columns ``x`` and rows ``y``, ``(len(y), len(x))``."""
+        fx, fy = self.factors(x, y)
+        return np.einsum("l,ly,lx->yx", np.asarray(coefficients, dtype=np.float64), fy, fx)
+
     def with_order(self, order: int) -> SpatialFunctions:
         """The same family at another order."""
         return SpatialFunctions(self.model_type, order, self.bbox)

@@ -130,13 +130,16 @@ def difference_tile(
         *padded, solution, y0, x0, kernels.terms, kernels.variance_terms
     )
     height, width = science.shape
-    yy, xx = np.mgrid[y0 : y0 + height, x0 : x0 + width]
-    diff = science.image - conv - solution.background_at(xx, yy)
+    xs = np.arange(x0, x0 + width)
+    ys = np.arange(y0, y0 + height)
+    diff = science.image - conv
+    if solution.background_functions is not None:
+        diff -= solution.background_functions.grid_sum(solution.background_coeffs, xs, ys)
     var = science.variance + conv_var
     mask = science.mask | conv_mask
     h = kernels.half
     ny, nx = shape
-    border = (yy < h) | (xx < h) | (yy >= ny - h) | (xx >= nx - h)
+    border = ((ys < h) | (ys >= ny - h))[:, None] | ((xs < h) | (xs >= nx - h))[None, :]
     if border.any():
         edge_bits = (1 << science.mask_planes["NO_DATA"]) | (1 << science.mask_planes["EDGE"])
         mask = np.where(border, mask | edge_bits, mask)

@@ -246,3 +246,17 @@ def test_too_few_candidates_always_raise_eigenvalue(al3):
         except SpatialFitError:
             pass
     assert silent == 0
+
+
+@pytest.mark.parametrize("model", ["chebyshev1", "polynomial"])
+def test_grid_factors_match_evaluate(model):
+    """fy_l ⊗ fx_l equals term l of evaluate() on a grid, and grid_sum is Σ c_l f_l."""
+    functions = SpatialFunctions(model, 3, (0.0, 0.0, 99.0, 79.0))
+    xs = np.arange(10, 30, 3.0)
+    ys = np.arange(5, 20, 2.0)
+    fx, fy = functions.factors(xs, ys)
+    xx, yy = np.meshgrid(xs, ys)
+    full = functions.evaluate(xx, yy)
+    np.testing.assert_allclose(np.einsum("ly,lx->yxl", fy, fx), full, rtol=1e-13)
+    c = np.random.default_rng(3).normal(size=functions.size)
+    np.testing.assert_allclose(functions.grid_sum(c, xs, ys), full @ c, rtol=1e-12, atol=1e-12)
