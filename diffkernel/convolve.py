@@ -32,6 +32,7 @@ __all__ = [
     "convolve_region",
     "spread_mask",
     "window",
+    "KernelSpectra",
 ]
 
 #: Points per side of the grid on which ``K²`` is fitted for the variance terms.
@@ -131,9 +132,46 @@ def spread_mask(mask: np.ndarray, half: int) -> np.ndarray:
     return out
 
 
+class KernelSpectra:
+    """Kernels with their FFTs at the shapes last asked for (two kept).
+
+    Every full tile of an image has the same FFT shape, so the kernels' spectra
+    are computed once per worker instead of once per tile (they cost as much as
+    the tile's own FFTs). Pickles without the spectra.
+
+    Parameters
+    ----------
+    kernels : numpy.ndarray
+        ``(L, K, K)``.
+    """
+
+    _KEEP = 2
+
+    def __init__(self, kernels: np.ndarray) -> None:
+        self.kernels = np.asarray(kernels, dtype=np.float64)
+        self._spectra: dict[tuple[int, int], np.ndarray] = {}
+
+    def at(self, shape: tuple[int, int], workers: int | None = None) -> np.ndarray:
+        """``rfft2`` of every kernel zero-padded to ``shape``."""
+        spectra = self._spectra.pop(shape, None)
+        if spectra is None:
+            spectra = fft.rfft2(self.kernels, shape, workers=workers)
+        self._spectra[shape] = spectra
+        while len(self._spectra) > self._KEEP:
+            self._spectra.pop(next(iter(self._spectra)))
+        return spectra
+
+    def __getstate__(self) -> dict:
+        return {"kernels": self.kernels}
+
+    def __setstate__(self, state: dict) -> None:
+        self.kernels = state["kernels"]
+        self._spectra = {}
+
+
 def _spatial_convolution(
     padded: np.ndarray,
-    kernels: np.ndarray,
+    kernels: np.ndarray | KernelSpectra,
     fx: np.ndarray,
     fy: np.ndarray,
     workers: int | None,
@@ -145,13 +183,15 @@ def _spatial_convolution(
     (big temporaries are mmapped and page-faulted afresh on every call, which costs
     more than the arithmetic when several workers share a machine).
     """
+    if not isinstance(kernels, KernelSpectra):
+        kernels = KernelSpectra(kernels)
     hi, wi = padded.shape
-    k = kernels.shape[-1]
+    k = kernels.kernels.shape[-1]
     shape = (fft.next_fast_len(hi, real=True), fft.next_fast_len(wi, real=True))
     f_in = fft.rfft2(padded, shape, workers=workers)
     out = np.zeros((hi - k + 1, wi - k + 1))
-    for kernel, wx, wy in zip(kernels, fx, fy, strict=True):
-        conv = fft.irfft2(f_in * fft.rfft2(kernel, shape, workers=workers), shape, workers=workers)
+    for spectrum, wx, wy in zip(kernels.at(shape, workers), fx, fy, strict=True):
+        conv = fft.irfft2(f_in * spectrum, shape, workers=workers)
         term = conv[k - 1 : hi, k - 1 : wi]
         term *= wx[None, :]
         term *= wy[:, None]
@@ -166,8 +206,8 @@ def convolve_region(
     solution: SpatialSolution,
     y0: int,
     x0: int,
-    term_kernels: np.ndarray | None = None,
-    variance_kernels: np.ndarray | None = None,
+    term_kernels: np.ndarray | KernelSpectra | None = None,
+    variance_kernels: np.ndarray | KernelSpectra | None = None,
     workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Convolve the template over an output region starting at ``(y0, x0)``.
@@ -182,17 +222,17 @@ def convolve_region(
         The kernel model.
     y0, x0 : int
         Full-image coordinates of the output region's first pixel.
-    term_kernels, variance_kernels : numpy.ndarray, optional
+    term_kernels, variance_kernels : numpy.ndarray or KernelSpectra, optional
         :func:`spatial_term_kernels` and :func:`variance_term_kernels` of the
-        solution, when already computed.
+        solution, when already computed (as :class:`KernelSpectra` to reuse their
+        FFTs from tile to tile).
 
     Returns
     -------
     image, variance, mask : numpy.ndarray
         The convolved template and its variance and spread mask over the region.
     """
-    k = solution.basis.kernel_size
-    h = k // 2
+    h = solution.basis.kernel_size // 2
     if term_kernels is None:
         term_kernels = spatial_term_kernels(solution)
     if variance_kernels is None:

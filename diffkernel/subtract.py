@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .convolve import convolve_region, spatial_term_kernels, variance_term_kernels, window
+from .convolve import (
+    KernelSpectra,
+    convolve_region,
+    spatial_term_kernels,
+    variance_term_kernels,
+    window,
+)
 from .errors import InputError
 from .image import Exposure, MaskedImage, as_exposure
 
@@ -32,8 +38,8 @@ class SubtractionKernels:
 
     def __init__(self, solution) -> None:
         self.solution = solution
-        self.terms = spatial_term_kernels(solution)
-        self.variance_terms = variance_term_kernels(solution)
+        self.terms = KernelSpectra(spatial_term_kernels(solution))
+        self.variance_terms = KernelSpectra(variance_term_kernels(solution))
 
     @property
     def half(self) -> int:
