@@ -71,8 +71,14 @@ CHECK_TILE = 1024
 #: Environment of LocalCluster workers. Dask's default also sets
 #: MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's adaptive mmap threshold so
 #: that every array over 128 kB is mmapped and page-faulted afresh: the cell stage ran
-#: 1.6 times slower with it. BLAS and OpenMP stay single-threaded (one task per core).
-WORKER_ENVIRON = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1}
+#: 1.6 times slower with it. BLAS, OpenMP and Zarr's codec thread pool stay
+#: single-threaded: one task per core, and no worker borrowing its neighbour's core.
+WORKER_ENVIRON = {
+    "OMP_NUM_THREADS": 1,
+    "MKL_NUM_THREADS": 1,
+    "OPENBLAS_NUM_THREADS": 1,
+    "ZARR_THREADING__MAX_WORKERS": 1,
+}
 
 #: Histogram of difference / sqrt(variance) that tiles report: bins and range.
 Z_RANGE = (-10.0, 10.0)
