@@ -1,4 +1,9 @@
-"""Command-line interface: ``diffkernel demo`` and ``diffkernel --version``."""
+"""Command-line interface: ``diffkernel ingest | subtract | inspect | demo``.
+
+Each command has ``--help``. Errors of the user's making (bad input, config or store)
+print one line naming the problem and exit with status 2; an incomplete result store
+makes ``inspect`` exit with status 1.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .errors import DiffkernelError
 
 __all__ = ["main"]
 
@@ -77,6 +83,145 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_fits(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and name.endswith((".fits", ".fit", ".fts", ".fits.gz", ".fits.fz"))
+
+
+def _open_input(path: str, work: Path, name: str, chunks: int):
+    """A ZarrImage for a FITS file (ingested into ``work``) or a Zarr image group.
+
+    ``path`` may name a group inside a store as ``store.zarr#group``.
+    """
+    from .store import ZarrImage, ingest
+
+    location, _, group = path.partition("#")
+    source = Path(location)
+    if _is_fits(source):
+        work.mkdir(parents=True, exist_ok=True)
+        return ingest(source, work / f"{name}.zarr", chunks=chunks)
+    return ZarrImage.open(source, group or None)
+
+
+def _load_config(path: str | None):
+    from .config import MakeKernelConfig
+
+    cfg = MakeKernelConfig() if path is None else MakeKernelConfig.from_file(path)
+    cfg.validate()
+    return cfg
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from .store import ingest
+
+    image = ingest(args.input, args.output, chunks=args.chunks, overwrite=args.overwrite)
+    print(
+        f"wrote {args.output}: {image.shape[1]}x{image.shape[0]} {image.dtype} in "
+        f"{image.chunks[1]}x{image.chunks[0]} chunks, mask planes {sorted(image.mask_planes)}"
+    )
+    return 0
+
+
+def _subtract(args: argparse.Namespace) -> int:
+    import shutil
+    import uuid
+
+    from astropy.table import Table
+
+    from .fitsio import write_exposure
+    from .graph import run_pair
+    from .image import Exposure
+
+    cfg = _load_config(args.config)
+    out = Path(args.out)
+    sources = Table.read(args.sources) if args.sources else None
+    work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
+    try:
+        science = _open_input(args.science, work, "science", args.chunks)
+        template = _open_input(args.template, work, "template", args.chunks)
+        run = run_pair(
+            science,
+            template,
+            out,
+            config=cfg,
+            sources=sources,
+            scheduler=args.scheduler,
+            n_workers=args.workers,
+            tile_size=args.tile_size,
+            preconvolved=args.preconvolved,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.fits_out:
+        diff = run.result.difference
+        ny, nx = diff.shape
+        write_exposure(
+            args.fits_out,
+            Exposure(diff.read(0, ny, 0, nx), wcs=diff.wcs),
+            overwrite=args.overwrite,
+        )
+    summary = {**run.summary, "timing_s": run.timings, "output": str(run.result.path)}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .store import open_result, result_status
+
+    status = result_status(args.store)
+    if status != "complete":
+        report = {"path": str(args.store), "status": status}
+        if args.json:
+            print(json.dumps(report))
+        else:
+            why = {
+                "missing": "does not exist",
+                "incomplete": "is INCOMPLETE: the run that wrote it did not finish",
+                "foreign": "is not a diffkernel result store",
+            }[status]
+            print(f"{args.store} {why}")
+        return 1
+    result = open_result(args.store)
+    meta = result.metadata
+    table = result.candidates
+    status_col = np.asarray(table["status"])
+    good = status_col == "GOOD"
+    ksum = np.asarray(table["kernel_sum"])[good]
+    report = {
+        "path": str(args.store),
+        "status": "complete",
+        "shape": list(result.difference.shape),
+        "candidates": {
+            "sources": len(table),
+            "good": int(good.sum()),
+            "status": {str(k): int((status_col == k).sum()) for k in sorted(set(status_col))},
+            "rejected_at_vetting": meta.get("vetting_rejected", {}),
+            "rejected_by_stage": meta.get("rejected", {}),
+            "spatial_rounds": meta.get("rounds"),
+        },
+        "kernel": {
+            **(meta.get("basis") or {}),
+            "spatial_model": result.solution.kernel_functions.model_type,
+            "spatial_order": result.solution.kernel_functions.order,
+            "kernel_sum_range_good": [float(ksum.min()), float(ksum.max())] if ksum.size else None,
+            "spatial_condition": result.solution.condition,
+        },
+        "residuals": meta.get("residuals"),
+        "notes": meta.get("notes", []),
+        "timings_s": meta.get("timings"),
+        "provenance": {
+            k: result.provenance.get(k) for k in ("diffkernel", "created", "host", "inputs")
+        },
+    }
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffkernel`` command."""
     parser = argparse.ArgumentParser(
@@ -104,8 +249,68 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+
+    ingest = sub.add_parser(
+        "ingest",
+        help="convert a FITS image to a Zarr image group",
+        description="Read a FITS image (LSST-style IMAGE/MASK/VARIANCE extensions, or a "
+        "plain image whose variance is modelled from GAIN and the sky) and write it as a "
+        "Zarr image group (image, variance, mask in square chunks; WCS and mask planes "
+        "in attributes). The write is atomic.",
+    )
+    ingest.add_argument("input", help="FITS file")
+    ingest.add_argument("output", help="Zarr store to write")
+    ingest.add_argument("--chunks", type=int, default=512, help="chunk side in pixels")
+    ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    ingest.set_defaults(func=_ingest)
+
+    subtract = sub.add_parser(
+        "subtract",
+        help="fit the PSF-matching kernel of a pair and write the difference image",
+        description="Fit the spatially varying kernel matching TEMPLATE to SCIENCE on a "
+        "Dask cluster and write the result store OUT.zarr (difference image, kernel "
+        "solution, candidate table, provenance). Inputs are FITS files or Zarr image "
+        "groups (store.zarr or store.zarr#group); a template with another WCS is "
+        "warped onto the science grid.",
+    )
+    subtract.add_argument("science", help="science image: FITS or Zarr")
+    subtract.add_argument("template", help="template image: FITS or Zarr")
+    subtract.add_argument("--out", required=True, help="result store to write (.zarr)")
+    subtract.add_argument(
+        "--fits-out", help="also write the difference as FITS (IMAGE, MASK, VARIANCE)"
+    )
+    subtract.add_argument("--config", help="TOML or JSON file setting any config field")
+    subtract.add_argument("--sources", help="table of kernel candidates (x, y or ra, dec)")
+    subtract.add_argument("--scheduler", help="address of a running Dask scheduler")
+    subtract.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
+    subtract.add_argument("--tile-size", type=int, help="subtraction tile side (chunk multiple)")
+    subtract.add_argument(
+        "--chunks", type=int, default=512, help="chunk side when ingesting FITS inputs"
+    )
+    subtract.add_argument(
+        "--preconvolved", action="store_true", help="the science was convolved with its PSF"
+    )
+    subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    subtract.add_argument("--quiet", action="store_true", help="no progress bars")
+    subtract.set_defaults(func=_subtract)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="summarize a result store",
+        description="Print a result store's summary: candidates per clipping stage, "
+        "kernel sum range, residual statistics, timings and provenance. An incomplete "
+        "store (an interrupted run) is reported as such, with exit status 1.",
+    )
+    inspect.add_argument("store", help="result store (.zarr)")
+    inspect.add_argument("--json", action="store_true", help="one line of JSON")
+    inspect.set_defaults(func=_inspect)
+
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except DiffkernelError as err:
+        print(f"diffkernel {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
