@@ -1,4 +1,4 @@
-"""Command-line interface: ``diffkernel ingest | subtract | inspect | demo``.
+"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo``.
 
 Each command has ``--help``. Errors of the user's making (bad input, config or store)
 print one line naming the problem and exit with status 2; an incomplete result store
@@ -222,6 +222,34 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from .batch import STATUS_FILE, run_batch
+
+    cfg = _load_config(args.config)
+    try:
+        statuses = run_batch(
+            args.manifest,
+            args.out,
+            config=cfg,
+            scheduler=args.scheduler,
+            n_workers=args.workers,
+            concurrent=args.concurrent,
+            chunks=args.chunks,
+        )
+    except KeyboardInterrupt:
+        print(f"diffkernel batch: stopped; see {Path(args.out) / STATUS_FILE}", file=sys.stderr)
+        return 130
+    for s in statuses:
+        line = f"{s.state:8s} {s.output}"
+        if s.error:
+            line += f"  ({s.error})"
+        print(line)
+    counts = {state: sum(s.state == state for s in statuses) for state in ("done", "skipped")}
+    failed = sum(s.state == "failed" for s in statuses)
+    print(f"{counts['done']} done, {counts['skipped']} skipped, {failed} failed")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffkernel`` command."""
     parser = argparse.ArgumentParser(
@@ -304,6 +332,25 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("store", help="result store (.zarr)")
     inspect.add_argument("--json", action="store_true", help="one line of JSON")
     inspect.set_defaults(func=_inspect)
+
+    batch = sub.add_parser(
+        "batch",
+        help="process the pairs of a manifest, resumably",
+        description="Process every pair of MANIFEST (CSV: science, template, output, "
+        "optionally sources) on one Dask cluster, several pairs at a time. A pair whose "
+        "output is complete and whose input bytes and config are unchanged is skipped, so "
+        "an interrupted batch is resumed by running it again. Per-pair states and errors "
+        "go to OUT/batch-status.json; a failing pair does not stop the others (exit "
+        "status 1 if any failed).",
+    )
+    batch.add_argument("manifest", help="CSV manifest")
+    batch.add_argument("--out", required=True, help="folder of the outputs and status file")
+    batch.add_argument("--config", help="TOML or JSON file setting any config field")
+    batch.add_argument("--scheduler", help="address of a running Dask scheduler")
+    batch.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
+    batch.add_argument("--concurrent", type=int, default=2, help="pairs in flight at once")
+    batch.add_argument("--chunks", type=int, default=512, help="chunk side for FITS inputs")
+    batch.set_defaults(func=_batch)
 
     args = parser.parse_args(argv)
     try:

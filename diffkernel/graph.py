@@ -346,6 +346,7 @@ def run_pair(
     preconvolved: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> PairRun:
     """Fit the PSF-matching kernel of a pair stored in Zarr and write the difference.
 
@@ -377,6 +378,8 @@ def run_pair(
         Replace an existing output.
     progress : bool
         Show dask's progress bar and the dashboard link.
+    provenance : dict, optional
+        Extra entries for the result's provenance (e.g. a batch's fingerprint).
 
     Returns
     -------
@@ -402,6 +405,7 @@ def run_pair(
     try:
         with connect(client, scheduler, n_workers, progress) as cl:
             run = _Run(cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task)
+            run.extra_provenance = dict(provenance or {})
             path, timings, summary = run.execute(sources, preconvolved)
     except BaseException:
         writer.abort()
@@ -591,6 +595,7 @@ class _Run:
         self.timings["total"] = time.perf_counter() - started
         self.meta["timings"] = dict(self.timings)
         provenance = _provenance(self.science, self.template, checksums)
+        provenance.update(getattr(self, "extra_provenance", {}))
         path = self.writer.finalize(
             outcome.solution, table, self.meta, self.cfg.to_dict(), provenance
         )
