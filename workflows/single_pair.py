@@ -1,0 +1,66 @@
+"""One pair, FITS or Zarr in, a result store (and optionally FITS) out.
+
+Usage::
+
+    python workflows/single_pair.py SCIENCE TEMPLATE OUT.zarr [--fits DIFF.fits]
+        [--scheduler tcp://host:8786] [--workers N] [--set kernel.AL.spatialKernelOrder=1 ...]
+
+The Python form of ``diffkernel subtract``: copy it and change what your pipeline
+needs (the configuration, where the sources come from, what happens to the result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from diffkernel import MakeKernelConfig
+from diffkernel.fitsio import write_exposure
+from diffkernel.graph import run_pair
+from diffkernel.image import Exposure
+from diffkernel.store import ZarrImage, ingest
+
+
+def open_image(path: str, work: Path, name: str) -> ZarrImage:
+    """A Zarr image group for a FITS file (ingested into ``work``) or a Zarr store."""
+    location, _, group = path.partition("#")
+    if Path(location).is_file():
+        return ingest(location, work / f"{name}.zarr")
+    return ZarrImage.open(location, group or None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("science")
+    parser.add_argument("template")
+    parser.add_argument("out")
+    parser.add_argument("--fits", help="also write the difference as FITS")
+    parser.add_argument("--scheduler")
+    parser.add_argument("--workers", type=int)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE",
+        help="config override, e.g. kernel.AL.fitForBackground=true",
+    )  # fmt: skip
+    args = parser.parse_args()
+    config = MakeKernelConfig()
+    for item in args.set:
+        field, _, value = item.partition("=")
+        config.set(field, json.loads(value) if value[:1] in "[{0123456789-tfn" else value)
+    with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as work:
+        science = open_image(args.science, Path(work), "science")
+        template = open_image(args.template, Path(work), "template")
+        run = run_pair(
+            science, template, args.out, config=config,
+            scheduler=args.scheduler, n_workers=args.workers, progress=True,
+        )  # fmt: skip
+    if args.fits:
+        diff = run.result.difference
+        ny, nx = diff.shape
+        write_exposure(args.fits, Exposure(diff.read(0, ny, 0, nx), wcs=diff.wcs))
+    print(json.dumps({**run.summary, "timings_s": run.timings}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
