@@ -68,6 +68,15 @@ def _demo(args: argparse.Namespace) -> int:
         out / "difference.fits", Exposure(diff, wcs=result.difference.wcs), overwrite=True
     )
     result.candidates.write(out / "candidates.ecsv", overwrite=True)
+    from .plots import write_plots
+    from .store import ZarrImage
+
+    plots = write_plots(
+        result,
+        out / "plots",
+        template=ZarrImage.open(inputs, "template"),
+        science=ZarrImage.open(inputs, "science"),
+    )
     summary = {
         **run.summary,
         "kernel": result.metadata.get("basis"),
@@ -78,7 +87,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2, default=str))
     print(
         f"wrote {out / 'result.zarr'}, {out / 'difference.fits'}, "
-        f"{out / 'candidates.ecsv'}, {out / 'summary.json'}"
+        f"{out / 'candidates.ecsv'}, {out / 'summary.json'} and {len(plots)} plots in "
+        f"{out / 'plots'}"
     )
     return 0
 
@@ -152,6 +162,10 @@ def _subtract(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
+        if args.plots:
+            from .plots import write_plots
+
+            write_plots(run.result, args.plots, template=template, science=science)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.fits_out:
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel, store it in Zarr, and run the Dask service on it (a LocalCluster unless "
         "--scheduler is given): detect stars, fit the kernel with the default "
         "configuration, subtract, and write the Zarr result, the difference image as "
-        "FITS, the candidate table and a summary.",
+        "FITS, the candidate table, a summary and the debug displays as PNGs.",
     )
     demo.add_argument("--size", type=int, default=1024, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the simulation")
@@ -308,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fits-out", help="also write the difference as FITS (IMAGE, MASK, VARIANCE)"
     )
     subtract.add_argument("--config", help="TOML or JSON file setting any config field")
+    subtract.add_argument("--plots", help="folder for the debug displays as PNGs")
     subtract.add_argument("--sources", help="table of kernel candidates (x, y or ra, dec)")
     subtract.add_argument("--scheduler", help="address of a running Dask scheduler")
     subtract.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")

@@ -103,3 +103,25 @@ def test_bad_config_file_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "kernelSise" in err and err.count("\n") == 1
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_plots_of_a_result(tmp_path):
+    """write_plots draws every debug display of a demo result as a non-empty PNG."""
+    from diffkernel.plots import write_plots
+    from diffkernel.store import ZarrImage
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--size", "320", "--out", str(out), "--workers", "1", "--quiet"]) == 0
+    names = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert names == sorted(
+        f"{n}.png"
+        for n in ("candidates", "basis", "kernel_mosaic", "spatial_coefficients", "cells", "images")
+    )
+    again = write_plots(
+        open_result(out / "result.zarr"),
+        tmp_path / "again",
+        template=ZarrImage.open(out / "pair.zarr", "template"),
+        science=ZarrImage.open(out / "pair.zarr", "science"),
+        max_side=64,
+    )
+    assert all(p.stat().st_size > 5000 for p in again)
