@@ -138,7 +138,7 @@ class CellResult:
     cell : int
         Cell index (row-major).
     index : numpy.ndarray
-        Positions of the cell's sources in the run's source list, increasing.
+        Positions of the cell's sources in the run's source list, in id order.
     reason : numpy.ndarray of str
         Vetting rejection per source ('' for a candidate).
     snr_template, snr_science, rating : numpy.ndarray
@@ -326,11 +326,17 @@ class SourcePlacement:
         return cls(np.asarray(ids), x, y, xc, yc, reason, cell)
 
     def cells(self) -> list[tuple[int, np.ndarray]]:
-        """``(cell, source positions)`` of every non-empty cell, in cell order."""
+        """``(cell, source positions)`` of every non-empty cell, in cell order.
+
+        The positions of a cell are in id order (list order among equal ids).
+        """
         placed = np.flatnonzero(self.cell >= 0)
         if placed.size == 0:
             return []
-        order = placed[np.argsort(self.cell[placed], kind="stable")]
+        # Sources of a cell in id order: which of two sources on one pixel is kept (the
+        # first), and the order candidates are summed in, do not depend on the list order.
+        by_id = placed[np.argsort(self.ids[placed], kind="stable")]
+        order = by_id[np.argsort(self.cell[by_id], kind="stable")]
         cells, starts = np.unique(self.cell[order], return_index=True)
         groups = np.split(order, starts[1:])
         return [(int(c), g) for c, g in zip(cells, groups, strict=True)]

@@ -491,7 +491,9 @@ class _Run:
             ]
             t_ref, s_ref = self._wait(refs, "background", t0)
             reader = ZarrPair(tmpl, sci, tuple(t_ref), tuple(s_ref))
-        reader_f = cl.scatter(reader, broadcast=True)
+        # hash=False: a content-hashed key would be shared by concurrent identical
+        # runs on one client (a batch), and one run releasing it loses the other's.
+        reader_f = cl.scatter(reader, broadcast=True, hash=False)
         if sources is None:
             det_exp = tmpl if kcfg.detectionConfig.detOnTemplate else sci
             saturation = next(
@@ -511,7 +513,8 @@ class _Run:
             raise NoCandidatesError("kernelSources is empty: no stars to fit a kernel on")
         x, y = source_positions(sources, sci)
         ids = np.asarray(sources["id"]) if "id" in sources.colnames else np.arange(len(sources))
-        fwhm_t, fwhm_s = self._fwhms(reader_f, x, y)
+        by_id = np.argsort(ids, kind="stable")  # as MakeKernelTask: order-independent
+        fwhm_t, fwhm_s = self._fwhms(reader_f, x[by_id], y[by_id])
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         self.meta["template_fwhm"], self.meta["science_fwhm"] = fwhm_t, fwhm_s
@@ -526,7 +529,7 @@ class _Run:
 
         plan = make_cell_plan(self.cfg, basis, sci.shape)
         placement = SourcePlacement.from_positions(ids, x, y, plan)
-        plan_f = cl.scatter(plan, broadcast=True)
+        plan_f = cl.scatter(plan, broadcast=True, hash=False)
         t0 = time.perf_counter()
         cells = self._cell_order(placement.cells(), sci.chunks)
         t_submit = time.perf_counter()
@@ -557,7 +560,7 @@ class _Run:
         t0 = time.perf_counter()
         # The kernels go to every worker: left on the one that made them, the tile
         # tasks would all be scheduled there (data locality).
-        kernels = cl.scatter(SubtractionKernels(outcome.solution), broadcast=True)
+        kernels = cl.scatter(SubtractionKernels(outcome.solution), broadcast=True, hash=False)
         del reduction
         planes = merged_mask_planes(sci.mask_planes, tmpl.mask_planes)
         self.writer.create_difference(

@@ -44,6 +44,15 @@ def report_validation(name: str, counts: dict[str, int], bad_planes: Iterable[st
             "unmasked pixel(s); variance must be strictly positive"
         )
 
+
+def _check_real(values: np.ndarray, name: str) -> None:
+    """Refuse arrays that do not hold real numbers (complex, strings, objects, bools)."""
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(
+        values.dtype, np.complexfloating
+    ):
+        raise InputError(f"{name} must hold real numbers, got dtype {values.dtype}")
+
+
 #: Bits of the standard mask planes, in LSST's order.
 DEFAULT_MASK_PLANES: dict[str, int] = {
     "BAD": 0,
@@ -84,16 +93,14 @@ class MaskedImage:
         image = np.asarray(self.image)
         if image.ndim != 2:
             raise InputError(f"image must be 2-D, got an array of shape {image.shape}")
-        if not np.issubdtype(image.dtype, np.number) or np.issubdtype(
-            image.dtype, np.complexfloating
-        ):
-            raise InputError(f"image must hold real numbers, got dtype {image.dtype}")
+        _check_real(image, "image")
         self.image = np.asarray(image, dtype=np.float64)
         variance = np.asarray(self.variance)
         if variance.shape != image.shape:
             raise InputError(
                 f"variance shape {variance.shape} differs from image shape {image.shape}"
             )
+        _check_real(variance, "variance")
         self.variance = np.asarray(variance, dtype=np.float64)
         if self.mask is None:
             self.mask = np.zeros(image.shape, dtype=np.int32)
@@ -102,6 +109,14 @@ class MaskedImage:
             raise InputError(f"mask shape {mask.shape} differs from image shape {image.shape}")
         if not np.issubdtype(mask.dtype, np.integer):
             raise InputError(f"mask must be an integer bit mask, got dtype {mask.dtype}")
+        if mask.size and not np.can_cast(mask.dtype, np.int32):
+            # A wider mask would silently lose its high bits in the int32 conversion.
+            low, high = int(mask.min()), int(mask.max())
+            if low < 0 or high > np.iinfo(np.int32).max:
+                raise InputError(
+                    f"mask values must be bits 0..30 (0 <= value < 2**31), got values in "
+                    f"[{low}, {high}] (dtype {mask.dtype})"
+                )
         self.mask = mask.astype(np.int32, copy=False)
         planes = dict(self.mask_planes)
         for name, bit in planes.items():
@@ -133,10 +148,17 @@ class MaskedImage:
         mask_planes : mapping, optional
             Mask plane name to bit.
         """
-        image = np.asarray(image, dtype=np.float64)
+        image = np.asarray(image)
         if variance is None:
             raise InputError("variance is required: pass a plane or a constant")
-        variance = np.broadcast_to(np.asarray(variance, dtype=np.float64), image.shape).copy()
+        variance = np.asarray(variance)
+        try:
+            variance = np.broadcast_to(variance, image.shape).copy()
+        except ValueError:
+            raise InputError(
+                f"variance of shape {variance.shape} does not match image shape {image.shape}; "
+                "pass a plane of the image's shape or a constant"
+            ) from None
         planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
         return cls(image, variance, mask, planes)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .basis import SIGMA_TO_FWHM
+from .errors import InputError
 from .image import Exposure
 
 __all__ = ["exposure_fwhm", "measure_fwhm", "measure_pair_fwhm"]
@@ -28,12 +29,28 @@ def exposure_fwhm(exposure: Exposure, grid: int, buffer: float) -> float | None:
     if exposure.psf_fwhm is None:
         return None
     if not callable(exposure.psf_fwhm):
-        return float(exposure.psf_fwhm)
-    ny, nx = exposure.shape
-    xs = np.linspace(buffer * (nx - 1), (1 - buffer) * (nx - 1), grid)
-    ys = np.linspace(buffer * (ny - 1), (1 - buffer) * (ny - 1), grid)
-    values = [exposure.fwhm_at(float(x), float(y)) for y in ys for x in xs]
-    return float(np.mean(values))
+        value = _as_fwhm(exposure.psf_fwhm)
+    else:
+        ny, nx = exposure.shape
+        xs = np.linspace(buffer * (nx - 1), (1 - buffer) * (nx - 1), grid)
+        ys = np.linspace(buffer * (ny - 1), (1 - buffer) * (ny - 1), grid)
+        value = float(np.mean([exposure.fwhm_at(float(x), float(y)) for y in ys for x in xs]))
+    if not (np.isfinite(value) and value > 0):
+        # Silently ignoring it would give an unscaled basis (or overflow for inf).
+        raise InputError(
+            f"PSF FWHM of an exposure is {value!r} pixels; it must be a positive, finite number "
+            "(set psf_fwhm to None to measure it from the stars)"
+        )
+    return value
+
+
+def _as_fwhm(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"PSF FWHM of an exposure must be a number of pixels, got {value!r}"
+        ) from None
 
 
 def measure_fwhm(stamps: np.ndarray, n_iter: int = 20) -> np.ndarray:
@@ -91,8 +108,10 @@ def measure_pair_fwhm(
 ) -> tuple[float | None, float | None]:
     """Median FWHM of the sources in the template and the science image.
 
-    The first ``max_stars`` sources (in list order) whose ``(2 half + 1)^2`` stamps lie
-    inside the image with no ``bad_planes`` pixel in either image are measured.
+    The first ``max_stars`` sources, in the order given (callers pass them in id
+    order, so the result does not depend on the list's order), whose
+    ``(2 half + 1)^2`` stamps lie inside the image with no ``bad_planes`` pixel in
+    either image are measured.
 
     Parameters
     ----------

@@ -31,21 +31,34 @@ def source_positions(sources: Table, science: Exposure) -> tuple[np.ndarray, np.
     """
     names = {n.lower(): n for n in sources.colnames}
     if "x" in names and "y" in names:
-        x = np.asarray(sources[names["x"]], dtype=np.float64)
-        y = np.asarray(sources[names["y"]], dtype=np.float64)
+        x = _coordinate_column(sources, names["x"])
+        y = _coordinate_column(sources, names["y"])
     elif "ra" in names and "dec" in names:
         if science.wcs is None:
             raise InputError(
                 "kernelSources gives ra/dec but the science exposure has no WCS to place them"
             )
         x, y = science.wcs.world_to_pixel_values(
-            np.asarray(sources[names["ra"]], dtype=np.float64),
-            np.asarray(sources[names["dec"]], dtype=np.float64),
+            _coordinate_column(sources, names["ra"]),
+            _coordinate_column(sources, names["dec"]),
         )
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     else:
         raise InputError(f"kernelSources needs columns x, y or ra, dec; it has {sources.colnames}")
     return x, y
+
+
+def _coordinate_column(sources: Table, name: str) -> np.ndarray:
+    """Column ``name`` of the source table as a 1-D float64 array."""
+    column = np.asarray(sources[name])
+    if column.ndim != 1 or not (
+        np.issubdtype(column.dtype, np.integer) or np.issubdtype(column.dtype, np.floating)
+    ):
+        raise InputError(
+            f"kernelSources column {name!r} must hold one real number per source, got "
+            f"dtype {column.dtype} and shape {column.shape}"
+        )
+    return column.astype(np.float64)
 
 
 def vet_positions(

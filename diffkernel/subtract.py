@@ -195,6 +195,13 @@ def subtract_images(
     MaskedImage
         Difference image with propagated variance and mask (science mask planes).
     """
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 1:
+        raise InputError(f"tile_size must be a positive integer (pixels), got {tile_size!r}")
+    if not hasattr(result, "spatialSolution"):
+        raise InputError(
+            f"result must be the MakeKernelResult of MakeKernelTask.run, got "
+            f"{type(result).__name__}"
+        )
     t, s = prepare_inputs(template, science, result)
     ny, nx = s.shape
     diff = np.empty((ny, nx))

@@ -228,6 +228,16 @@ class MakeKernelTask:
 
             tmpl = warp_exposure(tmpl, sci, kcfg.warpingConfig)
             aligned = tmpl.masked_image
+        elif (
+            tmpl.shape != sci.shape
+            and kcfg.warpingConfig.doAlign
+            and (tmpl.wcs is None) != (sci.wcs is None)
+        ):
+            which = "template" if tmpl.wcs is None else "science"
+            raise InputError(
+                f"template shape {tmpl.shape} differs from science shape {sci.shape} and "
+                f"aligning them needs a WCS on both exposures; the {which} has none"
+            )
         _check_pair(tmpl, sci, bad_planes)
         t_mi, s_mi = tmpl.masked_image, sci.masked_image
         meta: dict[str, Any] = {"aligned": aligned is not None, "preconvolved": bool(preconvolved)}
@@ -274,7 +284,11 @@ class MakeKernelTask:
             else np.arange(len(kernelSources))
         )
 
-        fwhm_t, fwhm_s = self._fwhms(tmpl, sci, t_mi, s_mi, x, y, bad_planes, kcfg)
+        # Stars are measured in id order, so the FWHM does not depend on the list order.
+        by_id = np.argsort(ids, kind="stable")
+        fwhm_t, fwhm_s = self._fwhms(
+            tmpl, sci, t_mi, s_mi, x[by_id], y[by_id], bad_planes, kcfg
+        )
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         meta["template_fwhm"], meta["science_fwhm"] = fwhm_t, fwhm_s
@@ -324,6 +338,7 @@ class MakeKernelTask:
             (fwhm_t is None, fwhm_s is None),
         )
         return (mt if fwhm_t is None else fwhm_t), (ms if fwhm_s is None else fwhm_s)
+
 
 def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, int]) -> CellPlan:
     """Run-wide constants of the candidate stage, checked against the basis."""

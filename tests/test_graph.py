@@ -345,3 +345,25 @@ def test_unreachable_scheduler_is_a_clear_error(pair, tmp_path):
             scheduler="tcp://127.0.0.1:9",
         )
     assert result_status(tmp_path / "o.zarr") == "missing"
+
+
+def test_identical_runs_at_once_on_one_client(pair, client, tmp_path):
+    """Two runs with the same inputs and config in flight together both complete alike.
+
+    Scattered data used to get content-hashed keys shared by such runs; the first to
+    finish released them under the second (a batch saw 'lost dependencies').
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = pair["sim"].truth.sources
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(
+            pool.map(
+                lambda i: run(pair, tmp_path / f"o{i}.zarr", config(), client, sources=sources),
+                range(3),
+            )
+        )
+    for other in runs[1:]:
+        np.testing.assert_array_equal(
+            other.result.solution.kernel_coeffs, runs[0].result.solution.kernel_coeffs
+        )
