@@ -158,6 +158,7 @@ def _subtract(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             n_workers=args.workers,
             tile_size=args.tile_size,
+            mode=args.mode,
             preconvolved=args.preconvolved,
             overwrite=args.overwrite,
             progress=not args.quiet,
@@ -329,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     subtract.add_argument("--tile-size", type=int, help="subtraction tile side (chunk multiple)")
     subtract.add_argument(
         "--chunks", type=int, default=512, help="chunk side when ingesting FITS inputs"
+    )
+    subtract.add_argument(
+        "--mode",
+        choices=["convolveTemplate", "convolveScience", "auto"],
+        default="auto",
+        help="which image to convolve (auto: the one with the narrower PSF)",
     )
     subtract.add_argument(
         "--preconvolved", action="store_true", help="the science was convolved with its PSF"

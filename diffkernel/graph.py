@@ -61,7 +61,7 @@ from .subtract import (
     prepare_science,
     prepare_template,
 )
-from .task import _needs_alignment, make_cell_plan
+from .task import MODES, _needs_alignment, choose_mode, make_cell_plan
 
 __all__ = ["run_pair", "connect", "ZarrPair", "PairRun", "default_tile_size"]
 
@@ -308,6 +308,7 @@ def _tile_task(
     y1: int,
     x0: int,
     x1: int,
+    sign: float = 1.0,
 ) -> np.ndarray:
     ny, nx = reader.science.shape
     h = kernels.half
@@ -321,6 +322,8 @@ def _tile_task(
     science = prepare_science(reader.science.read(y0, y1, x0, x1), planes, s_bg)
     padded = padded_template(template, y0, y1, x0, x1, h, origin=(ty0, tx0))
     diff, var, mask = difference_tile(padded, science, kernels, y0, x0, (ny, nx))
+    if sign < 0:  # convolveScience: K * S + b - T, science minus template
+        diff = -diff
     write_tile(out, "difference", y0, x0, diff, var, mask)
     z = diff / np.sqrt(var)
     clean = np.isfinite(z) & (mask == 0)
@@ -343,6 +346,7 @@ def run_pair(
     n_workers: int | None = None,
     tile_size: int | None = None,
     cells_per_task: int | None = None,
+    mode: str = "convolveTemplate",
     preconvolved: bool = False,
     overwrite: bool = False,
     progress: bool = False,
@@ -372,6 +376,9 @@ def run_pair(
         chunks): a cell alone is a few milliseconds of work, less than the
         scheduler's cost of a task. 1 gives one task per cell. Results do not
         depend on it: every cell is fitted on its own.
+    mode : {"convolveTemplate", "convolveScience", "auto"}
+        Which image is convolved (see :meth:`diffkernel.MakeKernelTask.run`); the
+        choice is ``metadata["mode"]`` of the result.
     preconvolved : bool
         The science image was already convolved with its PSF.
     overwrite : bool
@@ -397,6 +404,8 @@ def run_pair(
             f"tile_size {tile} must be a positive multiple of the science chunks {sci.chunks} "
             "(tiles write whole chunks)"
         )
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if cells_per_task is not None and int(cells_per_task) < 1:
         raise ConfigError(f"cells_per_task must be at least 1, got {cells_per_task}")
     if sources is not None and not isinstance(sources, Table):
@@ -404,7 +413,7 @@ def run_pair(
     writer = ResultWriter(out, overwrite=overwrite)
     try:
         with connect(client, scheduler, n_workers, progress) as cl:
-            run = _Run(cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task)
+            run = _Run(cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode)
             run.extra_provenance = dict(provenance or {})
             path, timings, summary = run.execute(sources, preconvolved)
     except BaseException:
@@ -417,9 +426,19 @@ class _Run:
     """One pair on one client: the stages of :func:`run_pair`."""
 
     def __init__(
-        self, client, cfg, science, template, writer, tile, progress, cells_per_task=None
+        self,
+        client,
+        cfg,
+        science,
+        template,
+        writer,
+        tile,
+        progress,
+        cells_per_task=None,
+        mode="convolveTemplate",
     ) -> None:
         self.cells_per_task = cells_per_task
+        self.mode = mode
         self.client = client
         self.cfg = cfg
         self.kcfg = cfg.kernel.active
@@ -518,6 +537,13 @@ class _Run:
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         self.meta["template_fwhm"], self.meta["science_fwhm"] = fwhm_t, fwhm_s
+        mode = choose_mode(self.mode, fwhm_t, fwhm_s)
+        self.meta["mode"] = mode
+        if mode == "convolveScience":
+            # The kernel matches the science image to the template: swap the roles.
+            reader = ZarrPair(sci, tmpl, reader.science_background, reader.template_background)
+            reader_f = cl.scatter(reader, broadcast=True, hash=False)
+            fwhm_t, fwhm_s = fwhm_s, fwhm_t
         basis = basis_from_config(kcfg, fwhm_t, fwhm_s)
         self.meta["basis"] = {
             "kind": basis.kind,
@@ -562,13 +588,19 @@ class _Run:
         # tasks would all be scheduled there (data locality).
         kernels = cl.scatter(SubtractionKernels(outcome.solution), broadcast=True, hash=False)
         del reduction
-        planes = merged_mask_planes(sci.mask_planes, tmpl.mask_planes)
+        # reader.template is the convolved image, reader.science the reference.
+        planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)
         self.writer.create_difference(
             sci.shape, sci.chunks, planes, _wcs_header(sci), sci.origin, sci.meta
         )
         tile_reader = ZarrPair(
-            tmpl, sci, reader.template_background, reader.science_background, cached=False
+            reader.template,
+            reader.science,
+            reader.template_background,
+            reader.science_background,
+            cached=False,
         )
+        sign = -1.0 if mode == "convolveScience" else 1.0
         ny, nx = sci.shape
         tiles = [
             self._submit(
@@ -581,6 +613,7 @@ class _Run:
                 min(y0 + self.tile, ny),
                 x0,
                 min(x0 + self.tile, nx),
+                sign,
                 name=f"tile-{y0}-{x0}",
             )
             for y0 in range(0, ny, self.tile)

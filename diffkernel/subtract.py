@@ -166,6 +166,14 @@ def prepare_inputs(template, science, result) -> tuple[MaskedImage, MaskedImage]
     s = as_exposure(science, "science").masked_image
     if t.shape != s.shape:
         raise InputError(f"template shape {t.shape} differs from science shape {s.shape}")
+    if getattr(result, "mode", "convolveTemplate") == "convolveScience":
+        # The kernel matches the science image to the template: the science image is
+        # convolved and the template is the reference.
+        planes = merged_mask_planes(t.mask_planes, s.mask_planes)
+        return (
+            prepare_template(s, planes, result.scienceBackground),
+            prepare_science(t, planes, result.templateBackground),
+        )
     planes = merged_mask_planes(s.mask_planes, t.mask_planes)
     return (
         prepare_template(t, planes, result.templateBackground),
@@ -180,6 +188,10 @@ def subtract_images(
     tile_size: int = 1024,
 ) -> MaskedImage:
     """Difference image of ``science`` minus the PSF-matched ``template``.
+
+    When ``result.mode`` is ``"convolveScience"`` the science image is the one
+    convolved: the difference is ``K ⊛ S + b - T``, still science minus template
+    (a new source is positive) but in the template's photometric scale.
 
     Parameters
     ----------
@@ -217,4 +229,6 @@ def subtract_images(
             )
             d, v, m = difference_tile(padded, sci, kernels, y0, x0, s.shape)
             diff[y0:y1, x0:x1], var[y0:y1, x0:x1], mask[y0:y1, x0:x1] = d, v, m
+    if getattr(result, "mode", "convolveTemplate") == "convolveScience":
+        diff = -diff
     return MaskedImage(diff, var, mask, dict(s.mask_planes))

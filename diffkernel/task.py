@@ -26,7 +26,12 @@ from .psf import exposure_fwhm, measure_pair_fwhm
 from .selection import source_positions
 from .spatial import SpatialSolution
 
+#: Directions of the convolution.
+MODES = ("convolveTemplate", "convolveScience", "auto")
+
 __all__ = [
+    "MODES",
+    "choose_mode",
     "MakeKernelTask",
     "MakeKernelResult",
     "SpatialKernel",
@@ -129,6 +134,11 @@ class MakeKernelResult:
         The template warped onto the science grid, when alignment was done.
     scienceBackground, templateBackground : numpy.ndarray or None
         Mesh backgrounds removed before fitting (``useAfwBackground``).
+    mode : str
+        ``"convolveTemplate"`` (the kernel matches the template to the science
+        image) or ``"convolveScience"`` (it matches the science image to the
+        template; the roles of the two images in the kernel, background and
+        candidate statistics are swapped).
     """
 
     psfMatchingKernel: SpatialKernel
@@ -139,6 +149,7 @@ class MakeKernelResult:
     alignedTemplate: MaskedImage | None = None
     scienceBackground: np.ndarray | None = None
     templateBackground: np.ndarray | None = None
+    mode: str = "convolveTemplate"
 
 
 def _check_pair(template: Exposure, science: Exposure, bad_planes: tuple[str, ...]) -> None:
@@ -196,6 +207,7 @@ class MakeKernelTask:
         science: MaskedImage | Exposure,
         kernelSources: Table | None = None,
         preconvolved: bool = False,
+        mode: str = "convolveTemplate",
     ) -> MakeKernelResult:
         """Solve for the kernel and background that match ``template`` to ``science``.
 
@@ -211,11 +223,20 @@ class MakeKernelTask:
             The science image was already convolved with its PSF (as for a
             likelihood image); its effective PSF is then wider by sqrt(2), which sizes
             the basis.
+        mode : {"convolveTemplate", "convolveScience", "auto"}
+            Which image the kernel convolves. Matching a wider template to a sharper
+            science image would need a deconvolution, so ``"convolveScience"`` fits
+            the kernel that matches the science image to the template instead, and
+            ``"auto"`` picks the image with the narrower PSF (by FWHM) to convolve.
+            The choice is ``result.mode`` (and ``metadata["mode"]``);
+            :func:`diffkernel.subtract_images` follows it.
 
         Returns
         -------
         MakeKernelResult
         """
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         cfg = self.config
         cfg.validate()
         kcfg = cfg.kernel.active
@@ -292,6 +313,12 @@ class MakeKernelTask:
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         meta["template_fwhm"], meta["science_fwhm"] = fwhm_t, fwhm_s
+        mode = choose_mode(mode, fwhm_t, fwhm_s)
+        meta["mode"] = mode
+        if mode == "convolveScience":
+            # The kernel now matches the science image to the template.
+            t_mi, s_mi = s_mi, t_mi
+            fwhm_t, fwhm_s = fwhm_s, fwhm_t
         basis = basis_from_config(kcfg, fwhm_t, fwhm_s)
         meta["basis"] = {
             "kind": basis.kind,
@@ -313,13 +340,17 @@ class MakeKernelTask:
         meta.update(solve_meta)
         return MakeKernelResult(
             SpatialKernel(outcome.solution),
-            BackgroundModel(outcome.solution, bg_s, bg_t),
+            BackgroundModel(
+                outcome.solution,
+                *((bg_s, bg_t) if mode == "convolveTemplate" else (bg_t, bg_s)),
+            ),
             table,
             outcome.solution,
             meta,
             aligned,
             bg_s,
             bg_t,
+            mode,
         )
 
     @staticmethod
@@ -358,3 +389,26 @@ def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, 
         float(cfg.selectMeasurement.apertureRadius),
         float(cfg.selectMeasurement.minSnr),
     )
+
+
+def choose_mode(mode: str, fwhm_template: float | None, fwhm_science: float | None) -> str:
+    """The direction of the convolution: ``mode`` itself, or for ``"auto"`` by FWHM.
+
+    ``"auto"`` convolves the template unless its PSF is wider than the science
+    image's, when matching it would need a deconvolution.
+
+    Raises
+    ------
+    InputError
+        In ``"auto"`` mode when either FWHM is unknown.
+    """
+    if mode != "auto":
+        return mode
+    if fwhm_template is None or fwhm_science is None:
+        which = "template" if fwhm_template is None else "science"
+        raise InputError(
+            f"mode='auto' needs both PSF widths, but the {which} FWHM could not be "
+            "measured (no PSF model and too few usable stars); give the exposures a "
+            "psf_fwhm or choose mode='convolveTemplate' or 'convolveScience'"
+        )
+    return "convolveScience" if fwhm_template > fwhm_science else "convolveTemplate"
