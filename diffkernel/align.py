@@ -133,13 +133,22 @@ def warp_region(
         wcs_in = template_wcs.slice((slice(by0, by1), slice(bx0, bx1)))
         wcs_out = science_wcs.slice((slice(y0, y1), slice(x0, x1)))
         order = _ORDERS[config.warpingKernelName]
+        # Non-finite pixels (NO_DATA) would spread NaN over the whole tile through the
+        # spline prefilter of the bicubic kernels: they are warped as zeros, and every
+        # output pixel they reach is flagged missing below.
+        bad = ~np.isfinite(part.image) | ~np.isfinite(part.variance)
         image, footprint = reproject_interp(
-            (part.image, wcs_in), wcs_out, shape_out=shape, order=order
+            (np.where(bad, 0.0, part.image), wcs_in), wcs_out, shape_out=shape, order=order
         )
         variance, _ = reproject_interp(
-            (part.variance, wcs_in), wcs_out, shape_out=shape, order=order
+            (np.where(bad, 0.0, part.variance), wcs_in), wcs_out, shape_out=shape, order=order
         )
         covered = footprint > 0
+        if bad.any():
+            reach, _ = reproject_interp(
+                (bad.astype(np.float64), wcs_in), wcs_out, shape_out=shape, order="bilinear"
+            )
+            covered &= ~(np.nan_to_num(reach, nan=1.0) > 0)
         mask_order = _ORDERS[config.maskWarpingKernelName]
         grow = set(config.growFullMask)
         for name, bit in part.mask_planes.items():

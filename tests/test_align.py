@@ -58,3 +58,22 @@ def test_warp_without_overlap_or_wcs_is_refused(rotated):
         align.warp_exposure(template, Exposure(science.masked_image, far), WarpingConfig())
     with pytest.raises(InputError, match="the science has none"):
         align.warp_exposure(template, Exposure(science.masked_image), WarpingConfig())
+
+
+def test_bicubic_warp_of_a_template_with_no_data(rotated):
+    """NaN (NO_DATA) template pixels stay local: the spline prefilter must not spread them
+    over the tile (it used to make the whole warp NaN and report no overlap)."""
+    template, science = rotated
+    mi = template.masked_image.copy()
+    mi.image[50:60, 70:90] = np.nan
+    mi.set_plane("NO_DATA", ~np.isfinite(mi.image))
+    holed = Exposure(mi, template.wcs, template.psf_fwhm)
+    config = WarpingConfig()
+    config.warpingKernelName = "bicubic"
+    warped = align.warp_exposure(holed, science, config).masked_image
+    missing = ~np.isfinite(warped.image)
+    assert 0 < missing.mean() < 0.1
+    assert (warped.plane("NO_DATA") == missing).all()
+    full = align.warp_exposure(template, science, config).masked_image
+    far = ~missing & np.isfinite(full.image)
+    assert far.mean() > 0.85
