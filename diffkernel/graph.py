@@ -61,7 +61,7 @@ from .subtract import (
     prepare_science,
     prepare_template,
 )
-from .task import MODES, _needs_alignment, choose_mode, make_cell_plan
+from .task import MODES, _needs_alignment, choose_mode, make_cell_plan, require_fwhms
 
 __all__ = ["run_pair", "connect", "ZarrPair", "PairRun", "default_tile_size"]
 
@@ -537,6 +537,7 @@ class _Run:
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         self.meta["template_fwhm"], self.meta["science_fwhm"] = fwhm_t, fwhm_s
+        require_fwhms(kcfg, fwhm_t, fwhm_s)
         mode = choose_mode(self.mode, fwhm_t, fwhm_s)
         self.meta["mode"] = mode
         if mode == "convolveScience":

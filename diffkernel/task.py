@@ -32,6 +32,7 @@ MODES = ("convolveTemplate", "convolveScience", "auto")
 __all__ = [
     "MODES",
     "choose_mode",
+    "require_fwhms",
     "MakeKernelTask",
     "MakeKernelResult",
     "SpatialKernel",
@@ -313,6 +314,7 @@ class MakeKernelTask:
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         meta["template_fwhm"], meta["science_fwhm"] = fwhm_t, fwhm_s
+        require_fwhms(kcfg, fwhm_t, fwhm_s)
         mode = choose_mode(mode, fwhm_t, fwhm_s)
         meta["mode"] = mode
         if mode == "convolveScience":
@@ -388,6 +390,24 @@ def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, 
         basis.kernel_size // 2,
         float(cfg.selectMeasurement.apertureRadius),
         float(cfg.selectMeasurement.minSnr),
+    )
+
+
+def require_fwhms(kcfg, fwhm_template: float | None, fwhm_science: float | None) -> None:
+    """Refuse to size the basis by FWHM (``scaleByFwhm``) without both FWHMs.
+
+    Raises
+    ------
+    InputError
+        Naming the image whose FWHM has no PSF model and could not be measured.
+    """
+    if not kcfg.scaleByFwhm or (fwhm_template is not None and fwhm_science is not None):
+        return
+    which = "template" if fwhm_template is None else "science"
+    raise InputError(
+        f"the {which} PSF FWHM could not be measured (no PSF model, and fewer than 3 "
+        "stars gave a width); give the exposure a psf_fwhm, provide kernelSources with "
+        "isolated stars, or set scaleByFwhm=False to use the configured basis as is"
     )
 
 

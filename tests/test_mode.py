@@ -120,3 +120,16 @@ def test_distributed_auto_mode_equals_serial(reversed_pair, tmp_path):
     scale = np.abs(diff.image[finite]).max()
     np.testing.assert_allclose(stored.image[finite], diff.image[finite], atol=1e-6 * scale)
     np.testing.assert_array_equal(stored.mask, diff.mask)
+
+
+def test_unmeasurable_fwhm_is_a_clear_error(reversed_pair):
+    """scaleByFwhm with no PSF model and too few stars to measure one: a clear error."""
+    template, science, sources = reversed_pair
+    bare_t = Exposure(template.masked_image)
+    bare_s = Exposure(science.masked_image)
+    with pytest.raises(InputError, match="template PSF FWHM could not be measured"):
+        MakeKernelTask(config()).run(bare_t, bare_s, sources[:2])
+    cfg = config()
+    cfg.kernel.active.scaleByFwhm = False
+    with pytest.raises(InputError, match="mode='auto' needs both PSF widths"):
+        MakeKernelTask(cfg).run(bare_t, bare_s, sources[:2], mode="auto")
