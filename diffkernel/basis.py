@@ -234,6 +234,18 @@ def alard_lupton_basis(
     fx_arr, fy_arr = np.array(fx), np.array(fy)
     native = fy_arr[:, :, None] * fx_arr[:, None, :]
     transform, kept = renormalize(native, np.eye(len(native)))
+    sums = native.sum(axis=(1, 2)) @ transform
+    drift = float(np.max(np.abs(sums[1:]), initial=0.0))
+    if drift > 1e-8 or len(kept) > kernel_size**2:
+        # Nearly dependent Gaussians (sigmas too close, or too wide for the kernel)
+        # need huge, cancelling coefficients: the kernel sum would not be conserved.
+        raise ConfigError(
+            f"Alard-Lupton basis of sigmas {list(sigmas)} and degrees {list(degrees)} in a "
+            f"{kernel_size}x{kernel_size} kernel is numerically degenerate (its zero-sum "
+            f"kernels sum to up to {drift:.1e}, {len(kept)} kernels for {kernel_size**2} "
+            "pixels); space the sigmas further apart (alardGaussBeta, alardSigGauss), "
+            "lower alardDegGauss or widen the kernel"
+        )
     kept_set = set(kept)
     groups, start = [], 0
     for size in group_sizes:
