@@ -206,9 +206,15 @@ def background_local_map(
     local = local_background_columns(size, local_order)  # (n_local, P)
     proj = np.linalg.pinv(local.T)  # (n_local, P)
     off = np.arange(size) - stamp_half
-    dy, dx = np.meshgrid(off, off, indexing="ij")
-    glob = functions.evaluate(x[:, None] + dx.ravel(), y[:, None] + dy.ravel())  # (N, P, nG)
-    return np.einsum("mp,cpl->cml", proj, glob)
+    # The global functions are separable: evaluate them along each stamp's rows and
+    # columns (N x size points) instead of at its every pixel (N x size^2).
+    fx, fy = functions.factors((x[:, None] + off).ravel(), (y[:, None] + off).ravel())
+    n, n_global = len(x), functions.size
+    fx = fx.reshape(n_global, n, size)
+    fy = fy.reshape(n_global, n, size)
+    return np.einsum(
+        "myx,lcy,lcx->cml", proj.reshape(-1, size, size), fy, fx, optimize=True
+    )
 
 
 def _local_order(n_local: int) -> int:
