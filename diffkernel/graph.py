@@ -3,8 +3,8 @@
 Stages, each a set of independent Dask tasks that read what they need from Zarr in
 the workers (no image goes through the scheduler):
 
-1. *check*: one task per 1024-px tile validates both images (NaN, variance) and,
-   alongside, one task per input array computes its checksum for the provenance;
+1. *check*: one task per 1024-px tile of each input validates it (NaN, variance)
+   and hashes its planes, for the provenance's checksums (each pixel read once);
 2. *prepare* (only when needed): warp the template onto the science grid tile by
    tile, mesh backgrounds, coarse detection, star FWHMs;
 3. *cells*: one task per spatial cell vets, ranks and reduces its candidates to
@@ -225,16 +225,27 @@ def _open(image, name: str) -> ZarrImage:
 
 
 def _check_tile(
-    template: ZarrImage, science: ZarrImage, y0: int, y1: int, x0: int, x1: int, exempt
-) -> dict[str, dict[str, int]]:
-    return {
-        "template": template.read(y0, y1, x0, x1).validation_counts(exempt),
-        "science": science.read(y0, y1, x0, x1).validation_counts(exempt),
+    image: ZarrImage, y0: int, y1: int, x0: int, x1: int, exempt
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Validation counts of one tile, and the SHA-256 of each of its planes."""
+    import hashlib
+
+    tile = image.read(y0, y1, x0, x1)
+    digests = {
+        name: hashlib.sha256(np.ascontiguousarray(getattr(tile, name)).tobytes()).hexdigest()
+        for name in ("image", "variance", "mask")
     }
+    return tile.validation_counts(exempt), digests
 
 
-def _digest(image: ZarrImage, name: str) -> str:
-    return image.digest(name)
+def _combine_digests(image: ZarrImage, name: str, tiles: list[dict[str, str]]) -> str:
+    """SHA-256 over the shape and the tiles' digests in row-major tile order."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{name} {image.shape} tiles {CHECK_TILE}".encode())
+    for tile in tiles:
+        digest.update(tile[name].encode())
+    return digest.hexdigest()
 
 
 def _warp_task(
@@ -477,21 +488,16 @@ class _Run:
                 f"template shape {tmpl.shape} differs from science shape {sci.shape}; "
                 "give both a WCS (alignment) or warp the template first"
             )
-        digests = {
-            (who, name): self._submit(_digest, img, name, name=f"digest-{who}-{name}")
-            for who, img in (("science", sci), ("template", tmpl))
-            for name in ("image", "variance", "mask")
-        }
-
         t0 = time.perf_counter()
+        checksums = self._check(tmpl, sci)
+        self.timings["check"] = time.perf_counter() - t0
         if aligned:
+            t0 = time.perf_counter()
             tmpl = self._align(tmpl, sci)
             self.meta["aligned"] = True
         else:
             self.meta["aligned"] = False
         self.meta["preconvolved"] = bool(preconvolved)
-        self._check(tmpl, sci)
-        self.timings["check"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         reader = ZarrPair(tmpl, sci)
@@ -622,7 +628,6 @@ class _Run:
         ]
         histogram = np.sum(self._wait(tiles, "tiles", t0), axis=0)
 
-        checksums = dict(zip(digests, cl.gather(list(digests.values())), strict=True))
         summary = _summary(table, outcome, histogram)
         self.meta["residuals"] = summary["residuals"]
         self.meta["n_cells"] = len(cells)
@@ -638,28 +643,38 @@ class _Run:
         )
         return path, dict(self.timings), summary
 
-    def _check(self, tmpl: ZarrImage, sci: ZarrImage) -> None:
+    def _check(self, tmpl: ZarrImage, sci: ZarrImage) -> dict[tuple[str, str], str]:
+        """Validate both inputs tile by tile; return their checksums (read once).
+
+        The checksum of a plane is a SHA-256 over its fixed 1024-px tiles' digests.
+        """
         exempt = tuple(dict.fromkeys(("NO_DATA",) + tuple(self.kcfg.badMaskPlanes)))
-        ny, nx = sci.shape
-        futures = [
-            self._submit(
-                _check_tile,
-                tmpl,
-                sci,
-                y0,
-                min(y0 + CHECK_TILE, ny),
-                x0,
-                min(x0 + CHECK_TILE, nx),
-                exempt,
-                name=f"check-{y0}-{x0}",
-            )
-            for y0 in range(0, ny, CHECK_TILE)
-            for x0 in range(0, nx, CHECK_TILE)
-        ]
-        counts = self.client.gather(futures)
-        for who in ("template", "science"):
-            total = {k: sum(c[who][k] for c in counts) for k in counts[0][who]}
+        futures = {}
+        for who, image in (("template", tmpl), ("science", sci)):
+            ny, nx = image.shape
+            futures[who] = [
+                self._submit(
+                    _check_tile,
+                    image,
+                    y0,
+                    min(y0 + CHECK_TILE, ny),
+                    x0,
+                    min(x0 + CHECK_TILE, nx),
+                    exempt,
+                    name=f"check-{who}-{y0}-{x0}",
+                )
+                for y0 in range(0, ny, CHECK_TILE)
+                for x0 in range(0, nx, CHECK_TILE)
+            ]
+        checksums = {}
+        for who, image in (("template", tmpl), ("science", sci)):
+            results = self.client.gather(futures[who])
+            counts = [r[0] for r in results]
+            total = {k: sum(c[k] for c in counts) for k in counts[0]}
             report_validation(who, total, exempt)
+            for name in ("image", "variance", "mask"):
+                checksums[(who, name)] = _combine_digests(image, name, [r[1] for r in results])
+        return checksums
 
     def _align(self, tmpl: ZarrImage, sci: ZarrImage) -> ZarrImage:
         check_wcs(tmpl.wcs, sci.wcs)
