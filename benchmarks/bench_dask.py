@@ -2,8 +2,14 @@
 
 Usage::
 
-    python benchmarks/bench_dask.py            # 4096 x 4096
-    python benchmarks/bench_dask.py 2048       # another size
+    python benchmarks/bench_dask.py                 # 1024, 2048 and 4096 square
+    python benchmarks/bench_dask.py 4096            # chosen sizes
+
+For each size, besides the two runs, the same pair is measured with references in the
+same run: the "limit" (in a fresh process: read both images from Zarr, convolve the
+whole template with one 21x21 kernel by FFT, write the difference to Zarr: the least
+work any subtraction must do), HOTPANTS when a ``hotpants`` executable is on PATH, and
+SFFT when the ``sfft`` package is installed (each skipped with a note otherwise).
 
 A simulated pair (coadd-depth template, float32 pixels, sources given) is written
 to a Zarr store once; then :func:`diffkernel.graph.run_pair` processes it on a
@@ -17,7 +23,11 @@ ratios within one run: machines are shared and noisy.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,13 +59,68 @@ def make_store(n: int, path: Path):
     from diffkernel.store import write_image
 
     pair = make_pair((n, n), seed=42, template_depth=4)
+    exposures = {}
     for name, exp in (("template", pair.template), ("science", pair.science)):
         mi = exp.masked_image
         f32 = MaskedImage(
             mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
         )
-        write_image(path, Exposure(f32, exp.wcs, exp.psf_fwhm), group=name, chunks=512)
-    return pair.truth.sources
+        exposures[name] = Exposure(f32, exp.wcs, exp.psf_fwhm)
+    t0 = time.perf_counter()
+    for name, exp in exposures.items():
+        write_image(path, exp, group=name, chunks=512)
+    ingest = time.perf_counter() - t0
+    return pair.truth.sources, ingest, exposures
+
+
+LIMIT = r"""
+import sys, time, numpy as np, zarr
+from scipy.signal import fftconvolve
+store, out = sys.argv[1], sys.argv[2]
+t0 = time.perf_counter()
+template = np.asarray(zarr.open_array(store, path="template/image", mode="r")[:], np.float64)
+science = np.asarray(zarr.open_array(store, path="science/image", mode="r")[:], np.float64)
+k = np.exp(-0.5 * (np.arange(-10, 11) / 2.0) ** 2)
+kernel = np.outer(k, k) / np.outer(k, k).sum()
+diff = (science - fftconvolve(template, kernel, mode="same")).astype(np.float32)
+zarr.create_array(out, shape=diff.shape, chunks=(512, 512), dtype=np.float32)[:] = diff
+print(time.perf_counter() - t0)
+"""
+
+
+def limit_seconds(store: Path, tmp: Path) -> float:
+    """The least work of any subtraction, in a fresh process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LIMIT, str(store), str(tmp / "limit.zarr")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def hotpants_seconds(exposures: dict, tmp: Path) -> str:
+    """Wall time of HOTPANTS on the same pair, or why it was skipped."""
+    exe = shutil.which("hotpants")
+    if exe is None:
+        return "skipped (no hotpants executable on PATH)"
+    from astropy.io import fits
+
+    paths = {}
+    for name, exp in exposures.items():
+        paths[name] = tmp / f"{name}.fits"
+        fits.writeto(paths[name], exp.masked_image.image.astype(np.float32), overwrite=True)
+    t0 = time.perf_counter()
+    subprocess.run(
+        [exe, "-inim", str(paths["science"]), "-tmplim", str(paths["template"]),
+         "-outim", str(tmp / "hp_diff.fits"), "-n", "i", "-c", "t"],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    return f"{time.perf_counter() - t0:.2f} s"
+
+
+def sfft_note() -> str:
+    if importlib.util.find_spec("sfft") is None:
+        return "skipped (the sfft package is not installed)"
+    return "installed, but not run: its CPU backend needs ~11 GB at 2048^2 (see issue 7)"
 
 
 def _warm_up() -> None:
@@ -91,18 +156,20 @@ def main(sizes: list[int]) -> None:
         f"{'size':>6} {'workers':>7} {'check':>6} {'cells':>6} {'reduce':>6} {'tiles':>6} "
         f"{'wall s':>7} {'worker GB':>12} {'good/cand':>10} {'mean z':>7} {'rstd z':>7}"
     )
+    totals: dict[int, float] = {}
     for n in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             store = Path(tmp) / "pair.zarr"
-            t0 = time.perf_counter()
-            sources = make_store(n, store)
-            print(f"# {n}x{n} pair simulated and stored in {time.perf_counter() - t0:.1f} s")
+            sources, ingest, exposures = make_store(n, store)
+            limit = limit_seconds(store, Path(tmp))
+            print(f"# {n}x{n}: ingest (both images to Zarr) {ingest:.2f} s; limit {limit:.2f} s; "
+                  f"HOTPANTS {hotpants_seconds(exposures, Path(tmp))}; SFFT {sfft_note()}")
             print(header)
             print("-" * len(header))
-            runs = {}
+            runs, walls = {}, {}
             for workers in (1, 2):
                 res, wall, memory = run(store, Path(tmp) / f"out{workers}.zarr", sources, workers)
-                runs[workers] = res
+                runs[workers], walls[workers] = res, wall
                 t = res.timings
                 meta = res.result.metadata
                 r = res.summary["residuals"]
@@ -122,9 +189,14 @@ def main(sizes: list[int]) -> None:
                 f"speed-up 1 -> 2 workers: cells {one['cells'] / two['cells']:.2f}x, "
                 f"tiles {one['tiles'] / two['tiles']:.2f}x, "
                 f"cells+tiles {both:.2f}x, "
-                f"total {one['total'] / two['total']:.2f}x; identical kernels: {same}"
+                f"total {one['total'] / two['total']:.2f}x; identical kernels: {same}; "
+                f"2 workers / limit = {walls[2] / limit:.2f}"
             )
+            totals[n] = walls[2]
+    if 2048 in totals and 4096 in totals:
+        print(f"time(4096) / time(2048) with 2 workers = {totals[4096] / totals[2048]:.2f}")
+    print(json.dumps({"walls_2_workers": totals}))
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]] or [4096])
+    main([int(a) for a in sys.argv[1:]] or [1024, 2048, 4096])
