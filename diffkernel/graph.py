@@ -149,10 +149,18 @@ def _read_array(ref: tuple[str, str], y0: int, y1: int, x0: int, x1: int) -> np.
     return np.asarray(zarr.open_array(path, path=name, mode="r")[y0:y1, x0:x1], dtype=np.float64)
 
 
-def default_tile_size(chunks: tuple[int, int]) -> int:
-    """The largest multiple of the chunk side not above 1024 (at least one chunk)."""
-    c = int(chunks[0])
-    return c * max(1, 1024 // c)
+def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = None) -> int:
+    """Subtraction tile side: a multiple of the chunk side, at most 1024.
+
+    The largest such tile, unless the image would then have fewer than four tiles
+    (too few to keep two workers busy), when the largest one that gives four is taken.
+    """
+    c = max(int(chunks[0]), int(chunks[1]))
+    tile = c * max(1, 1024 // c)
+    if shape is not None:
+        while tile > c and -(-shape[0] // tile) * -(-shape[1] // tile) < 4:
+            tile -= c
+    return tile
 
 
 @contextlib.contextmanager
@@ -409,7 +417,7 @@ def run_pair(
     cfg.validate()
     sci = _open(science, "science")
     tmpl = _open(template, "template")
-    tile = default_tile_size(sci.chunks) if tile_size is None else int(tile_size)
+    tile = default_tile_size(sci.chunks, sci.shape) if tile_size is None else int(tile_size)
     if tile <= 0 or tile % sci.chunks[0] or tile % sci.chunks[1]:
         raise ConfigError(
             f"tile_size {tile} must be a positive multiple of the science chunks {sci.chunks} "

@@ -367,3 +367,16 @@ def test_identical_runs_at_once_on_one_client(pair, client, tmp_path):
         np.testing.assert_array_equal(
             other.result.solution.kernel_coeffs, runs[0].result.solution.kernel_coeffs
         )
+
+
+def test_default_tile_size():
+    """Chunk multiples up to 1024, smaller when the image would get fewer than 4 tiles."""
+    from diffkernel.graph import default_tile_size
+
+    assert default_tile_size((512, 512)) == 1024
+    assert default_tile_size((512, 512), (4096, 4096)) == 1024
+    assert default_tile_size((512, 512), (1024, 1024)) == 512
+    assert default_tile_size((128, 128), (600, 600)) == 512
+    assert default_tile_size((128, 128), (400, 400)) == 384
+    assert default_tile_size((300, 300), (300, 300)) == 300
+    assert default_tile_size((64, 64), (320, 352)) == 128
