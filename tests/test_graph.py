@@ -379,4 +379,4 @@ def test_default_tile_size():
     assert default_tile_size((128, 128), (600, 600)) == 512
     assert default_tile_size((128, 128), (400, 400)) == 384
     assert default_tile_size((300, 300), (300, 300)) == 300
-    assert default_tile_size((64, 64), (320, 352)) == 128
+    assert default_tile_size((64, 64), (320, 352)) == 256
