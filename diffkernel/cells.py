@@ -29,7 +29,7 @@ from .candidate import (
 from .errors import NoCandidatesError
 from .fit import fit_single_kernels
 from .image import MaskedImage
-from .selection import assign_cells, core_flux_snr, vet_positions
+from .selection import assign_cells, core_flux_snr, place_centres, vet_positions
 from .solve import BAD, CandidateSet, SolveOutcome, solve
 
 __all__ = [
@@ -171,16 +171,7 @@ def place_sources(
     cell : numpy.ndarray
         Cell index of sources with ``reason == ''``, -1 for the others.
     """
-    ny, nx = plan.shape
-    n = len(x)
-    reason = np.full(n, "", dtype=object)
-    finite = np.isfinite(x) & np.isfinite(y)
-    reason[~finite] = "not finite"
-    xc = np.where(finite, np.round(np.where(finite, x, 0)), 0).astype(np.intp)
-    yc = np.where(finite, np.round(np.where(finite, y, 0)), 0).astype(np.intp)
-    m = plan.margin
-    inside = (xc - m >= 0) & (yc - m >= 0) & (xc + m < nx) & (yc + m < ny)
-    reason[(reason == "") & ~inside] = "edge"
+    xc, yc, reason = place_centres(x, y, plan.shape, plan.margin)
     kcfg = plan.kernel_config
     cell = np.where(
         reason == "",

@@ -15,7 +15,13 @@ from astropy.table import Table
 from .errors import InputError
 from .image import Exposure, MaskedImage
 
-__all__ = ["source_positions", "vet_positions", "assign_cells", "core_flux_snr"]
+__all__ = [
+    "source_positions",
+    "place_centres",
+    "vet_positions",
+    "assign_cells",
+    "core_flux_snr",
+]
 
 
 def source_positions(sources: Table, science: Exposure) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +67,25 @@ def _coordinate_column(sources: Table, name: str) -> np.ndarray:
     return column.astype(np.float64)
 
 
+def place_centres(
+    x: np.ndarray, y: np.ndarray, shape: tuple[int, int], margin: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounded integer centres, and 'not finite' or 'edge' where a source cannot be used.
+
+    'edge' means the ``(2 margin + 1)^2`` box around the centre leaves the image.
+    Centres of non-finite positions are 0.
+    """
+    ny, nx = shape
+    reason = np.full(len(x), "", dtype=object)
+    finite = np.isfinite(x) & np.isfinite(y)
+    reason[~finite] = "not finite"
+    xc = np.where(finite, np.round(np.where(finite, x, 0)), 0).astype(np.intp)
+    yc = np.where(finite, np.round(np.where(finite, y, 0)), 0).astype(np.intp)
+    inside = (xc - margin >= 0) & (yc - margin >= 0) & (xc + margin < nx) & (yc + margin < ny)
+    reason[(reason == "") & ~inside] = "edge"
+    return xc, yc, reason
+
+
 def vet_positions(
     template: MaskedImage,
     science: MaskedImage,
@@ -81,14 +106,9 @@ def vet_positions(
     """
     ny, nx = template.shape
     n = len(x)
-    reason = np.full(n, "", dtype=object)
-    finite = np.isfinite(x) & np.isfinite(y)
-    reason[~finite] = "not finite"
-    xc = np.where(finite, np.round(np.where(finite, x, 0)), 0).astype(np.intp)
-    yc = np.where(finite, np.round(np.where(finite, y, 0)), 0).astype(np.intp)
     ht = half_stamp + half_kernel
-    inside = (xc - ht >= 0) & (yc - ht >= 0) & (xc + ht < nx) & (yc + ht < ny)
-    reason[(reason == "") & ~inside] = "edge"
+    xc, yc, reason = place_centres(x, y, template.shape, ht)
+    inside = reason == ""
     bad_t = (template.mask & template.bitmask(bad_planes)) != 0
     bad_s = (science.mask & science.bitmask(bad_planes)) != 0
     # Counting masked pixels over every cutout at once: summed-area tables.

@@ -40,17 +40,6 @@ def manifest(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client():
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
-        yield c
-
-
-@pytest.fixture(scope="module")
 def clean(manifest, client, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
     statuses = run_batch(manifest, out, client=client)

@@ -43,17 +43,6 @@ def as_float32(exposure: Exposure, wcs=None) -> Exposure:
 
 
 @pytest.fixture(scope="module")
-def client():
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        distributed.Client(cluster) as c,
-    ):
-        yield c
-
-
-@pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     sim = make_pair(SHAPE, seed=31, template_depth=4, wcs=True)
     template, science = as_float32(sim.template), as_float32(sim.science)
