@@ -147,7 +147,7 @@ def fingerprint(spec: PairSpec, config: MakeKernelConfig) -> str:
 
 
 def _is_current(output: Path, print_: str) -> bool:
-    from .store import open_result, result_status
+    from .results import open_result, result_status
 
     if result_status(output) != "complete":
         return False

@@ -183,7 +183,7 @@ def _subtract(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .store import open_result, result_status
+    from .results import open_result, result_status
 
     status = result_status(args.store)
     if status != "complete":

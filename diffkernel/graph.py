@@ -15,7 +15,7 @@ the workers (no image goes through the scheduler):
    subtracts and writes its difference, variance and mask chunks.
 
 Everything is written into a partial store next to the output, which is renamed
-onto the output path only once complete (:class:`diffkernel.store.ResultWriter`).
+onto the output path only once complete (:class:`diffkernel.results.ResultWriter`).
 The tasks call the same functions as :class:`diffkernel.MakeKernelTask` on the
 same cells and regions, so the result equals the in-memory path's.
 """
@@ -44,15 +44,9 @@ from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
 from .image import MaskedImage, report_validation
 from .psf import exposure_fwhm, measure_pair_fwhm
+from .results import ResultStore, ResultWriter, open_result
 from .selection import source_positions
-from .store import (
-    ResultStore,
-    ResultWriter,
-    ZarrImage,
-    create_image_arrays,
-    open_result,
-    write_tile,
-)
+from .store import ZarrImage, create_image_arrays, write_tile
 from .subtract import (
     SubtractionKernels,
     difference_tile,

@@ -223,7 +223,7 @@ def write_plots(
     Parameters
     ----------
     result : ResultStore
-        A published result (:func:`diffkernel.store.open_result`).
+        A published result (:func:`diffkernel.results.open_result`).
     out_dir : path
         Folder for the PNGs (created).
     template, science : ZarrImage, optional

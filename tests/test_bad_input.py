@@ -33,8 +33,9 @@ from diffkernel.errors import (
 from diffkernel.fitsio import read_exposure, write_exposure
 from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
+from diffkernel.results import ResultWriter
 from diffkernel.simulate import make_pair
-from diffkernel.store import ResultWriter, ZarrImage, write_image
+from diffkernel.store import ZarrImage, write_image
 
 SHAPE = (192, 192)
 

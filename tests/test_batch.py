@@ -15,8 +15,8 @@ from diffkernel import MakeKernelConfig
 from diffkernel.batch import STATUS_FILE, read_manifest, run_batch
 from diffkernel.errors import InputError
 from diffkernel.fitsio import write_exposure
+from diffkernel.results import open_result, result_status
 from diffkernel.simulate import make_pair
-from diffkernel.store import open_result, result_status
 
 distributed = pytest.importorskip("distributed")
 

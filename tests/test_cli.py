@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffkernel.cli import main
-from diffkernel.store import open_result
+from diffkernel.results import open_result
 
 
 def test_demo_writes_a_zarr_result_and_summary(tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_inspect_reports_an_incomplete_store(tmp_path, capsys):
     """A store whose run never finished is reported INCOMPLETE with exit status 1."""
     import shutil
 
-    from diffkernel.store import ResultWriter
+    from diffkernel.results import ResultWriter
 
     writer = ResultWriter(tmp_path / "out.zarr")
     shutil.move(writer.partial_path, tmp_path / "out.zarr")  # as a crash mid-rename would

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from diffkernel.fitsio import write_exposure
+from diffkernel.results import open_result
 from diffkernel.simulate import make_pair
-from diffkernel.store import open_result
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,9 @@ import pytest
 from diffkernel import MakeKernelConfig
 from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
+from diffkernel.results import open_result, result_status
 from diffkernel.simulate import make_pair
-from diffkernel.store import open_result, result_status, write_image
+from diffkernel.store import write_image
 
 distributed = pytest.importorskip("distributed")
 

@@ -21,8 +21,9 @@ from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
 from diffkernel.errors import ConfigError, InputError, NoCandidatesError, StoreError
 from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
+from diffkernel.results import result_status
 from diffkernel.simulate import make_pair
-from diffkernel.store import ZarrImage, result_status, write_image
+from diffkernel.store import ZarrImage, write_image
 
 distributed = pytest.importorskip("distributed")
 

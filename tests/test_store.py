@@ -18,16 +18,14 @@ from diffkernel.basis import alard_lupton_basis, delta_function_basis
 from diffkernel.errors import InputError, StoreError
 from diffkernel.fitsio import from_nddata, read_exposure, to_nddata, write_exposure
 from diffkernel.image import Exposure, MaskedImage
+from diffkernel.results import ResultWriter, open_result, result_status
 from diffkernel.spatial import SpatialFunctions, SpatialSolution
 from diffkernel.store import (
     ATTR_KEY,
-    ResultWriter,
     ZarrImage,
     create_image_arrays,
     ingest,
     json_safe,
-    open_result,
-    result_status,
     write_image,
     write_tile,
 )
