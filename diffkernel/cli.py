@@ -159,6 +159,7 @@ def _subtract(args: argparse.Namespace) -> int:
             n_workers=args.workers,
             tile_size=args.tile_size,
             mode=args.mode,
+            precision=args.fft_precision,
             preconvolved=args.preconvolved,
             overwrite=args.overwrite,
             progress=not args.quiet,
@@ -336,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["convolveTemplate", "convolveScience", "auto"],
         default="auto",
         help="which image to convolve (auto: the one with the narrower PSF)",
+    )
+    subtract.add_argument(
+        "--fft-precision",
+        choices=["single", "double"],
+        default="single",
+        help="precision of the convolution FFTs (the fit is always double)",
     )
     subtract.add_argument(
         "--preconvolved", action="store_true", help="the science was convolved with its PSF"

@@ -40,6 +40,7 @@ from .align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
 from .basis import basis_from_config
 from .cells import SourcePlacement, fit_cell, reduce_cells, single_threaded_blas
 from .config import MakeKernelConfig
+from .convolve import PRECISIONS
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
 from .image import MaskedImage, report_validation
@@ -360,6 +361,7 @@ def run_pair(
     tile_size: int | None = None,
     cells_per_task: int | None = None,
     mode: str = "convolveTemplate",
+    precision: str = "single",
     preconvolved: bool = False,
     overwrite: bool = False,
     progress: bool = False,
@@ -392,6 +394,9 @@ def run_pair(
     mode : {"convolveTemplate", "convolveScience", "auto"}
         Which image is convolved (see :meth:`diffkernel.MakeKernelTask.run`); the
         choice is ``metadata["mode"]`` of the result.
+    precision : {"single", "double"}
+        Precision of the tiles' FFTs (see :func:`diffkernel.subtract_images`); the
+        kernel fit is always double precision.
     preconvolved : bool
         The science image was already convolved with its PSF.
     overwrite : bool
@@ -419,6 +424,8 @@ def run_pair(
         )
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if cells_per_task is not None and int(cells_per_task) < 1:
         raise ConfigError(f"cells_per_task must be at least 1, got {cells_per_task}")
     if sources is not None and not isinstance(sources, Table):
@@ -426,7 +433,9 @@ def run_pair(
     writer = ResultWriter(out, overwrite=overwrite)
     try:
         with connect(client, scheduler, n_workers, progress) as cl:
-            run = _Run(cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode)
+            run = _Run(
+                cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode, precision
+            )
             run.extra_provenance = dict(provenance or {})
             path, timings, summary = run.execute(sources, preconvolved)
     except BaseException:
@@ -449,8 +458,10 @@ class _Run:
         progress,
         cells_per_task=None,
         mode="convolveTemplate",
+        precision="single",
     ) -> None:
         self.cells_per_task = cells_per_task
+        self.precision = precision
         self.mode = mode
         self.client = client
         self.cfg = cfg
@@ -595,7 +606,10 @@ class _Run:
         t0 = time.perf_counter()
         # The kernels go to every worker: left on the one that made them, the tile
         # tasks would all be scheduled there (data locality).
-        kernels = cl.scatter(SubtractionKernels(outcome.solution), broadcast=True, hash=False)
+        kernels = cl.scatter(
+            SubtractionKernels(outcome.solution, self.precision), broadcast=True, hash=False
+        )
+        self.meta["fft_precision"] = self.precision
         del reduction
         # reader.template is the convolved image, reader.science the reference.
         planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)

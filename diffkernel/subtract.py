@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 
 from .convolve import (
+    PRECISIONS,
     KernelSpectra,
     convolve_region,
     spatial_term_kernels,
     variance_term_kernels,
     window,
 )
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .image import Exposure, MaskedImage, as_exposure
 
 __all__ = [
@@ -34,10 +35,23 @@ __all__ = [
 
 
 class SubtractionKernels:
-    """The solution with the kernel images every tile convolves with, computed once."""
+    """The solution with the kernel images every tile convolves with, computed once.
 
-    def __init__(self, solution) -> None:
+    Parameters
+    ----------
+    solution : SpatialSolution
+        The kernel and background model.
+    precision : {"single", "double"}
+        Precision of the tiles' FFTs (see :func:`diffkernel.convolve.convolve_region`).
+    """
+
+    def __init__(self, solution, precision: str = "single") -> None:
+        if precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
+            )
         self.solution = solution
+        self.precision = precision
         self.terms = KernelSpectra(spatial_term_kernels(solution))
         self.variance_terms = KernelSpectra(variance_term_kernels(solution))
 
@@ -133,7 +147,13 @@ def difference_tile(
     """
     solution = kernels.solution
     conv, conv_var, conv_mask = convolve_region(
-        *padded, solution, y0, x0, kernels.terms, kernels.variance_terms
+        *padded,
+        solution,
+        y0,
+        x0,
+        kernels.terms,
+        kernels.variance_terms,
+        precision=kernels.precision,
     )
     height, width = science.shape
     xs = np.arange(x0, x0 + width)
@@ -186,6 +206,7 @@ def subtract_images(
     science: MaskedImage | Exposure,
     result,
     tile_size: int = 1024,
+    precision: str = "single",
 ) -> MaskedImage:
     """Difference image of ``science`` minus the PSF-matched ``template``.
 
@@ -201,6 +222,10 @@ def subtract_images(
         Output of :meth:`MakeKernelTask.run`.
     tile_size : int
         Side of the tiles processed at a time (memory bound).
+    precision : {"single", "double"}
+        Precision of the convolution's FFTs. Single (the default) is about three
+        times faster and off by at most ~3e-5 of a pixel's noise sigma; the kernel
+        fit itself is always double precision.
 
     Returns
     -------
@@ -219,7 +244,7 @@ def subtract_images(
     diff = np.empty((ny, nx))
     var = np.empty((ny, nx))
     mask = np.empty((ny, nx), dtype=np.int32)
-    kernels = SubtractionKernels(result.spatialSolution)
+    kernels = SubtractionKernels(result.spatialSolution, precision)
     for y0 in range(0, ny, tile_size):
         for x0 in range(0, nx, tile_size):
             y1, x1 = min(y0 + tile_size, ny), min(x0 + tile_size, nx)

@@ -114,9 +114,11 @@ def test_distributed_equals_serial(pair, client, tmp_path):
     np.testing.assert_array_equal(stored.mask, diff.mask)
     finite = np.isfinite(diff.image)
     assert (np.isfinite(stored.image) == finite).all()
-    scale = np.abs(diff.image[finite]).max()
-    np.testing.assert_allclose(stored.image[finite], diff.image[finite], rtol=0, atol=1e-6 * scale)
-    np.testing.assert_allclose(stored.variance[finite], diff.variance[finite], rtol=1e-6)
+    # Single-precision FFTs on other tile sizes, and float32 storage: equal to far
+    # below the noise (1e-4 sigma).
+    sigma = np.sqrt(diff.variance[finite])
+    assert np.max(np.abs(stored.image[finite] - diff.image[finite]) / sigma) < 1e-4
+    np.testing.assert_allclose(stored.variance[finite], diff.variance[finite], rtol=1e-5)
     # The residuals are what the engine promises.
     res = out.summary["residuals"]
     assert abs(res["median"]) < 0.05 and 0.9 < res["robust_std"] < 1.1
@@ -138,7 +140,8 @@ def test_tile_size_and_workers_do_not_change_the_result(pair, client, tmp_path):
     da = a.result.difference.read(0, SHAPE[0], 0, SHAPE[1])
     db = b.result.difference.read(0, SHAPE[0], 0, SHAPE[1])
     finite = np.isfinite(da.image)
-    np.testing.assert_allclose(da.image[finite], db.image[finite], rtol=1e-5, atol=1e-4)
+    sigma = np.sqrt(da.variance[finite])
+    assert np.max(np.abs(da.image[finite] - db.image[finite]) / sigma) < 1e-4
     np.testing.assert_array_equal(da.mask, db.mask)
 
 

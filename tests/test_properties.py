@@ -193,7 +193,9 @@ def test_fit_invariant_to_source_order_with_measured_fwhm(crowded_pair, referenc
 @pytest.fixture(scope="module")
 def whole_difference(pair, reference):
     _, result = reference
-    return subtract_images(pair.template, pair.science, result, tile_size=1024)
+    return subtract_images(
+        pair.template, pair.science, result, tile_size=1024, precision="double"
+    )
 
 
 @settings(max_examples=12, deadline=None)
@@ -201,7 +203,9 @@ def whole_difference(pair, reference):
 def test_difference_invariant_to_tile_size(pair, reference, whole_difference, tile_size):
     """subtract_images gives the same difference, variance and mask for every tile size."""
     _, result = reference
-    diff = subtract_images(pair.template, pair.science, result, tile_size=tile_size)
+    diff = subtract_images(
+        pair.template, pair.science, result, tile_size=tile_size, precision="double"
+    )
     ref = whole_difference
     np.testing.assert_array_equal(diff.mask, ref.mask)
     np.testing.assert_array_equal(np.isnan(diff.image), np.isnan(ref.image))
@@ -210,3 +214,17 @@ def test_difference_invariant_to_tile_size(pair, reference, whole_difference, ti
     scale = np.abs(ref.image[finite]).max()
     np.testing.assert_allclose(diff.image[finite], ref.image[finite], rtol=1e-9, atol=1e-9 * scale)
     np.testing.assert_allclose(diff.variance[finite], ref.variance[finite], rtol=1e-9)
+
+
+def test_single_precision_ffts_stay_far_below_the_noise(pair, reference, whole_difference):
+    """The default single-precision convolution differs from double by < 1e-4 sigma."""
+    _, result = reference
+    single = subtract_images(pair.template, pair.science, result, tile_size=64)
+    finite = np.isfinite(whole_difference.image)
+    np.testing.assert_array_equal(np.isfinite(single.image), finite)
+    np.testing.assert_array_equal(single.mask, whole_difference.mask)
+    sigma = np.sqrt(whole_difference.variance[finite])
+    assert np.max(np.abs(single.image[finite] - whole_difference.image[finite]) / sigma) < 1e-4
+    np.testing.assert_allclose(
+        single.variance[finite], whole_difference.variance[finite], rtol=1e-5
+    )
