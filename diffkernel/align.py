@@ -19,7 +19,7 @@ import numpy as np
 from reproject import reproject_interp
 
 from .errors import InputError
-from .image import Exposure, MaskedImage
+from .image import Exposure, MaskedImage, with_mask_planes
 
 __all__ = [
     "warp_exposure",
@@ -117,10 +117,7 @@ def warp_region(
         Whether any template pixel landed in the tile.
     """
     shape = (y1 - y0, x1 - x0)
-    planes = dict(template_planes)
-    for name in ("NO_DATA", "EDGE"):
-        if name not in planes:
-            planes[name] = next(b for b in range(31) if b not in planes.values())
+    planes = with_mask_planes(template_planes, ("NO_DATA", "EDGE"))
     margin = max(_MARGIN[config.warpingKernelName], _MARGIN[config.maskWarpingKernelName])
     box = _footprint_box(template_wcs, template_shape, science_wcs, y0, y1, x0, x1, margin)
     image = np.full(shape, np.nan)

@@ -195,7 +195,7 @@ def _run_one(
     from astropy.table import Table
 
     from .graph import run_pair
-    from .store import ZarrImage, ingest
+    from .store import open_input
 
     if stop.is_set():
         return
@@ -207,15 +207,10 @@ def _run_one(
     book.update(status, state="running", fingerprint=print_)
     work = spec.output.parent / f".{spec.output.name}.inputs-{uuid.uuid4().hex[:8]}"
     try:
-        images = []
-        for name, value in (("science", spec.science), ("template", spec.template)):
-            location, _, group = value.partition("#")
-            path = Path(location)
-            if path.is_file():
-                work.mkdir(parents=True, exist_ok=True)
-                images.append(ingest(path, work / f"{name}.zarr", chunks=chunks))
-            else:
-                images.append(ZarrImage.open(path, group or None))
+        images = [
+            open_input(value, work, name, chunks)
+            for name, value in (("science", spec.science), ("template", spec.template))
+        ]
         sources = Table.read(spec.sources) if spec.sources else None
         spec.output.parent.mkdir(parents=True, exist_ok=True)
         run = run_pair(

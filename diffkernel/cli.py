@@ -93,26 +93,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_fits(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and name.endswith((".fits", ".fit", ".fts", ".fits.gz", ".fits.fz"))
-
-
-def _open_input(path: str, work: Path, name: str, chunks: int):
-    """A ZarrImage for a FITS file (ingested into ``work``) or a Zarr image group.
-
-    ``path`` may name a group inside a store as ``store.zarr#group``.
-    """
-    from .store import ZarrImage, ingest
-
-    location, _, group = path.partition("#")
-    source = Path(location)
-    if _is_fits(source):
-        work.mkdir(parents=True, exist_ok=True)
-        return ingest(source, work / f"{name}.zarr", chunks=chunks)
-    return ZarrImage.open(source, group or None)
-
-
 def _load_config(path: str | None):
     from .config import MakeKernelConfig
 
@@ -141,14 +121,15 @@ def _subtract(args: argparse.Namespace) -> int:
     from .fitsio import write_exposure
     from .graph import run_pair
     from .image import Exposure
+    from .store import open_input
 
     cfg = _load_config(args.config)
     out = Path(args.out)
     sources = Table.read(args.sources) if args.sources else None
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
     try:
-        science = _open_input(args.science, work, "science", args.chunks)
-        template = _open_input(args.template, work, "template", args.chunks)
+        science = open_input(args.science, work, "science", args.chunks)
+        template = open_input(args.template, work, "template", args.chunks)
         run = run_pair(
             science,
             template,

@@ -43,7 +43,7 @@ from .config import MakeKernelConfig
 from .convolve import PRECISIONS
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
-from .image import MaskedImage, report_validation
+from .image import MaskedImage, report_validation, with_mask_planes
 from .psf import exposure_fwhm, measure_pair_fwhm
 from .results import ResultStore, ResultWriter, open_result
 from .selection import source_positions
@@ -614,7 +614,7 @@ class _Run:
         # reader.template is the convolved image, reader.science the reference.
         planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)
         self.writer.create_difference(
-            sci.shape, sci.chunks, planes, _wcs_header(sci), sci.origin, sci.meta
+            sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta
         )
         tile_reader = ZarrPair(
             reader.template,
@@ -694,10 +694,7 @@ class _Run:
 
     def _align(self, tmpl: ZarrImage, sci: ZarrImage) -> ZarrImage:
         check_wcs(tmpl.wcs, sci.wcs)
-        planes = dict(tmpl.mask_planes)
-        for name in ("NO_DATA", "EDGE"):
-            if name not in planes:
-                planes[name] = next(b for b in range(31) if b not in planes.values())
+        planes = with_mask_planes(tmpl.mask_planes, ("NO_DATA", "EDGE"))
         chunk = sci.chunks[0] if WARP_TILE % sci.chunks[0] == 0 else 256
         import zarr
 
@@ -708,7 +705,7 @@ class _Run:
             sci.shape,
             (chunk, chunk),
             planes,
-            wcs_header=_wcs_header(sci),
+            wcs_header=sci.wcs,
             origin=sci.origin,
             dtype=np.float64,
             meta=tmpl.meta,
@@ -771,13 +768,6 @@ class _Run:
         for item in cells:
             groups.setdefault(self._chunk_of(item[0], chunks), []).append(item)
         return list(groups.values())
-
-
-def _wcs_header(image: ZarrImage) -> dict | None:
-    wcs = image.wcs
-    if wcs is None:
-        return None
-    return {k: v for k, v in wcs.to_header(relax=True).items()}
 
 
 def _summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:

@@ -15,7 +15,22 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MASK_PLANES", "MaskedImage", "Exposure", "report_validation"]
+__all__ = [
+    "DEFAULT_MASK_PLANES",
+    "MaskedImage",
+    "Exposure",
+    "report_validation",
+    "with_mask_planes",
+]
+
+
+def with_mask_planes(planes: Mapping[str, int], names: Iterable[str]) -> dict[str, int]:
+    """``planes`` plus each of ``names`` it lacks, on the lowest free bits, in order."""
+    out = dict(planes)
+    for name in names:
+        if name not in out:
+            out[name] = next(b for b in range(31) if b not in out.values())
+    return out
 
 
 def report_validation(name: str, counts: dict[str, int], bad_planes: Iterable[str]) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "clear_chunk_cache",
     "create_image_arrays",
     "ingest",
+    "open_input",
     "json_safe",
     "write_image",
     "write_tile",
@@ -586,6 +587,30 @@ def ingest(
             f"got {type(source).__name__}"
         )
     return write_image(path, data, chunks=chunks, overwrite=overwrite)
+
+
+def open_input(
+    spec: str | os.PathLike, work: PathLike, name: str, chunks: Chunks = DEFAULT_CHUNKS
+) -> ZarrImage:
+    """An input image as a Zarr image group: a FITS file is ingested into ``work``.
+
+    Parameters
+    ----------
+    spec : str or path
+        A FITS file, a Zarr image store, or a group of one as ``store.zarr#group``.
+    work : path
+        Folder for ingested FITS inputs (created when needed).
+    name : str
+        Name of the ingested store (``work/<name>.zarr``).
+    chunks : int
+        Chunk side of an ingested store.
+    """
+    location, _, group = os.fspath(spec).partition("#")
+    source = Path(location)
+    if source.is_file():
+        Path(work).mkdir(parents=True, exist_ok=True)
+        return ingest(source, Path(work) / f"{name}.zarr", chunks=chunks)
+    return ZarrImage.open(source, group or None)
 
 
 def create_image_arrays(

@@ -20,7 +20,7 @@ from .convolve import (
     window,
 )
 from .errors import ConfigError, InputError
-from .image import Exposure, MaskedImage, as_exposure
+from .image import Exposure, MaskedImage, as_exposure, with_mask_planes
 
 __all__ = [
     "subtract_images",
@@ -63,11 +63,7 @@ class SubtractionKernels:
 
 def merged_mask_planes(science_planes: dict, template_planes: dict) -> dict[str, int]:
     """The science's mask planes plus any template plane it lacks, and NO_DATA and EDGE."""
-    planes = dict(science_planes)
-    for name in list(template_planes) + ["NO_DATA", "EDGE"]:
-        if name not in planes:
-            planes[name] = next(b for b in range(31) if b not in planes.values())
-    return planes
+    return with_mask_planes(science_planes, [*template_planes, "NO_DATA", "EDGE"])
 
 
 def prepare_template(

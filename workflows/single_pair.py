@@ -20,15 +20,7 @@ from diffkernel import MakeKernelConfig
 from diffkernel.fitsio import write_exposure
 from diffkernel.graph import run_pair
 from diffkernel.image import Exposure
-from diffkernel.store import ZarrImage, ingest
-
-
-def open_image(path: str, work: Path, name: str) -> ZarrImage:
-    """A Zarr image group for a FITS file (ingested into ``work``) or a Zarr store."""
-    location, _, group = path.partition("#")
-    if Path(location).is_file():
-        return ingest(location, work / f"{name}.zarr")
-    return ZarrImage.open(location, group or None)
+from diffkernel.store import open_input
 
 
 def main() -> None:
@@ -49,8 +41,8 @@ def main() -> None:
         field, _, value = item.partition("=")
         config.set(field, json.loads(value) if value[:1] in "[{0123456789-tfn" else value)
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as work:
-        science = open_image(args.science, Path(work), "science")
-        template = open_image(args.template, Path(work), "template")
+        science = open_input(args.science, work, "science")
+        template = open_input(args.template, work, "template")
         run = run_pair(
             science, template, args.out, config=config,
             scheduler=args.scheduler, n_workers=args.workers, progress=True,
