@@ -43,7 +43,7 @@ from .config import MakeKernelConfig
 from .convolve import PRECISIONS
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
-from .image import MaskedImage, report_validation, with_mask_planes
+from .image import MaskedImage, pixel_validation_counts, report_validation, with_mask_planes
 from .psf import exposure_fwhm, measure_pair_fwhm
 from .results import ResultStore, ResultWriter, open_result
 from .selection import source_positions
@@ -230,15 +230,28 @@ def _open(image, name: str) -> ZarrImage:
 def _check_tile(
     image: ZarrImage, y0: int, y1: int, x0: int, x1: int, exempt
 ) -> tuple[dict[str, int], dict[str, str]]:
-    """Validation counts of one tile, and the SHA-256 of each of its planes."""
+    """Validation counts of one tile, and the SHA-256 of each of its planes.
+
+    The planes are checked and hashed in their stored dtype: no float64 copy, and the
+    digest covers the bytes of the store's values (with their dtype).
+    """
     import hashlib
 
-    tile = image.read(y0, y1, x0, x1)
-    digests = {
-        name: hashlib.sha256(np.ascontiguousarray(getattr(tile, name)).tobytes()).hexdigest()
-        for name in ("image", "variance", "mask")
-    }
-    return tile.validation_counts(exempt), digests
+    planes = image.read_planes(y0, y1, x0, x1)
+    digests = {}
+    for name, values in planes.items():
+        values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+        sha = hashlib.sha256(values.dtype.str.encode())
+        sha.update(memoryview(values).cast("B"))
+        digests[name] = sha.hexdigest()
+    exempt_bits = 0
+    for plane in exempt:
+        if plane in image.mask_planes:
+            exempt_bits |= 1 << image.mask_planes[plane]
+    counts = pixel_validation_counts(
+        planes["image"], planes["variance"], planes["mask"], exempt_bits
+    )
+    return counts, digests
 
 
 def _combine_digests(image: ZarrImage, name: str, tiles: list[dict[str, str]]) -> str:
@@ -433,9 +446,7 @@ def run_pair(
     writer = ResultWriter(out, overwrite=overwrite)
     try:
         with connect(client, scheduler, n_workers, progress) as cl:
-            run = _Run(
-                cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode, precision
-            )
+            run = _Run(cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode, precision)
             run.extra_provenance = dict(provenance or {})
             path, timings, summary = run.execute(sources, preconvolved)
     except BaseException:
@@ -613,9 +624,7 @@ class _Run:
         del reduction
         # reader.template is the convolved image, reader.science the reference.
         planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)
-        self.writer.create_difference(
-            sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta
-        )
+        self.writer.create_difference(sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta)
         tile_reader = ZarrPair(
             reader.template,
             reader.science,
@@ -827,4 +836,3 @@ def _provenance(science: ZarrImage, template: ZarrImage, checksums: dict) -> dic
             "template": describe("template", template),
         },
     }
-

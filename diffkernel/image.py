@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MASK_PLANES",
     "MaskedImage",
     "Exposure",
+    "pixel_validation_counts",
     "report_validation",
     "with_mask_planes",
 ]
@@ -249,15 +250,32 @@ class MaskedImage:
             ``used`` (pixels not exempt), ``nan_image``, ``nonfinite_variance`` and
             ``nonpositive_variance`` among the used pixels.
         """
-        used = (self.mask & self.bitmask(bad_planes)) == 0
-        var = self.variance[used]
-        finite_var = np.isfinite(var)
-        return {
-            "used": int(used.sum()),
-            "nan_image": int((used & ~np.isfinite(self.image)).sum()),
-            "nonfinite_variance": int((~finite_var).sum()),
-            "nonpositive_variance": int((finite_var & (var <= 0)).sum()),
-        }
+        return pixel_validation_counts(
+            self.image, self.variance, self.mask, self.bitmask(bad_planes)
+        )
+
+
+def pixel_validation_counts(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, exempt_bits: int
+) -> dict[str, int]:
+    """:meth:`MaskedImage.validation_counts` of raw planes in any real dtype.
+
+    Parameters
+    ----------
+    image, variance, mask : numpy.ndarray
+        The planes of one region (float32 or float64 pixels, integer mask).
+    exempt_bits : int
+        Mask bits whose pixels are not checked.
+    """
+    used = (mask & exempt_bits) == 0
+    var = variance[used]
+    finite_var = np.isfinite(var)
+    return {
+        "used": int(used.sum()),
+        "nan_image": int((used & ~np.isfinite(image)).sum()),
+        "nonfinite_variance": int((~finite_var).sum()),
+        "nonpositive_variance": int((finite_var & (var <= 0)).sum()),
+    }
 
 
 FwhmModel = float | Callable[[float, float], float]

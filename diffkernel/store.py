@@ -1033,6 +1033,14 @@ class ZarrImage:
         image, variance, mask = (read(name, box) for name in IMAGE_ARRAYS)
         return MaskedImage(image, variance, mask, self.mask_planes)
 
+    def read_planes(self, y0: int, y1: int, x0: int, x1: int) -> dict[str, np.ndarray]:
+        """The region's ``image``, ``variance`` and ``mask`` as stored (no conversion).
+
+        For reading pixels only to check or hash them: no float64 copy is made.
+        """
+        box = _check_box((y0, y1, x0, x1), self.shape)
+        return {name: self._read_direct(name, box) for name in IMAGE_ARRAYS}
+
     def _read_direct(self, name: str, box: tuple[int, int, int, int]) -> np.ndarray:
         y0, y1, x0, x1 = box
         return self._array(name)[y0:y1, x0:x1]

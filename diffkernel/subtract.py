@@ -16,7 +16,7 @@ from .convolve import (
     KernelSpectra,
     convolve_region,
     spatial_term_kernels,
-    variance_term_kernels,
+    variance_model,
     window,
 )
 from .errors import ConfigError, InputError
@@ -47,13 +47,13 @@ class SubtractionKernels:
 
     def __init__(self, solution, precision: str = "single") -> None:
         if precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}"
-            )
+            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.solution = solution
         self.precision = precision
         self.terms = KernelSpectra(spatial_term_kernels(solution))
-        self.variance_terms = KernelSpectra(variance_term_kernels(solution))
+        model = variance_model(solution)
+        model.shapes = KernelSpectra(model.shapes)
+        self.variance = model
 
     @property
     def half(self) -> int:
@@ -148,7 +148,7 @@ def difference_tile(
         y0,
         x0,
         kernels.terms,
-        kernels.variance_terms,
+        kernel_squared=kernels.variance,
         precision=kernels.precision,
     )
     height, width = science.shape
