@@ -18,6 +18,7 @@ the PCA refit run on these small matrices only.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
     "CandidateStats",
     "cut_stamps",
     "convolve_stamps",
+    "convolve_basis",
     "compute_stats",
     "core_selector",
     "local_background_columns",
@@ -124,6 +126,53 @@ def _toeplitz_valid(filters: np.ndarray, n_in: int) -> np.ndarray:
     return a
 
 
+@dataclass(frozen=True)
+class _SeparablePlan:
+    """The 1-D passes of a separable basis for cutouts of one size.
+
+    Attributes
+    ----------
+    x_matrix : numpy.ndarray
+        ``(Ht, n_fx * S)``: the unique x filters' 'valid' convolution matrices, side
+        by side, so the x pass of every row of every cutout is one matrix product.
+    y_matrices : numpy.ndarray
+        ``(n_fy, S, Ht)``: the unique y filters' matrices.
+    groups : tuple
+        Per unique y filter ``u``: ``(u, natives, x_filters)``, the native functions
+        whose y factor is ``u`` and the indices of their x factors.
+    """
+
+    x_matrix: np.ndarray
+    y_matrices: np.ndarray
+    groups: tuple
+
+
+_PLANS: dict[tuple, _SeparablePlan] = {}
+
+
+def _separable_plan(fx: np.ndarray, fy: np.ndarray, ht: int) -> _SeparablePlan:
+    """The (cached) :class:`_SeparablePlan` of filters ``fx``, ``fy`` for cutouts of ``ht``."""
+    key = (fx.shape, fx.tobytes(), fy.tobytes(), ht)
+    plan = _PLANS.get(key)
+    if plan is None:
+        # Unique 1-D filters: many native functions share their x (or y) factor.
+        ux, ix = np.unique(fx, axis=0, return_inverse=True)
+        uy, iy = np.unique(fy, axis=0, return_inverse=True)
+        ix, iy = ix.ravel(), iy.ravel()
+        ax = _toeplitz_valid(ux, ht)  # (nfx, S, Ht)
+        groups = []
+        for u in range(len(uy)):
+            natives = np.flatnonzero(iy == u)
+            groups.append((u, natives, ix[natives]))
+        plan = _SeparablePlan(
+            np.ascontiguousarray(ax.reshape(-1, ht).T), _toeplitz_valid(uy, ht), tuple(groups)
+        )
+        if len(_PLANS) >= 8:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
+
 def convolve_stamps(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarray:
     """Convolve template cutouts with every *native* function of ``basis``.
 
@@ -144,17 +193,16 @@ def convolve_stamps(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndar
     n, ht, _ = tc.shape
     s = ht - k + 1
     if basis.separable is not None:
-        fx, fy = basis.separable
-        # Unique 1-D filters: many native functions share their x (or y) factor.
-        ux, ix = np.unique(fx, axis=0, return_inverse=True)
-        uy, iy = np.unique(fy, axis=0, return_inverse=True)
-        ax = _toeplitz_valid(ux, ht)  # (nfx, S, Ht)
-        ay = _toeplitz_valid(uy, ht)  # (nfy, S, Ht)
-        # x pass: (N, Ht, Ht) @ (Ht, nfx*S) -> (N, Ht, nfx, S)
-        xpass = (tc.reshape(n * ht, ht) @ ax.reshape(-1, ht).T).reshape(n, ht, len(ux), s)
-        out = np.empty((n, len(fx), s, s))
-        for r in range(len(fx)):
-            out[:, r] = np.matmul(ay[iy.ravel()[r]], xpass[:, :, ix.ravel()[r], :])
+        plan = _separable_plan(*basis.separable, ht)
+        n_fx = plan.x_matrix.shape[1] // s
+        # x pass of every row of every cutout: (N Ht, Ht) @ (Ht, n_fx S).
+        xpass = (tc.reshape(n * ht, ht) @ plan.x_matrix).reshape(n, ht, n_fx, s)
+        out = np.empty((n, basis.n_native, s, s))
+        # y pass, one product per unique y filter over all the x filters it pairs with.
+        for u, natives, x_filters in plan.groups:
+            picked = xpass[:, :, x_filters, :].reshape(n, ht, len(natives) * s)
+            block = np.matmul(plan.y_matrices[u], picked).reshape(n, s, len(natives), s)
+            out[:, natives] = block.transpose(0, 2, 1, 3)
         return out
     if basis.kind == "delta-function":
         windows = sliding_window_view(tc, (s, s), axis=(1, 2))  # (N, K, K, S, S)
@@ -162,6 +210,18 @@ def convolve_stamps(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndar
     # Generic native images: direct valid convolution through windows.
     windows = sliding_window_view(tc, (s, s), axis=(1, 2))[:, ::-1, ::-1]
     return np.einsum("rji,njixy->nrxy", basis.native_images, windows, optimize=True)
+
+
+def convolve_basis(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarray:
+    """Template cutouts convolved with every kernel of ``basis``, ``(N, n_basis, S, S)``.
+
+    The native convolutions (:func:`convolve_stamps`) combined by the basis
+    transform in one batched matrix product.
+    """
+    native = convolve_stamps(basis, template_cutouts)
+    n, n_native, s, _ = native.shape
+    out = np.matmul(basis.transform.T, native.reshape(n, n_native, s * s))
+    return out.reshape(n, basis.size, s, s)
 
 
 def core_selector(stamp_size: int, core_radius: int) -> np.ndarray:
@@ -309,24 +369,35 @@ def compute_stats(
     """
     n, nk, s, _ = convolved.shape
     p = s * s
-    c = convolved.reshape(n, nk, p)
-    n_bg = 0
-    if background_order is not None:
-        cols = local_background_columns(s, background_order)
-        n_bg = cols.shape[0]
-        c = np.concatenate([c, np.broadcast_to(cols, (n, n_bg, p))], axis=1)
     sci = science.reshape(n, p)
     var = variance.reshape(n, p)
     w = 1.0 / var
-    ct = np.swapaxes(c, 1, 2)
-    m_w = np.matmul(c * w[:, None, :], ct)
-    b_w = np.einsum("njp,np->nj", c, w * sci)
+    sig_inv = np.sqrt(w)
+    n_bg = 0
+    cols = None
+    if background_order is not None:
+        cols = local_background_columns(s, background_order)
+        n_bg = cols.shape[0]
+    # The whitened design matrix A = C W^1/2, built in place (kernel columns, then the
+    # background's): every weighted moment is a product of A with itself or with the
+    # whitened science, one batched BLAS product each.
+    c = np.empty((n, nk + n_bg, p))
+    c[:, :nk] = convolved.reshape(n, nk, p)
+    if cols is not None:
+        c[:, nk:] = cols
+    a = c * sig_inv[:, None, :]
+    z = sci * sig_inv
+    m_w = b_w = None
+    if not constant_variance_weighting or stats_selector is None:
+        # (With constant weighting and core statistics, nothing uses them.)
+        m_w = np.matmul(a, np.swapaxes(a, 1, 2))
+        b_w = np.matmul(a, z[:, :, None])[:, :, 0]
     if constant_variance_weighting:
         w_const = 1.0 / var.mean(axis=1)
-        m_fit = np.matmul(c, ct) * w_const[:, None, None]
-        b_fit = np.einsum("njp,np->nj", c, sci) * w_const[:, None]
+        m_fit = np.matmul(c, np.swapaxes(c, 1, 2)) * w_const[:, None, None]
+        b_fit = np.matmul(c, sci[:, :, None])[:, :, 0] * w_const[:, None]
         m_var = (
-            np.matmul(c * (var * w_const[:, None] ** 2)[:, None, :], ct)
+            np.matmul(c * (var * w_const[:, None] ** 2)[:, None, :], np.swapaxes(c, 1, 2))
             if with_uncertainty
             else None
         )
@@ -334,30 +405,30 @@ def compute_stats(
         m_fit, b_fit = m_w, b_w
         m_var = m_w if with_uncertainty else None
     if stats_selector is None:
-        m, b, cs, ss, ws = m_w, b_w, c, sci, w
+        m, b, a_s, z_s = m_w, b_w, a, z
     else:
-        sel = np.asarray(stats_selector).reshape(p)
-        cs, ss, ws = c[:, :, sel], sci[:, sel], w[:, sel]
-        m = np.matmul(cs * ws[:, None, :], np.swapaxes(cs, 1, 2))
-        b = np.einsum("njp,np->nj", cs, ws * ss)
-    sig_inv = np.sqrt(ws)
+        sel = np.flatnonzero(np.asarray(stats_selector).reshape(p))
+        a_s, z_s = a[:, :, sel], z[:, sel]
+        m = np.matmul(a_s, np.swapaxes(a_s, 1, 2))
+        b = np.matmul(a_s, z_s[:, :, None])[:, :, 0]
     return CandidateStats(
         m_fit=m_fit,
         b_fit=b_fit,
         m=m,
         b=b,
-        sws=np.einsum("np,np->n", ws * ss, ss),
-        u=np.einsum("njp,np->nj", cs, sig_inv),
-        su=np.einsum("np,np->n", ss, sig_inv),
-        npix=np.full(n, ss.shape[1], dtype=np.float64),
+        sws=np.einsum("np,np->n", z_s, z_s),
+        u=a_s.sum(axis=2),
+        su=z_s.sum(axis=1),
+        npix=np.full(n, z_s.shape[1], dtype=np.float64),
         m_var=m_var,
         n_background=n_bg,
         stamp_half=s // 2,
     )
 
 
+@functools.lru_cache(maxsize=16)
 def local_background_columns(stamp_size: int, order: int) -> np.ndarray:
-    """Local background monomials over a stamp, ``(n_terms, S*S)``.
+    """Local background monomials over a stamp, ``(n_terms, S*S)`` (read-only, cached).
 
     Term ``(i, j)`` (ordered by total degree, as the spatial functions are) is
     ``u^i v^j`` with ``u, v`` the pixel offsets from the stamp centre divided by the
@@ -368,4 +439,6 @@ def local_background_columns(stamp_size: int, order: int) -> np.ndarray:
     off = (np.arange(stamp_size) - half) / max(half, 1)
     v, u = np.meshgrid(off, off, indexing="ij")
     powers = [(t - j, j) for t in range(order + 1) for j in range(t + 1)]
-    return np.stack([(u**i * v**j).ravel() for i, j in powers])
+    columns = np.stack([(u**i * v**j).ravel() for i, j in powers])
+    columns.flags.writeable = False
+    return columns

@@ -22,7 +22,7 @@ from .candidate import (
     CandidateStats,
     StampBatch,
     compute_stats,
-    convolve_stamps,
+    convolve_basis,
     core_selector,
     cut_stamps,
 )
@@ -251,9 +251,7 @@ def fit_cell(
 
 def candidate_stats(stamps: StampBatch, basis: KernelBasis, kcfg) -> CandidateStats:
     """Sufficient statistics of a batch, with the optional second variance pass."""
-    native = convolve_stamps(basis, stamps.template)
-    conv = np.einsum("nrys,rj->njys", native, basis.transform, optimize=True)
-    del native
+    conv = convolve_basis(basis, stamps.template)
     selector = (
         core_selector(stamps.stamp_size, kcfg.candidateCoreRadius) if kcfg.useCoreStats else None
     )

@@ -50,9 +50,10 @@ def condition_numbers(m: np.ndarray, kind: str = "EIGENVALUE") -> np.ndarray:
     """
     eq = _equilibrate(np.asarray(m, dtype=np.float64))
     if kind == "EIGENVALUE":
-        ev = np.abs(np.linalg.eigvalsh(eq))
+        signed = np.linalg.eigvalsh(eq)  # ascending
+        ev = np.abs(signed)
         # An indefinite matrix is as unusable as a singular one for a least-squares fit.
-        indefinite = np.linalg.eigvalsh(eq)[..., 0] < 0
+        indefinite = signed[..., 0] < 0
     elif kind == "SVD":
         ev = np.linalg.svd(eq, compute_uv=False)
         indefinite = np.zeros(ev.shape[:-1], dtype=bool)

@@ -163,10 +163,30 @@ def core_flux_snr(
     flat = stamps.reshape(n, s * s)
     # Taking flat indices keeps each source's pixels contiguous (a 2-D boolean index
     # lays them out transposed), which makes the median's partition several times faster.
-    sky = np.median(np.take(flat, ring, axis=1), axis=1)
+    sky = _row_medians(np.take(flat, ring, axis=1))
     flux = (np.take(flat, aperture, axis=1) - sky[:, None]).sum(axis=1)
     noise = np.sqrt(np.take(variances.reshape(n, s * s), aperture, axis=1).sum(axis=1))
     return flux, flux / noise
+
+
+def _row_medians(values: np.ndarray) -> np.ndarray:
+    """Median of each row, exactly as :func:`numpy.median` gives it.
+
+    Pixels read from float32 storage are exactly representable in float32, and a
+    vectorised float32 sort finds their middle values several times faster than
+    a float64 partition; the two middle values are then averaged in float64, so the
+    result is the same either way.
+    """
+    narrow = values.astype(np.float32)
+    if values.shape[1] == 0 or not np.array_equal(narrow, values):
+        return np.median(values, axis=1)
+    ordered = np.sort(narrow, axis=1)
+    k = values.shape[1]
+    upper = ordered[:, k // 2].astype(np.float64)
+    if k % 2:
+        return upper
+    lower = ordered[:, k // 2 - 1].astype(np.float64)
+    return (lower + upper) / 2.0
 
 
 def assign_cells(

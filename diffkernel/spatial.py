@@ -212,9 +212,12 @@ def background_local_map(
     n, n_global = len(x), functions.size
     fx = fx.reshape(n_global, n, size)
     fy = fy.reshape(n_global, n, size)
-    return np.einsum(
-        "myx,lcy,lcx->cml", proj.reshape(-1, size, size), fy, fx, optimize=True
-    )
+    n_local = proj.shape[0]
+    # Sum over x as one matrix product, (n_local size_y, size_x) @ (size_x, n_global N),
+    # then over y against fy.
+    over_x = proj.reshape(n_local * size, size) @ fx.reshape(n_global * n, size).T
+    over_x = over_x.reshape(n_local, size, n_global, n)
+    return np.einsum("mylc,lcy->cml", over_x, fy)
 
 
 def _local_order(n_local: int) -> int:

@@ -16,6 +16,7 @@ from diffkernel.candidate import (
     CandidateStats,
     StampBatch,
     compute_stats,
+    convolve_basis,
     convolve_stamps,
     core_selector,
     cut_stamps,
@@ -74,6 +75,29 @@ def test_convolve_stamps_matches_scipy_valid(cutouts, make_basis):
     np.testing.assert_allclose(
         out, reference_valid(cutouts, basis.native_images), rtol=1e-10, atol=1e-8
     )
+
+
+@pytest.mark.parametrize(
+    "make_basis",
+    [lambda: alard_lupton_basis(K, (0.8, 2.0), (2, 1)), generic_basis],
+    ids=["AL", "generic"],
+)
+def test_convolve_basis_is_the_convolution_with_each_basis_kernel(cutouts, make_basis):
+    """convolve_basis convolves with the basis kernels themselves (native @ transform)."""
+    basis = make_basis()
+    out = convolve_basis(basis, cutouts)
+    assert out.shape == (3, basis.size, S, S)
+    np.testing.assert_allclose(out, reference_valid(cutouts, basis.images), rtol=1e-9, atol=1e-7)
+
+
+def test_convolve_stamps_one_cutout_matches_a_batch(cutouts):
+    """A cutout convolved alone or in a batch gives the same values (batch-independent)."""
+    basis = alard_lupton_basis(K, (0.8, 2.0), (2, 1))
+    batch = convolve_stamps(basis, cutouts)
+    for i in range(len(cutouts)):
+        np.testing.assert_allclose(
+            convolve_stamps(basis, cutouts[i : i + 1])[0], batch[i], rtol=1e-13, atol=1e-10
+        )
 
 
 def test_convolve_stamps_asymmetric_kernel_orientation():

@@ -191,3 +191,17 @@ def test_source_positions_missing_columns(wcs_pair):
     """A table with neither x/y nor ra/dec raises InputError listing its columns."""
     with pytest.raises(InputError, match=r"needs columns x, y or ra, dec; it has \['x', 'flux'\]"):
         source_positions(Table({"x": [1.0], "flux": [2.0]}), wcs_pair.science)
+
+
+@pytest.mark.parametrize("width", [1, 2, 7, 8, 387, 388])
+@pytest.mark.parametrize("storage", [np.float32, np.float64])
+def test_row_medians_equal_numpy_median(width, storage):
+    """The fast ring median is numpy's median, for float32-exact pixels and others."""
+    from diffkernel.selection import _row_medians
+
+    rng = np.random.default_rng(width)
+    values = rng.normal(1000.0, 30.0, size=(40, width)).astype(storage).astype(np.float64)
+    values[3, 0] = values[3, -1]  # ties
+    np.testing.assert_array_equal(_row_medians(values), np.median(values, axis=1))
+    values[5, 0] = np.nan
+    np.testing.assert_array_equal(_row_medians(values), np.median(values, axis=1))
