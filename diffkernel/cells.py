@@ -181,9 +181,7 @@ def place_sources(
     return xc, yc, reason, cell
 
 
-def cell_region(
-    xc: np.ndarray, yc: np.ndarray, plan: CellPlan
-) -> tuple[int, int, int, int]:
+def cell_region(xc: np.ndarray, yc: np.ndarray, plan: CellPlan) -> tuple[int, int, int, int]:
     """``(y0, y1, x0, x1)`` holding the template cutouts of every centre given."""
     m = plan.margin
     return (
@@ -374,7 +372,8 @@ def reduce_cells(
         if res.stats is not None:
             parts.append(res.stats)
             kept.append(res.index[res.reason == ""])
-    vetting = {r: int((reason == r).sum()) for r in sorted(set(reason)) if r}
+    names, counts = np.unique(reason.astype(str), return_counts=True)
+    vetting = {str(r): int(k) for r, k in zip(names, counts, strict=True) if r}
     if not kept:
         raise NoCandidatesError(
             f"none of the {n_src} sources is a usable kernel candidate ({vetting}); "

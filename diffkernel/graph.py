@@ -340,22 +340,34 @@ def _tile_task(
     ny, nx = reader.science.shape
     h = kernels.half
     ty0, ty1, tx0, tx1 = max(y0 - h, 0), min(y1 + h, ny), max(x0 - h, 0), min(x1 + h, nx)
-    template = reader.template.read(ty0, ty1, tx0, tx1)
+    # The check stage validated every pixel: read them as stored (no float64 copies).
+    template = reader.template.read_stored(ty0, ty1, tx0, tx1)
     t_bg = s_bg = None
     if reader.template_background is not None:
         t_bg = _read_array(reader.template_background, ty0, ty1, tx0, tx1)
         s_bg = _read_array(reader.science_background, y0, y1, x0, x1)
     template = prepare_template(template, planes, t_bg)
-    science = prepare_science(reader.science.read(y0, y1, x0, x1), planes, s_bg)
+    science = prepare_science(reader.science.read_stored(y0, y1, x0, x1), planes, s_bg)
     padded = padded_template(template, y0, y1, x0, x1, h, origin=(ty0, tx0))
     diff, var, mask = difference_tile(padded, science, kernels, y0, x0, (ny, nx))
     if sign < 0:  # convolveScience: K * S + b - T, science minus template
         diff = -diff
     write_tile(out, "difference", y0, x0, diff, var, mask)
+    return residual_histogram(diff, var, mask)
+
+
+def residual_histogram(diff: np.ndarray, var: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Counts of difference / sigma over unmasked finite pixels in :data:`Z_BINS`.
+
+    Values beyond the range fall in the end bins. Bin ``i`` holds
+    ``Z_BINS[i] <= z < Z_BINS[i + 1]`` (the last bin includes its upper edge).
+    """
     z = diff / np.sqrt(var)
-    clean = np.isfinite(z) & (mask == 0)
-    # An int bin count with a range takes numpy's uniform-bin path (no sort).
-    return np.histogram(np.clip(z[clean], *Z_RANGE), Z_NBINS, range=Z_RANGE)[0]
+    z = z[np.isfinite(z) & (mask == 0)]
+    lo, hi = Z_RANGE
+    index = np.floor((np.clip(z, lo, hi) - lo) * (Z_NBINS / (hi - lo))).astype(np.intp)
+    np.minimum(index, Z_NBINS - 1, out=index)
+    return np.bincount(index, minlength=Z_NBINS)
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -400,10 +412,11 @@ def run_pair(
         :func:`default_tile_size`). Results do not depend on it.
     cells_per_task : int, optional
         Spatial cells fitted per Dask task. By default a task takes the cells that
-        start in one chunk of the science store (16 for 128-px cells and 512-px
-        chunks): a cell alone is a few milliseconds of work, less than the
-        scheduler's cost of a task. 1 gives one task per cell. Results do not
-        depend on it: every cell is fitted on its own.
+        start in one subtraction tile (64 for 128-px cells and 1024-px tiles): a cell
+        alone is a few milliseconds of work, less than the scheduler's cost of a
+        task, and the scheduler's share of the cores is not free on a small
+        machine. 1 gives one task per cell. Results do not depend on it: every cell
+        is fitted on its own.
     mode : {"convolveTemplate", "convolveScience", "auto"}
         Which image is convolved (see :meth:`diffkernel.MakeKernelTask.run`); the
         choice is ``metadata["mode"]`` of the result.
@@ -487,14 +500,27 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.meta: dict[str, Any] = {}
 
-    def _wait(self, futures, stage: str, started: float) -> list:
-        from distributed import progress
+    def _wait(self, futures, stage: str, started: float, gather: bool = True) -> list | None:
+        """Wait for a stage's tasks; their results, or None when ``gather`` is False.
+
+        Results the driver does not need (the cells' statistics, which the reduction
+        task fetches from the workers) stay on the workers: gathering them would
+        ship and unpickle tens of MB through this process for nothing.
+        """
+        from distributed import progress, wait
 
         if self.progress:
             print(f"diffkernel: {stage} ({len(futures)} tasks)")
             progress(futures)
             print()
-        values = self.client.gather(futures)
+        values = None
+        if gather:
+            values = self.client.gather(futures)
+        else:
+            wait(futures)
+            for future in futures:
+                if future.status == "error":
+                    future.result()  # raises the task's exception here
         self.timings[stage] = time.perf_counter() - started
         return values
 
@@ -590,7 +616,7 @@ class _Run:
         t0 = time.perf_counter()
         cells = self._cell_order(placement.cells(), sci.chunks)
         t_submit = time.perf_counter()
-        groups = self._cell_groups(cells, sci.chunks)
+        groups = self._cell_groups(cells, (self.tile, self.tile))
         cell_futures = [
             self._submit(
                 _cells_task,
@@ -606,7 +632,7 @@ class _Run:
             raise NoCandidatesError(
                 f"none of the {len(x)} sources has its stamp inside the image; no kernel candidates"
             )
-        self._wait(cell_futures, "cells", t0)
+        self._wait(cell_futures, "cells", t0, gather=False)
 
         t0 = time.perf_counter()
         reduction = self._submit(_reduce_task, plan_f, placement, *cell_futures, name="reduce")
@@ -768,14 +794,14 @@ class _Run:
         """Cells sorted by the chunk they start in, so a worker's cache stays warm."""
         return sorted(cells, key=lambda item: (self._chunk_of(item[0], chunks), item[0]))
 
-    def _cell_groups(self, cells, chunks) -> list[list[tuple[int, np.ndarray]]]:
-        """Cells per task: ``cells_per_task`` of them, or (default) those of one chunk."""
+    def _cell_groups(self, cells, block) -> list[list[tuple[int, np.ndarray]]]:
+        """Cells per task: ``cells_per_task`` of them, or (default) those of one block."""
         if self.cells_per_task is not None:
             n = self.cells_per_task
             return [cells[i : i + n] for i in range(0, len(cells), n)]
         groups: dict[tuple[int, int], list] = {}
         for item in cells:
-            groups.setdefault(self._chunk_of(item[0], chunks), []).append(item)
+            groups.setdefault(self._chunk_of(item[0], block), []).append(item)
         return list(groups.values())
 
 
@@ -796,11 +822,13 @@ def _summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:
         order = np.argsort(dev)
         mad = float(dev[order][np.searchsorted(np.cumsum(histogram[order]) / n, 0.5)])
         residuals.update(mean=mean, median=median, robust_std=1.4826 * mad)
+    statuses, status_counts = np.unique(status, return_counts=True)
+    why, why_counts = np.unique(reasons, return_counts=True)
     return {
         "n_sources": len(table),
         "n_good": int(good.sum()),
-        "status": {str(s): int((status == s).sum()) for s in sorted(set(status))},
-        "rejected": {str(r): int((reasons == r).sum()) for r in sorted(set(reasons)) if r},
+        "status": {str(s): int(k) for s, k in zip(statuses, status_counts, strict=True)},
+        "rejected": {str(r): int(k) for r, k in zip(why, why_counts, strict=True) if r},
         "kernel_sum": [float(ksum.min()), float(ksum.max())] if ksum.size else None,
         "residuals": residuals,
     }

@@ -178,6 +178,27 @@ class MaskedImage:
         planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
         return cls(image, variance, mask, planes)
 
+    @classmethod
+    def from_validated(
+        cls,
+        image: np.ndarray,
+        variance: np.ndarray,
+        mask: np.ndarray,
+        mask_planes: Mapping[str, int],
+    ) -> MaskedImage:
+        """Wrap planes that are already known to be valid, without copying them.
+
+        No conversion and no check: the planes keep their dtype (float32 or float64
+        pixels, integer mask). For pixels a validation pass has already accepted,
+        such as the tiles of an input the Dask check stage went over.
+        """
+        out = cls.__new__(cls)
+        out.image = image
+        out.variance = variance
+        out.mask = mask
+        out.mask_planes = dict(mask_planes)
+        return out
+
     @property
     def shape(self) -> tuple[int, int]:
         """Shape ``(ny, nx)`` of the planes."""

@@ -140,7 +140,7 @@ def plot_spatial_coefficients(
     cols = int(np.ceil(np.sqrt(len(panels))))
     rows = int(np.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows), squeeze=False)
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.set_axis_off()
     for ax, (title, functions, c) in zip(axes.ravel(), panels, strict=False):
         field = functions.grid_sum(c, xs, ys)
@@ -251,7 +251,9 @@ def write_plots(
         "kernel_mosaic": plot_kernel_mosaic(solution, shape),
         "spatial_coefficients": plot_spatial_coefficients(solution, shape),
         "cells": plot_cells(
-            result.candidates, shape, int(active.get("sizeCellX", 128)),
+            result.candidates,
+            shape,
+            int(active.get("sizeCellX", 128)),
             int(active.get("sizeCellY", 128)),
         ),  # fmt: skip
     }

@@ -1033,6 +1033,18 @@ class ZarrImage:
         image, variance, mask = (read(name, box) for name in IMAGE_ARRAYS)
         return MaskedImage(image, variance, mask, self.mask_planes)
 
+    def read_stored(self, y0: int, y1: int, x0: int, x1: int) -> MaskedImage:
+        """The region as stored (float32 stays float32), for already validated inputs.
+
+        Like :meth:`read` without the float64 conversion and the pixel checks of
+        :class:`~diffkernel.image.MaskedImage` (see
+        :meth:`~diffkernel.image.MaskedImage.from_validated`).
+        """
+        planes = self.read_planes(y0, y1, x0, x1)
+        return MaskedImage.from_validated(
+            planes["image"], planes["variance"], planes["mask"], self.mask_planes
+        )
+
     def read_planes(self, y0: int, y1: int, x0: int, x1: int) -> dict[str, np.ndarray]:
         """The region's ``image``, ``variance`` and ``mask`` as stored (no conversion).
 

@@ -75,9 +75,12 @@ def prepare_template(
     that are not finite (masked NO_DATA) become zero with zero variance so they
     cannot spread NaN (their mask bits still spread).
     """
-    t_mask = np.zeros(template.mask.shape, dtype=np.int32)
-    for name, bit in template.mask_planes.items():
-        t_mask |= ((template.mask >> bit) & 1).astype(np.int32) << planes[name]
+    if all(planes[name] == bit for name, bit in template.mask_planes.items()):
+        t_mask = template.mask.astype(np.int32, copy=False)  # the bits keep their places
+    else:
+        t_mask = np.zeros(template.mask.shape, dtype=np.int32)
+        for name, bit in template.mask_planes.items():
+            t_mask |= ((template.mask >> bit) & 1).astype(np.int32) << planes[name]
     t_img = template.image
     if background is not None:
         t_img = t_img - background
@@ -86,7 +89,8 @@ def prepare_template(
     if bad.any():
         t_img = np.where(bad, 0.0, t_img)
         t_var = np.where(bad, 0.0, t_var)
-    return MaskedImage(t_img, t_var, t_mask, planes)
+    # The input was validated; zero-filled pixels are masked. Keep its precision.
+    return MaskedImage.from_validated(t_img, t_var, t_mask, planes)
 
 
 def prepare_science(
@@ -94,7 +98,7 @@ def prepare_science(
 ) -> MaskedImage:
     """Science pixels with a mesh ``background`` removed, on ``planes``."""
     s_img = science.image if background is None else science.image - background
-    return MaskedImage(s_img, science.variance, science.mask, planes)
+    return MaskedImage.from_validated(s_img, science.variance, science.mask, planes)
 
 
 def padded_template(

@@ -308,9 +308,7 @@ class MakeKernelTask:
 
         # Stars are measured in id order, so the FWHM does not depend on the list order.
         by_id = np.argsort(ids, kind="stable")
-        fwhm_t, fwhm_s = self._fwhms(
-            tmpl, sci, t_mi, s_mi, x[by_id], y[by_id], bad_planes, kcfg
-        )
+        fwhm_t, fwhm_s = self._fwhms(tmpl, sci, t_mi, s_mi, x[by_id], y[by_id], bad_planes, kcfg)
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         meta["template_fwhm"], meta["science_fwhm"] = fwhm_t, fwhm_s
