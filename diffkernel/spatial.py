@@ -119,7 +119,7 @@ class SpatialFunctions:
     def grid_sum(self, coefficients: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """``Σ_l c_l f_l`` on the grid of columns ``x`` and rows ``y``, ``(len(y), len(x))``."""
         fx, fy = self.factors(x, y)
-        return np.einsum("l,ly,lx->yx", np.asarray(coefficients, dtype=np.float64), fy, fx)
+        return (fy.T * np.asarray(coefficients, dtype=np.float64)) @ fx
 
     def with_order(self, order: int) -> SpatialFunctions:
         """The same family at another order."""

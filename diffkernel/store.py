@@ -1048,7 +1048,8 @@ class ZarrImage:
     def read_planes(self, y0: int, y1: int, x0: int, x1: int) -> dict[str, np.ndarray]:
         """The region's ``image``, ``variance`` and ``mask`` as stored (no conversion).
 
-        For reading pixels only to check or hash them: no float64 copy is made.
+        For pixels that are only checked, hashed or already validated: no float64
+        copy is made.
         """
         box = _check_box((y0, y1, x0, x1), self.shape)
         return {name: self._read_direct(name, box) for name in IMAGE_ARRAYS}

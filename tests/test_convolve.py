@@ -268,3 +268,19 @@ def test_variance_at_a_star_follows_a_strongly_varying_kernel():
     assert var[30 - 3, 40 - 3] == pytest.approx(
         exact_variance(basis, sol, variance, 30, 40), rel=1e-6
     )
+
+
+def test_blocked_convolution_equals_one_block(scene, monkeypatch):
+    """Convolving a region in blocks (FFT_BLOCK) gives what one FFT over it gives."""
+    import diffkernel.convolve as convolve
+
+    image, variance, mask = scene
+    basis = alard_lupton_basis(5, (1.0,), (2,))
+    theta = np.random.default_rng(59).normal(size=(basis.size, 6)) * 0.1
+    theta[0] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    sol = solution(basis, theta, order=2)
+    whole = region_convolution(image, variance, mask, sol, 2, 46, 2, 54)
+    monkeypatch.setattr(convolve, "FFT_BLOCK", 13)  # uneven blocks, edge blocks smaller
+    blocked = region_convolution(image, variance, mask, sol, 2, 46, 2, 54)
+    for u, v in zip(whole, blocked, strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-9)
