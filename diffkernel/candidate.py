@@ -138,16 +138,28 @@ class _SeparablePlan:
     y_matrices : numpy.ndarray
         ``(n_fy, S, Ht)``: the unique y filters' matrices.
     groups : tuple
-        Per unique y filter ``u``: ``(u, natives, x_filters)``, the native functions
-        whose y factor is ``u`` and the indices of their x factors.
+        Per unique y filter ``u``: ``(u, x_filters, start)``: the x filters it pairs
+        with (a slice when they are consecutive, as for Alard-Lupton bases, else an
+        index array) and where the group's outputs start in :attr:`order`.
+    order : numpy.ndarray
+        Native function of each output, in the order the y pass produces them.
     """
 
     x_matrix: np.ndarray
     y_matrices: np.ndarray
     groups: tuple
+    order: np.ndarray
 
 
 _PLANS: dict[tuple, _SeparablePlan] = {}
+
+
+def _first_appearance_unique(filters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique rows in the order they first appear, and each row's index among them."""
+    unique, first, inverse = np.unique(filters, axis=0, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.intp)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return unique[np.argsort(first, kind="stable")], rank[inverse.ravel()]
 
 
 def _separable_plan(fx: np.ndarray, fy: np.ndarray, ht: int) -> _SeparablePlan:
@@ -156,21 +168,45 @@ def _separable_plan(fx: np.ndarray, fy: np.ndarray, ht: int) -> _SeparablePlan:
     plan = _PLANS.get(key)
     if plan is None:
         # Unique 1-D filters: many native functions share their x (or y) factor.
-        ux, ix = np.unique(fx, axis=0, return_inverse=True)
-        uy, iy = np.unique(fy, axis=0, return_inverse=True)
-        ix, iy = ix.ravel(), iy.ravel()
-        ax = _toeplitz_valid(ux, ht)  # (nfx, S, Ht)
-        groups = []
+        ux, ix = _first_appearance_unique(fx)
+        uy, iy = _first_appearance_unique(fy)
+        groups, order = [], []
         for u in range(len(uy)):
             natives = np.flatnonzero(iy == u)
-            groups.append((u, natives, ix[natives]))
+            natives = natives[np.argsort(ix[natives], kind="stable")]
+            x_filters = ix[natives]
+            lo = int(x_filters[0])
+            if np.array_equal(x_filters, np.arange(lo, lo + len(x_filters))):
+                x_filters = slice(lo, lo + len(natives))
+            groups.append((u, x_filters, len(order)))
+            order.extend(natives.tolist())
+        ax = _toeplitz_valid(ux, ht)  # (nfx, S, Ht)
         plan = _SeparablePlan(
-            np.ascontiguousarray(ax.reshape(-1, ht).T), _toeplitz_valid(uy, ht), tuple(groups)
+            np.ascontiguousarray(ax.reshape(-1, ht).T),
+            _toeplitz_valid(uy, ht),
+            tuple(groups),
+            np.asarray(order, dtype=np.intp),
         )
         if len(_PLANS) >= 8:
             _PLANS.pop(next(iter(_PLANS)))
         _PLANS[key] = plan
     return plan
+
+
+def _separable_convolutions(plan: _SeparablePlan, tc: np.ndarray, s: int) -> np.ndarray:
+    """Native convolutions ``(N, n_native, S, S)`` in ``plan.order``."""
+    n, ht, _ = tc.shape
+    n_fx = plan.x_matrix.shape[1] // s
+    # x pass of every row of every cutout: (N Ht, Ht) @ (Ht, n_fx S).
+    xpass = (tc.reshape(n * ht, ht) @ plan.x_matrix).reshape(n, ht, n_fx, s)
+    out = np.empty((n, len(plan.order), s, s))
+    # y pass, one product per unique y filter over all the x filters it pairs with.
+    for u, x_filters, start in plan.groups:
+        picked = xpass[:, :, x_filters, :]
+        m = picked.shape[2]
+        block = np.matmul(plan.y_matrices[u], picked.reshape(n, ht, m * s))
+        out[:, start : start + m] = block.reshape(n, s, m, s).transpose(0, 2, 1, 3)
+    return out
 
 
 def convolve_stamps(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarray:
@@ -194,15 +230,8 @@ def convolve_stamps(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndar
     s = ht - k + 1
     if basis.separable is not None:
         plan = _separable_plan(*basis.separable, ht)
-        n_fx = plan.x_matrix.shape[1] // s
-        # x pass of every row of every cutout: (N Ht, Ht) @ (Ht, n_fx S).
-        xpass = (tc.reshape(n * ht, ht) @ plan.x_matrix).reshape(n, ht, n_fx, s)
         out = np.empty((n, basis.n_native, s, s))
-        # y pass, one product per unique y filter over all the x filters it pairs with.
-        for u, natives, x_filters in plan.groups:
-            picked = xpass[:, :, x_filters, :].reshape(n, ht, len(natives) * s)
-            block = np.matmul(plan.y_matrices[u], picked).reshape(n, s, len(natives), s)
-            out[:, natives] = block.transpose(0, 2, 1, 3)
+        out[:, plan.order] = _separable_convolutions(plan, tc, s)
         return out
     if basis.kind == "delta-function":
         windows = sliding_window_view(tc, (s, s), axis=(1, 2))  # (N, K, K, S, S)
@@ -216,11 +245,20 @@ def convolve_basis(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarr
     """Template cutouts convolved with every kernel of ``basis``, ``(N, n_basis, S, S)``.
 
     The native convolutions (:func:`convolve_stamps`) combined by the basis
-    transform in one batched matrix product.
+    transform in one batched matrix product (for a separable basis, in the order
+    the y pass makes them, with the transform's rows permuted to match).
     """
-    native = convolve_stamps(basis, template_cutouts)
-    n, n_native, s, _ = native.shape
-    out = np.matmul(basis.transform.T, native.reshape(n, n_native, s * s))
+    tc = np.asarray(template_cutouts, dtype=np.float64)
+    n, ht, _ = tc.shape
+    s = ht - basis.kernel_size + 1
+    transform = basis.transform
+    if basis.separable is not None:
+        plan = _separable_plan(*basis.separable, ht)
+        native = _separable_convolutions(plan, tc, s)
+        transform = transform[plan.order]
+    else:
+        native = convolve_stamps(basis, tc)
+    out = np.matmul(transform.T, native.reshape(n, native.shape[1], s * s))
     return out.reshape(n, basis.size, s, s)
 
 

@@ -1029,8 +1029,13 @@ class ZarrImage:
             If the region is not inside the image.
         """
         box = _check_box((y0, y1, x0, x1), self.shape)
-        read = self._read_cached if cached else self._read_direct
-        image, variance, mask = (read(name, box) for name in IMAGE_ARRAYS)
+        if cached:
+            # Assembled straight into float64: MaskedImage then makes no second copy.
+            image = self._read_cached("image", box, np.float64)
+            variance = self._read_cached("variance", box, np.float64)
+            mask = self._read_cached("mask", box)
+        else:
+            image, variance, mask = (self._read_direct(name, box) for name in IMAGE_ARRAYS)
         return MaskedImage(image, variance, mask, self.mask_planes)
 
     def read_stored(self, y0: int, y1: int, x0: int, x1: int) -> MaskedImage:
@@ -1058,10 +1063,10 @@ class ZarrImage:
         y0, y1, x0, x1 = box
         return self._array(name)[y0:y1, x0:x1]
 
-    def _read_cached(self, name: str, box: tuple[int, int, int, int]) -> np.ndarray:
+    def _read_cached(self, name: str, box: tuple[int, int, int, int], dtype=None) -> np.ndarray:
         y0, y1, x0, x1 = box
         cy, cx = self.chunks
-        out = np.empty((y1 - y0, x1 - x0), dtype=self._array(name).dtype)
+        out = np.empty((y1 - y0, x1 - x0), dtype=dtype or self._array(name).dtype)
         for iy in range(y0 // cy, -(-y1 // cy)):
             ty0, ty1 = max(y0, iy * cy), min(y1, (iy + 1) * cy)
             for ix in range(x0 // cx, -(-x1 // cx)):
