@@ -131,30 +131,46 @@ class CellPlan:
 
 @dataclass
 class CellResult:
-    """The candidate stage of one cell.
+    """The candidate stage of one cell, or of several merged (:meth:`merge`).
 
     Attributes
     ----------
-    cell : int
-        Cell index (row-major).
+    cell : numpy.ndarray
+        Cell index (row-major) of each source.
     index : numpy.ndarray
-        Positions of the cell's sources in the run's source list, in id order.
+        Positions of the sources in the run's source list; within a cell, in id order.
     reason : numpy.ndarray of str
         Vetting rejection per source ('' for a candidate).
     snr_template, snr_science, rating : numpy.ndarray
         Aperture S/N in each image and the ranking flux (NaN where not measured).
     stats : CandidateStats or None
         Sufficient statistics of the candidates (sources with ``reason == ''``), in
-        ``index`` order.
+        source order.
     """
 
-    cell: int
+    cell: np.ndarray
     index: np.ndarray
     reason: np.ndarray
     snr_template: np.ndarray
     snr_science: np.ndarray
     rating: np.ndarray
     stats: CandidateStats | None
+
+    @classmethod
+    def merge(cls, results: list[CellResult]) -> CellResult:
+        """One result holding several, sources and candidates in the order given.
+
+        A task returns its cells merged: a handful of large arrays move between
+        workers much faster than a dozen small ones per cell.
+        """
+        parts = [r.stats for r in results if r.stats is not None]
+        return cls(
+            *(
+                np.concatenate([getattr(r, name) for r in results])
+                for name in ("cell", "index", "reason", "snr_template", "snr_science", "rating")
+            ),
+            CandidateStats.concatenate(parts) if parts else None,
+        )
 
 
 def place_sources(
@@ -244,7 +260,8 @@ def fit_cell(
             template, science, lx[keep], ly[keep], plan.half_stamp, plan.half_kernel
         )
         stats = candidate_stats(stamps, plan.basis, plan.kernel_config)
-    return CellResult(cell, index, reason.astype(str), snr_t, snr_s, rating, stats)
+    cells = np.full(n, cell, dtype=np.int64)
+    return CellResult(cells, index, reason.astype(str), snr_t, snr_s, rating, stats)
 
 
 def candidate_stats(stamps: StampBatch, basis: KernelBasis, kcfg) -> CandidateStats:
@@ -341,7 +358,9 @@ def reduce_cells(
     placement : SourcePlacement
         Every source of the run.
     results : list of CellResult
-        One per non-empty cell, in any order (they are sorted by cell here).
+        Covering every non-empty cell once, each result one or several cells
+        (:meth:`CellResult.merge`), in any order: candidates are put in cell order
+        here, so the outcome does not depend on how cells were grouped.
 
     Returns
     -------
@@ -356,38 +375,37 @@ def reduce_cells(
     NoCandidatesError
         When no source survived vetting.
     """
-    results = sorted(results, key=lambda r: r.cell)
     n_src = len(placement.x)
     reason = placement.reason.copy()
     snr_t = np.full(n_src, np.nan)
     snr_s = np.full(n_src, np.nan)
     rating = np.full(n_src, np.nan)
-    parts: list[CandidateStats] = []
-    kept: list[np.ndarray] = []
-    for res in results:
-        reason[res.index] = res.reason
-        snr_t[res.index] = res.snr_template
-        snr_s[res.index] = res.snr_science
-        rating[res.index] = res.rating
-        if res.stats is not None:
-            parts.append(res.stats)
-            kept.append(res.index[res.reason == ""])
+    merged = CellResult.merge(results) if results else None
+    if merged is not None:
+        reason[merged.index] = merged.reason
+        snr_t[merged.index] = merged.snr_template
+        snr_s[merged.index] = merged.snr_science
+        rating[merged.index] = merged.rating
     names, counts = np.unique(reason.astype(str), return_counts=True)
     vetting = {str(r): int(k) for r, k in zip(names, counts, strict=True) if r}
-    if not kept:
+    if merged is None or merged.stats is None:
         raise NoCandidatesError(
             f"none of the {n_src} sources is a usable kernel candidate ({vetting}); "
             "sources need their whole stamp inside the image, no "
             f"{'/'.join(plan.bad_planes)} pixels and S/N >= {plan.min_snr}"
         )
-    cidx = np.concatenate(kept)
+    is_candidate = merged.reason == ""
+    # Cell order (stable: within a cell, the sources' own order, which is id order).
+    order = np.argsort(merged.cell[is_candidate], kind="stable")
+    cidx = merged.index[is_candidate][order]
+    stats = merged.stats.take(order)
     cset = CandidateSet(
         placement.ids[cidx],
         placement.xc[cidx].astype(float),
         placement.yc[cidx].astype(float),
         placement.cell[cidx],
         rating[cidx],
-        CandidateStats.concatenate(parts),
+        stats,
     )
     outcome = solve(cset, plan.basis, plan.kernel_config, plan.shape)
     meta = dict(outcome.metadata)

@@ -38,7 +38,7 @@ from astropy.table import Table
 from . import __version__
 from .align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
 from .basis import basis_from_config
-from .cells import SourcePlacement, fit_cell, reduce_cells, single_threaded_blas
+from .cells import CellResult, SourcePlacement, fit_cell, reduce_cells, single_threaded_blas
 from .config import MakeKernelConfig
 from .convolve import PRECISIONS
 from .errors import ConfigError, InputError, NoCandidatesError
@@ -47,6 +47,7 @@ from .image import MaskedImage, pixel_validation_counts, report_validation, with
 from .psf import exposure_fwhm, measure_pair_fwhm
 from .results import ResultStore, ResultWriter, open_result
 from .selection import source_positions
+from .spatial import SpatialSolution
 from .store import ZarrImage, create_image_arrays, write_tile
 from .subtract import (
     SubtractionKernels,
@@ -316,14 +317,21 @@ def _detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, sat
     )
 
 
-def _cells_task(plan, work, reader):
+def _cells_task(plan, work, reader) -> CellResult:
     single_threaded_blas()
-    return [fit_cell(plan, cell, index, xc, yc, reader) for cell, index, xc, yc in work]
+    return CellResult.merge(
+        [fit_cell(plan, cell, index, xc, yc, reader) for cell, index, xc, yc in work]
+    )
 
 
-def _reduce_task(plan, placement, *groups):
+def _reduce_task(plan, placement, *results):
     single_threaded_blas()
-    return reduce_cells(plan, placement, [result for group in groups for result in group])
+    return reduce_cells(plan, placement, list(results))
+
+
+def _solution_of(reduction) -> SpatialSolution:
+    """The kernel and background model of a reduction's outcome."""
+    return reduction[0].solution
 
 
 def _tile_task(
@@ -632,25 +640,27 @@ class _Run:
             raise NoCandidatesError(
                 f"none of the {len(x)} sources has its stamp inside the image; no kernel candidates"
             )
+        # reader.template is the convolved image, reader.science the reference. The
+        # output arrays are made while the workers fit the cells.
+        planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)
+        self.writer.create_difference(sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta)
         self._wait(cell_futures, "cells", t0, gather=False)
 
         t0 = time.perf_counter()
         reduction = self._submit(_reduce_task, plan_f, placement, *cell_futures, name="reduce")
-        outcome, table, solve_meta = self._wait([reduction], "reduce", t0)[0]
-        self.meta.update(solve_meta)
+        # Only the kernels come back before the tiles start (kilobytes); the candidate
+        # table follows while the tiles run.
+        solution = self._submit(_solution_of, reduction, name="solution")
+        solution = self._wait([solution], "reduce", t0)[0]
         del cell_futures
 
         t0 = time.perf_counter()
         # The kernels go to every worker: left on the one that made them, the tile
         # tasks would all be scheduled there (data locality).
         kernels = cl.scatter(
-            SubtractionKernels(outcome.solution, self.precision), broadcast=True, hash=False
+            SubtractionKernels(solution, self.precision), broadcast=True, hash=False
         )
         self.meta["fft_precision"] = self.precision
-        del reduction
-        # reader.template is the convolved image, reader.science the reference.
-        planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)
-        self.writer.create_difference(sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta)
         tile_reader = ZarrPair(
             reader.template,
             reader.science,
@@ -677,6 +687,9 @@ class _Run:
             for y0 in range(0, ny, self.tile)
             for x0 in range(0, nx, self.tile)
         ]
+        outcome, table, solve_meta = self.client.gather(reduction)
+        self.meta.update(solve_meta)
+        del reduction
         histogram = np.sum(self._wait(tiles, "tiles", t0), axis=0)
 
         summary = _summary(table, outcome, histogram)
