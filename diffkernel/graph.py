@@ -255,6 +255,13 @@ def _check_tile(
     return counts, digests
 
 
+def _check_tiles(
+    images: list[ZarrImage], y0: int, y1: int, x0: int, x1: int, exempt
+) -> list[tuple[dict[str, int], dict[str, str]]]:
+    """:func:`_check_tile` of the same tile of several images, in one task."""
+    return [_check_tile(image, y0, y1, x0, x1, exempt) for image in images]
+
+
 def _combine_digests(image: ZarrImage, name: str, tiles: list[dict[str, str]]) -> str:
     """SHA-256 over the shape and the tiles' digests in row-major tile order."""
     import hashlib
@@ -713,26 +720,34 @@ class _Run:
         The checksum of a plane is a SHA-256 over its fixed 1024-px tiles' digests.
         """
         exempt = tuple(dict.fromkeys(("NO_DATA",) + tuple(self.kcfg.badMaskPlanes)))
-        futures = {}
-        for who, image in (("template", tmpl), ("science", sci)):
-            ny, nx = image.shape
-            futures[who] = [
-                self._submit(
-                    _check_tile,
-                    image,
-                    y0,
-                    min(y0 + CHECK_TILE, ny),
-                    x0,
-                    min(x0 + CHECK_TILE, nx),
-                    exempt,
-                    name=f"check-{who}-{y0}-{x0}",
-                )
-                for y0 in range(0, ny, CHECK_TILE)
-                for x0 in range(0, nx, CHECK_TILE)
+        images = {"template": tmpl, "science": sci}
+        grids = {
+            who: [
+                (y0, min(y0 + CHECK_TILE, image.shape[0]), x0, min(x0 + CHECK_TILE, image.shape[1]))
+                for y0 in range(0, image.shape[0], CHECK_TILE)
+                for x0 in range(0, image.shape[1], CHECK_TILE)
             ]
+            for who, image in images.items()
+        }
+        # One task per tile checks it in both images when they share the grid.
+        owners: dict[tuple[int, int, int, int], list[str]] = {}
+        for who, boxes in grids.items():
+            for box in boxes:
+                owners.setdefault(box, []).append(who)
+        futures = {
+            box: self._submit(
+                _check_tiles,
+                [images[who] for who in names],
+                *box,
+                exempt,
+                name=f"check-{box[0]}-{box[2]}",
+            )
+            for box, names in owners.items()
+        }
+        done = dict(zip(futures, self.client.gather(list(futures.values())), strict=True))
         checksums = {}
-        for who, image in (("template", tmpl), ("science", sci)):
-            results = self.client.gather(futures[who])
+        for who, image in images.items():
+            results = [done[box][owners[box].index(who)] for box in grids[who]]
             counts = [r[0] for r in results]
             total = {k: sum(c[k] for c in counts) for k in counts[0]}
             report_validation(who, total, exempt)
