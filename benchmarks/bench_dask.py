@@ -173,7 +173,7 @@ def _warm_up() -> None:
     import diffkernel.graph  # noqa: F401
 
 
-def measure(path: Path, tmp: Path, sources, repeats: int) -> dict:
+def measure(path: Path, tmp: Path, sources, repeats: int, device: str = "cpu") -> dict:
     """Rounds of (limit, 1 worker, 2 workers), interleaved so drifts hit all alike.
 
     Returns, per key (``"limit"``, 1, 2), the walls of every round; for 1 and 2 also
@@ -205,6 +205,7 @@ def measure(path: Path, tmp: Path, sources, repeats: int) -> dict:
                     sources=sources,
                     client=client,
                     overwrite=True,
+                    device=device,
                 )
                 walls[workers].append(time.perf_counter() - t0)
                 runs[workers].append(result)
@@ -220,7 +221,7 @@ def spread(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}"
 
 
-def main(sizes: list[int], repeats: int) -> None:
+def main(sizes: list[int], repeats: int, device: str = "cpu") -> None:
     header = (
         f"{'size':>6} {'workers':>7} {'check':>6} {'cells':>6} {'reduce':>6} {'tiles':>6} "
         f"{'wall s':>7} {'spread':>11} {'worker GB':>12} {'good/cand':>10} {'mean z':>7} "
@@ -237,7 +238,7 @@ def main(sizes: list[int], repeats: int) -> None:
                 if isinstance(hotpants, str)
                 else f"{hotpants[0]:.2f} s, robust std of difference/sigma {hotpants[1]:.3f}"
             )
-            measured = measure(store, Path(tmp), sources, repeats)
+            measured = measure(store, Path(tmp), sources, repeats, device)
             limits = measured["walls"]["limit"]
             limit = float(np.median(limits))
             print(
@@ -294,5 +295,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sizes", nargs="*", type=int, default=[1024, 2048, 4096])
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
+    parser.add_argument(
+        "--device", choices=["cpu", "gpu"], default="cpu", help="where the tiles' FFTs run"
+    )
     args = parser.parse_args()
-    main(args.sizes, max(1, args.repeats))
+    main(args.sizes, max(1, args.repeats), args.device)

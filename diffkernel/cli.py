@@ -141,6 +141,7 @@ def _subtract(args: argparse.Namespace) -> int:
             tile_size=args.tile_size,
             mode=args.mode,
             precision=args.fft_precision,
+            device=args.device,
             preconvolved=args.preconvolved,
             overwrite=args.overwrite,
             progress=not args.quiet,
@@ -324,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["single", "double"],
         default="single",
         help="precision of the convolution FFTs (the fit is always double)",
+    )
+    subtract.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="where the convolution FFTs run (gpu: needs CuPy and a CUDA device on every worker)",
     )
     subtract.add_argument(
         "--preconvolved", action="store_true", help="the science was convolved with its PSF"

@@ -41,6 +41,7 @@ from .basis import basis_from_config
 from .cells import CellResult, SourcePlacement, fit_cell, reduce_cells, single_threaded_blas
 from .config import MakeKernelConfig
 from .convolve import PRECISIONS
+from .device import DEVICES, array_backend
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
 from .image import MaskedImage, pixel_validation_counts, report_validation, with_mask_planes
@@ -336,6 +337,11 @@ def _reduce_task(plan, placement, *results):
     return reduce_cells(plan, placement, list(results))
 
 
+def _device_ready(device: str) -> str:
+    """Raise in a worker that cannot run the convolutions on ``device``."""
+    return array_backend(device).device
+
+
 def _solution_of(reduction) -> SpatialSolution:
     """The kernel and background model of a reduction's outcome."""
     return reduction[0].solution
@@ -402,6 +408,7 @@ def run_pair(
     cells_per_task: int | None = None,
     mode: str = "convolveTemplate",
     precision: str = "single",
+    device: str = "cpu",
     preconvolved: bool = False,
     overwrite: bool = False,
     progress: bool = False,
@@ -438,6 +445,11 @@ def run_pair(
     precision : {"single", "double"}
         Precision of the tiles' FFTs (see :func:`diffkernel.subtract_images`); the
         kernel fit is always double precision.
+    device : {"cpu", "gpu"}
+        Where the tiles' FFTs run (:mod:`diffkernel.device`). With "gpu" every worker
+        must see a CUDA device and have CuPy (checked on each worker before any
+        work; an error otherwise). With several GPUs per node, start one worker per
+        GPU (e.g. dask-cuda's LocalCUDACluster) so each sees its own.
     preconvolved : bool
         The science image was already convolved with its PSF.
     overwrite : bool
@@ -467,6 +479,8 @@ def run_pair(
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     if cells_per_task is not None and int(cells_per_task) < 1:
         raise ConfigError(f"cells_per_task must be at least 1, got {cells_per_task}")
     if sources is not None and not isinstance(sources, Table):
@@ -474,7 +488,11 @@ def run_pair(
     writer = ResultWriter(out, overwrite=overwrite)
     try:
         with connect(client, scheduler, n_workers, progress) as cl:
-            run = _Run(cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode, precision)
+            if device != "cpu":
+                cl.run(_device_ready, device)  # raises the first worker's ConfigError
+            run = _Run(
+                cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode, precision, device
+            )
             run.extra_provenance = dict(provenance or {})
             path, timings, summary = run.execute(sources, preconvolved)
     except BaseException:
@@ -498,9 +516,11 @@ class _Run:
         cells_per_task=None,
         mode="convolveTemplate",
         precision="single",
+        device="cpu",
     ) -> None:
         self.cells_per_task = cells_per_task
         self.precision = precision
+        self.device = device
         self.mode = mode
         self.client = client
         self.cfg = cfg
@@ -665,9 +685,10 @@ class _Run:
         # The kernels go to every worker: left on the one that made them, the tile
         # tasks would all be scheduled there (data locality).
         kernels = cl.scatter(
-            SubtractionKernels(solution, self.precision), broadcast=True, hash=False
+            SubtractionKernels(solution, self.precision, self.device), broadcast=True, hash=False
         )
         self.meta["fft_precision"] = self.precision
+        self.meta["device"] = self.device
         tile_reader = ZarrPair(
             reader.template,
             reader.science,

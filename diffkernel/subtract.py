@@ -19,6 +19,7 @@ from .convolve import (
     variance_model,
     window,
 )
+from .device import DEVICES, array_backend
 from .errors import ConfigError, InputError
 from .image import Exposure, MaskedImage, as_exposure, with_mask_planes
 
@@ -43,13 +44,19 @@ class SubtractionKernels:
         The kernel and background model.
     precision : {"single", "double"}
         Precision of the tiles' FFTs (see :func:`diffkernel.convolve.convolve_region`).
+    device : {"cpu", "gpu"}
+        Where the tiles' FFTs run (see :mod:`diffkernel.device`). Only the name is
+        kept (and pickled): the GPU is looked for where the tiles are convolved.
     """
 
-    def __init__(self, solution, precision: str = "single") -> None:
+    def __init__(self, solution, precision: str = "single", device: str = "cpu") -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
         self.solution = solution
         self.precision = precision
+        self.device = device
         self.terms = KernelSpectra(spatial_term_kernels(solution))
         model = variance_model(solution)
         model.shapes = KernelSpectra(model.shapes)
@@ -154,6 +161,7 @@ def difference_tile(
         kernels.terms,
         kernel_squared=kernels.variance,
         precision=kernels.precision,
+        device=kernels.device,
     )
     height, width = science.shape
     xs = np.arange(x0, x0 + width)
@@ -207,6 +215,7 @@ def subtract_images(
     result,
     tile_size: int = 1024,
     precision: str = "single",
+    device: str = "cpu",
 ) -> MaskedImage:
     """Difference image of ``science`` minus the PSF-matched ``template``.
 
@@ -226,6 +235,9 @@ def subtract_images(
         Precision of the convolution's FFTs. Single (the default) is about three
         times faster and off by at most ~3e-5 of a pixel's noise sigma; the kernel
         fit itself is always double precision.
+    device : {"cpu", "gpu"}
+        Where the convolution's FFTs run; "gpu" needs CuPy and a CUDA device
+        (:mod:`diffkernel.device`) and is an error without them.
 
     Returns
     -------
@@ -234,6 +246,7 @@ def subtract_images(
     """
     if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 1:
         raise InputError(f"tile_size must be a positive integer (pixels), got {tile_size!r}")
+    array_backend(device)  # fail before any work when the device is missing
     if not hasattr(result, "spatialSolution"):
         raise InputError(
             f"result must be the MakeKernelResult of MakeKernelTask.run, got "
@@ -244,7 +257,7 @@ def subtract_images(
     diff = np.empty((ny, nx))
     var = np.empty((ny, nx))
     mask = np.empty((ny, nx), dtype=np.int32)
-    kernels = SubtractionKernels(result.spatialSolution, precision)
+    kernels = SubtractionKernels(result.spatialSolution, precision, device)
     for y0 in range(0, ny, tile_size):
         for x0 in range(0, nx, tile_size):
             y1, x1 = min(y0 + tile_size, ny), min(x0 + tile_size, nx)

@@ -105,6 +105,22 @@ def test_bad_config_file_is_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "o.zarr").exists()
 
 
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("cupy") is not None, reason="CuPy is installed"
+)
+def test_gpu_device_without_cupy_is_one_clear_line(tmp_path, capsys):
+    """--device gpu where there is no CuPy or GPU stops with one line and no output."""
+    science, template, sources = _fits_pair(tmp_path)
+    code = main(
+        ["subtract", str(science), str(template), "--out", str(tmp_path / "o.zarr"),
+         "--sources", str(sources), "--workers", "1", "--device", "gpu", "--quiet"]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "CuPy is not installed" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_plots_of_a_result(tmp_path):
     """write_plots draws every debug display of a demo result as a non-empty PNG."""
     from diffkernel.plots import write_plots
