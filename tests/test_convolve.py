@@ -183,18 +183,10 @@ def test_variance_follows_slowly_varying_kernel(scene):
     """The variance is V convolved with K(x, y)^2 at each pixel, to 1e-3 for a few % variation."""
     image, variance, mask = scene
     basis = alard_lupton_basis(5, (1.0, 2.0), (1, 1))
-    rng = np.random.default_rng(56)
-    theta = np.zeros((basis.size, 6))
-    theta[:, 0] = rng.normal(size=basis.size) * 0.2
-    theta[0, 0] = 1.0
-    theta[1:, 1:] = rng.normal(size=(basis.size - 1, 5)) * 0.005
-    sol = solution(basis, theta, order=2)
+    sol = varying_solution(basis, seed=56, variation=0.005)
     _, var, _ = region_convolution(image, variance, mask, sol, 4, 44, 4, 52)
-    h = 2
     for y, x in [(4, 4), (20, 30), (43, 51), (30, 10)]:
-        kern = basis.kernel_image(sol.coefficients_at(float(x), float(y)))
-        patch = variance[y - h : y + h + 1, x - h : x + h + 1]
-        expected = np.sum((kern[::-1, ::-1] ** 2) * patch)
+        expected = exact_variance(basis, sol, variance, y, x)
         assert var[y - 4, x - 4] == pytest.approx(expected, rel=1e-3)
 
 
@@ -211,15 +203,20 @@ def test_convolution_does_not_depend_on_the_tiling(scene):
         np.testing.assert_allclose(u[10:30, 20:40], v[0:20, 0:20], rtol=1e-12, atol=1e-10)
 
 
-def strongly_varying_solution():
-    """A kernel whose width and noise gain change by tens of % over a 48 x 56 image."""
-    basis = alard_lupton_basis(7, (1.0, 2.5), (2, 1))
-    rng = np.random.default_rng(58)
+def varying_solution(basis, seed, variation):
+    """Order-2 solution: random kernel, spatial terms of relative size ``variation``."""
+    rng = np.random.default_rng(seed)
     theta = np.zeros((basis.size, 6))
     theta[:, 0] = rng.normal(size=basis.size) * 0.2
     theta[0, 0] = 1.0
-    theta[1:, 1:] = rng.normal(size=(basis.size - 1, 5)) * 0.08
-    return basis, solution(basis, theta, order=2)
+    theta[1:, 1:] = rng.normal(size=(basis.size - 1, 5)) * variation
+    return solution(basis, theta, order=2)
+
+
+def strongly_varying_solution():
+    """A kernel whose width and noise gain change by tens of % over a 48 x 56 image."""
+    basis = alard_lupton_basis(7, (1.0, 2.5), (2, 1))
+    return basis, varying_solution(basis, seed=58, variation=0.08)
 
 
 def exact_variance(basis, sol, variance, y, x):
