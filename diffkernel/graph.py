@@ -652,6 +652,10 @@ class _Run:
         cells = self._cell_order(placement.cells(), sci.chunks)
         t_submit = time.perf_counter()
         groups = self._cell_groups(cells, (self.tile, self.tile))
+        # Largest groups first (by sources to measure), so that no worker is left with
+        # a big one at the end while the others wait; the reduction restores cell order.
+        sizes = [sum(len(idx) for _, idx in group) for group in groups]
+        groups = [groups[i] for i in sorted(range(len(groups)), key=lambda i: -sizes[i])]
         cell_futures = [
             self._submit(
                 _cells_task,
