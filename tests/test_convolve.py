@@ -90,6 +90,14 @@ def solution(basis, theta, order=1):
     )
 
 
+def random_solution(seed):
+    """An order-2 solution of unit kernel sum with random spatial terms of ~10%."""
+    basis = alard_lupton_basis(5, (1.0,), (2,))
+    theta = np.random.default_rng(seed).normal(size=(basis.size, 6)) * 0.1
+    theta[0] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    return solution(basis, theta, order=2)
+
+
 def region_convolution(image, variance, mask, sol, y0, y1, x0, x1, **kwargs):
     """convolve_region over [y0:y1, x0:x1] of the full arrays, zero outside them."""
     h = sol.basis.kernel_size // 2
@@ -193,10 +201,7 @@ def test_variance_follows_slowly_varying_kernel(scene):
 def test_convolution_does_not_depend_on_the_tiling(scene):
     """Two overlapping regions agree on their common pixels (image and variance)."""
     image, variance, mask = scene
-    basis = alard_lupton_basis(5, (1.0,), (2,))
-    theta = np.random.default_rng(57).normal(size=(basis.size, 6)) * 0.1
-    theta[0] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    sol = solution(basis, theta, order=2)
+    sol = random_solution(seed=57)
     a = region_convolution(image, variance, mask, sol, 0, 30, 0, 40)
     b = region_convolution(image, variance, mask, sol, 10, 48, 20, 56)
     for u, v in zip(a, b, strict=True):
@@ -272,10 +277,7 @@ def test_blocked_convolution_equals_one_block(scene, monkeypatch):
     import diffkernel.convolve as convolve
 
     image, variance, mask = scene
-    basis = alard_lupton_basis(5, (1.0,), (2,))
-    theta = np.random.default_rng(59).normal(size=(basis.size, 6)) * 0.1
-    theta[0] = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-    sol = solution(basis, theta, order=2)
+    sol = random_solution(seed=59)
     whole = region_convolution(image, variance, mask, sol, 2, 46, 2, 54)
     monkeypatch.setattr(convolve, "FFT_BLOCK", 13)  # uneven blocks, edge blocks smaller
     blocked = region_convolution(image, variance, mask, sol, 2, 46, 2, 54)
