@@ -44,7 +44,13 @@ from .convolve import PRECISIONS
 from .device import DEVICES, array_backend
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
-from .image import MaskedImage, pixel_validation_counts, report_validation, with_mask_planes
+from .image import (
+    MaskedImage,
+    pixel_validation_counts,
+    plane_bits,
+    report_validation,
+    with_mask_planes,
+)
 from .psf import exposure_fwhm, measure_pair_fwhm
 from .results import ResultStore, ResultWriter, open_result
 from .selection import source_positions
@@ -246,12 +252,8 @@ def _check_tile(
         sha = hashlib.sha256(values.dtype.str.encode())
         sha.update(memoryview(values).cast("B"))
         digests[name] = sha.hexdigest()
-    exempt_bits = 0
-    for plane in exempt:
-        if plane in image.mask_planes:
-            exempt_bits |= 1 << image.mask_planes[plane]
     counts = pixel_validation_counts(
-        planes["image"], planes["variance"], planes["mask"], exempt_bits
+        planes["image"], planes["variance"], planes["mask"], plane_bits(image.mask_planes, exempt)
     )
     return counts, digests
 

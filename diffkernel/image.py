@@ -20,6 +20,7 @@ __all__ = [
     "MaskedImage",
     "Exposure",
     "pixel_validation_counts",
+    "plane_bits",
     "report_validation",
     "with_mask_planes",
 ]
@@ -219,11 +220,7 @@ class MaskedImage:
         A plane that this image does not define cannot be set in it, so ignoring
         it is exact, not lenient.
         """
-        value = 0
-        for name in names:
-            if name in self.mask_planes:
-                value |= 1 << self.mask_planes[name]
-        return value
+        return plane_bits(self.mask_planes, names)
 
     def plane(self, name: str) -> np.ndarray:
         """Boolean array, True where plane ``name`` is set."""
@@ -274,6 +271,15 @@ class MaskedImage:
         return pixel_validation_counts(
             self.image, self.variance, self.mask, self.bitmask(bad_planes)
         )
+
+
+def plane_bits(mask_planes: Mapping[str, int], names: Iterable[str]) -> int:
+    """The OR of the bits of the named planes; names ``mask_planes`` lacks are ignored."""
+    value = 0
+    for name in names:
+        if name in mask_planes:
+            value |= 1 << mask_planes[name]
+    return value
 
 
 def pixel_validation_counts(
