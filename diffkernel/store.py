@@ -49,6 +49,7 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS, FITSFixedWarning
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from .chunkio import ChunkReader, chunk_reader
 from .errors import InputError, StoreError
 from .fitsio import _wcs_header, from_nddata, read_exposure
 from .image import Exposure, MaskedImage, as_exposure
@@ -874,6 +875,7 @@ class ZarrImage:
         self._info = info
         self._dtype = np.dtype(dtype)
         self._arrays: dict[str, zarr.Array] = dict(arrays or {})
+        self._readers: dict[str, ChunkReader | None] = {}
 
     # ---------------------------------------------------------------- opening
 
@@ -1059,8 +1061,17 @@ class ZarrImage:
         box = _check_box((y0, y1, x0, x1), self.shape)
         return {name: self._read_direct(name, box) for name in IMAGE_ARRAYS}
 
+    def _reader(self, name: str) -> ChunkReader | None:
+        """The direct chunk reader of an array, or None where zarr must read it."""
+        if name not in self._readers:
+            self._readers[name] = chunk_reader(self._array(name))
+        return self._readers[name]
+
     def _read_direct(self, name: str, box: tuple[int, int, int, int]) -> np.ndarray:
         y0, y1, x0, x1 = box
+        reader = self._reader(name)
+        if reader is not None:
+            return reader.region(y0, y1, x0, x1)
         return self._array(name)[y0:y1, x0:x1]
 
     def _read_cached(self, name: str, box: tuple[int, int, int, int], dtype=None) -> np.ndarray:
@@ -1082,8 +1093,12 @@ class ZarrImage:
         key = (self.uid, name, (iy, ix))
         chunk = cache.get(key)
         if chunk is None:
-            cy, cx = self.chunks
-            chunk = self._array(name)[iy * cy : (iy + 1) * cy, ix * cx : (ix + 1) * cx]
+            reader = self._reader(name)
+            if reader is not None:
+                chunk = reader.chunk(iy, ix)
+            else:
+                cy, cx = self.chunks
+                chunk = self._array(name)[iy * cy : (iy + 1) * cy, ix * cx : (ix + 1) * cx]
             cache.put(key, chunk)
         return chunk
 
