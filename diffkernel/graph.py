@@ -724,6 +724,7 @@ class _Run:
         outcome, table, solve_meta = self.client.gather(reduction)
         self.meta.update(solve_meta)
         del reduction
+        self.writer.write_fit(outcome.solution, table)  # while the tiles run
         histogram = np.sum(self._wait(tiles, "tiles", t0), axis=0)
 
         summary = _summary(table, outcome, histogram)
@@ -736,9 +737,7 @@ class _Run:
         self.meta["timings"] = dict(self.timings)
         provenance = _provenance(self.science, self.template, checksums)
         provenance.update(getattr(self, "extra_provenance", {}))
-        path = self.writer.finalize(
-            outcome.solution, table, self.meta, self.cfg.to_dict(), provenance
-        )
+        path = self.writer.finalize(None, None, self.meta, self.cfg.to_dict(), provenance)
         return path, dict(self.timings), summary
 
     def _check(self, tmpl: ZarrImage, sci: ZarrImage) -> dict[tuple[str, str], str]:

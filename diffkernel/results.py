@@ -181,10 +181,29 @@ class ResultWriter:
         )
         return ZarrImage.open(self._partial, "difference")
 
+    def write_fit(self, solution: SpatialSolution, candidates: Table) -> None:
+        """Write the groups ``solution`` and ``candidates`` ahead of :meth:`finalize`.
+
+        For a driver that has the fit while the difference tiles are still being
+        written; :meth:`finalize` is then called without them.
+
+        Raises
+        ------
+        StoreError
+            If they were already written, or the writer was finalized or aborted.
+        InputError
+            If ``candidates`` is not a Table or has a column name Zarr cannot hold.
+        """
+        root = self._root("write the fit")
+        if "solution" in root or "candidates" in root:
+            raise StoreError(f"the fit of {str(self._path)!r} was already written")
+        _write_solution(root.create_group("solution"), solution)
+        _write_candidates(root.create_group("candidates"), candidates)
+
     def finalize(
         self,
-        solution: SpatialSolution,
-        candidates: Table,
+        solution: SpatialSolution | None,
+        candidates: Table | None,
         metadata: Mapping[str, Any],
         config: Mapping[str, Any],
         provenance: Mapping[str, Any],
@@ -193,10 +212,11 @@ class ResultWriter:
 
         Parameters
         ----------
-        solution : SpatialSolution
-            Fitted kernel and background.
-        candidates : astropy.table.Table
-            Candidate table; string columns are stored as fixed-width unicode.
+        solution : SpatialSolution or None
+            Fitted kernel and background; None when :meth:`write_fit` wrote them.
+        candidates : astropy.table.Table or None
+            Candidate table (string columns are stored as fixed-width unicode); None
+            when :meth:`write_fit` wrote it.
         metadata, config, provenance : mapping
             Root attributes, made JSON-safe with :func:`json_safe`.
 
@@ -208,9 +228,10 @@ class ResultWriter:
         Raises
         ------
         StoreError
-            If no difference image was created, the writer was finalized or aborted, or
-            ``path`` appeared meanwhile and ``overwrite`` is False (the finished store is
-            then left at :attr:`partial_path`).
+            If no difference image was created, the fit is missing or given twice, the
+            writer was finalized or aborted, or ``path`` appeared meanwhile and
+            ``overwrite`` is False (the finished store is then left at
+            :attr:`partial_path`).
         InputError
             If ``candidates`` is not a Table or has a column name Zarr cannot hold.
         """
@@ -220,8 +241,15 @@ class ResultWriter:
                 f"{str(self._partial)!r} has no difference image: call create_difference "
                 "before finalize"
             )
-        _write_solution(root.create_group("solution"), solution)
-        _write_candidates(root.create_group("candidates"), candidates)
+        written = "solution" in root
+        given = solution is not None or candidates is not None
+        if written == given or (given and (solution is None or candidates is None)):
+            raise StoreError(
+                f"finalize of {str(self._path)!r} needs the solution and candidates either "
+                "given here or written before with write_fit (once)"
+            )
+        if given:
+            self.write_fit(solution, candidates)
         root.attrs.update(
             {
                 "metadata": json_safe(metadata),

@@ -601,6 +601,35 @@ def test_finalize_needs_a_difference_image(tmp_path: Path) -> None:
             writer.finalize(_solution(), _candidates(), {}, {}, {})
 
 
+def test_fit_written_ahead_of_finalize(tmp_path: Path) -> None:
+    """write_fit then finalize(None, None, ...) gives the same store as finalize alone."""
+    path = tmp_path / "run.zarr"
+    solution = _solution()
+    writer = ResultWriter(path)
+    writer.create_difference(SHAPE, CHUNKS, {})
+    writer.write_fit(solution, _candidates())
+    with pytest.raises(StoreError, match="was already written"):
+        writer.write_fit(solution, _candidates())
+    with pytest.raises(StoreError, match="either given here or written before"):
+        writer.finalize(solution, _candidates(), {}, {}, {})
+    assert not path.exists()
+    writer.finalize(None, None, {"rounds": 1}, {}, {})
+    result = open_result(path)
+    np.testing.assert_array_equal(result.solution.kernel_coeffs, solution.kernel_coeffs)
+    assert len(result.candidates) == len(_candidates())
+    assert result.metadata == {"rounds": 1}
+
+
+@pytest.mark.parametrize("given", [(None, None), ("solution", None), (None, "candidates")])
+def test_finalize_needs_the_fit_once(tmp_path: Path, given) -> None:
+    with ResultWriter(tmp_path / "run.zarr") as writer:
+        writer.create_difference(SHAPE, CHUNKS, {})
+        solution = _solution() if given[0] else None
+        candidates = _candidates() if given[1] else None
+        with pytest.raises(StoreError, match="needs the solution and candidates"):
+            writer.finalize(solution, candidates, {}, {}, {})
+
+
 def test_incomplete_store(tmp_path: Path) -> None:
     """A store whose run crashed after being moved into place reads as incomplete."""
     path = tmp_path / "run.zarr"
