@@ -4,7 +4,10 @@ Stages, each a set of independent Dask tasks that read what they need from Zarr 
 the workers (no image goes through the scheduler):
 
 1. *check*: one task per 1024-px tile of each input validates it (NaN, variance)
-   and hashes its planes, for the provenance's checksums (each pixel read once);
+   and hashes its planes, for the provenance's checksums (each pixel read once).
+   Every later step that reads pixels waits for it, except the cells: when nothing
+   else comes first they start alongside it, and the driver waits for the check
+   before it uses any cell (an invalid input stops the run there);
 2. *prepare* (only when needed): warp the template onto the science grid tile by
    tile, mesh backgrounds, coarse detection, star FWHMs;
 3. *cells*: one task per spatial cell vets, ranks and reduces its candidates to
@@ -575,9 +578,10 @@ class _Run:
                 f"template shape {tmpl.shape} differs from science shape {sci.shape}; "
                 "give both a WCS (alignment) or warp the template first"
             )
-        t0 = time.perf_counter()
-        checksums = self._check(tmpl, sci)
-        self.timings["check"] = time.perf_counter() - t0
+        # The check runs alongside what follows; every step that reads pixels before
+        # the cells (alignment, backgrounds, detection, FWHMs) first waits for it
+        # (_validated), and the cells are submitted before it is waited for.
+        self._submit_check(tmpl, sci)
         if aligned:
             t0 = time.perf_counter()
             tmpl = self._align(tmpl, sci)
@@ -589,6 +593,7 @@ class _Run:
         t0 = time.perf_counter()
         reader = ZarrPair(tmpl, sci)
         if kcfg.useAfwBackground:
+            self._validated()
             refs = [
                 self._submit(
                     _background_task,
@@ -607,6 +612,7 @@ class _Run:
         # runs on one client (a batch), and one run releasing it loses the other's.
         reader_f = cl.scatter(reader, broadcast=True, hash=False)
         if sources is None:
+            self._validated()
             det_exp = tmpl if kcfg.detectionConfig.detOnTemplate else sci
             saturation = next(
                 (float(det_exp.meta[k]) for k in SATURATION_KEYS if k in det_exp.meta), None
@@ -677,6 +683,7 @@ class _Run:
         # output arrays are made while the workers fit the cells.
         planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)
         self.writer.create_difference(sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta)
+        checksums = self._validated()  # a bad input stops the run here, cells or not
         self._wait(cell_futures, "cells", t0, gather=False)
 
         t0 = time.perf_counter()
@@ -740,49 +747,62 @@ class _Run:
         path = self.writer.finalize(None, None, self.meta, self.cfg.to_dict(), provenance)
         return path, dict(self.timings), summary
 
-    def _check(self, tmpl: ZarrImage, sci: ZarrImage) -> dict[tuple[str, str], str]:
-        """Validate both inputs tile by tile; return their checksums (read once).
+    def _submit_check(self, tmpl: ZarrImage, sci: ZarrImage) -> None:
+        """Submit the validation and hashing of both inputs, tile by tile (read once).
 
         The checksum of a plane is a SHA-256 over its fixed 1024-px tiles' digests.
+        :meth:`_validated` waits for the outcome.
         """
-        exempt = tuple(dict.fromkeys(("NO_DATA",) + tuple(self.kcfg.badMaskPlanes)))
-        images = {"template": tmpl, "science": sci}
-        grids = {
+        self._check_started = time.perf_counter()
+        self._exempt = tuple(dict.fromkeys(("NO_DATA",) + tuple(self.kcfg.badMaskPlanes)))
+        self._checked_images = {"template": tmpl, "science": sci}
+        self._check_grids = {
             who: [
                 (y0, min(y0 + CHECK_TILE, image.shape[0]), x0, min(x0 + CHECK_TILE, image.shape[1]))
                 for y0 in range(0, image.shape[0], CHECK_TILE)
                 for x0 in range(0, image.shape[1], CHECK_TILE)
             ]
-            for who, image in images.items()
+            for who, image in self._checked_images.items()
         }
         # One task per tile checks it in both images when they share the grid.
-        owners: dict[tuple[int, int, int, int], list[str]] = {}
-        for who, boxes in grids.items():
+        self._check_owners: dict[tuple[int, int, int, int], list[str]] = {}
+        for who, boxes in self._check_grids.items():
             for box in boxes:
-                owners.setdefault(box, []).append(who)
-        futures = {
+                self._check_owners.setdefault(box, []).append(who)
+        self._check_futures = {
             box: self._submit(
                 _check_tiles,
-                [images[who] for who in names],
+                [self._checked_images[who] for who in names],
                 *box,
-                exempt,
+                self._exempt,
                 name=f"check-{box[0]}-{box[2]}",
             )
-            for box, names in owners.items()
+            for box, names in self._check_owners.items()
         }
+        self._checksums: dict[tuple[str, str], str] | None = None
+
+    def _validated(self) -> dict[tuple[str, str], str]:
+        """Wait for the check (once): raise on invalid inputs, else their checksums."""
+        if self._checksums is not None:
+            return self._checksums
+        futures = self._check_futures
         done = dict(zip(futures, self.client.gather(list(futures.values())), strict=True))
         checksums = {}
-        for who, image in images.items():
-            results = [done[box][owners[box].index(who)] for box in grids[who]]
+        for who, image in self._checked_images.items():
+            owners = self._check_owners
+            results = [done[box][owners[box].index(who)] for box in self._check_grids[who]]
             counts = [r[0] for r in results]
             total = {k: sum(c[k] for c in counts) for k in counts[0]}
-            report_validation(who, total, exempt)
+            report_validation(who, total, self._exempt)
             for name in ("image", "variance", "mask"):
                 checksums[(who, name)] = _combine_digests(image, name, [r[1] for r in results])
+        self.timings["check"] = time.perf_counter() - self._check_started
+        self._checksums = checksums
         return checksums
 
     def _align(self, tmpl: ZarrImage, sci: ZarrImage) -> ZarrImage:
         check_wcs(tmpl.wcs, sci.wcs)
+        self._validated()
         planes = with_mask_planes(tmpl.mask_planes, ("NO_DATA", "EDGE"))
         chunk = sci.chunks[0] if WARP_TILE % sci.chunks[0] == 0 else 256
         import zarr
@@ -825,6 +845,7 @@ class _Run:
         fwhm_s = exposure_fwhm(self.science, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
         if not kcfg.scaleByFwhm or (fwhm_t is not None and fwhm_s is not None):
             return fwhm_t, fwhm_s
+        self._validated()
         fut = self._submit(
             measure_pair_fwhm,
             reader_f,
