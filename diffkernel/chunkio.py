@@ -1,4 +1,4 @@
-"""Direct chunk decoding for local, unsharded Zarr v3 arrays.
+"""Direct chunk decoding and encoding for local, unsharded Zarr v3 arrays.
 
 zarr-python 3 reads a chunk through its asyncio machinery: the request crosses to
 an event-loop thread, the bytes and the decoded values are copied between buffer
@@ -7,13 +7,18 @@ of this package (1 MB chunks, read many times over by the check, cell and tile
 tasks) that costs about ten times the decoding itself: reading a 4096 x 4096 float32
 image takes 0.18 s through ``array[:]`` and 0.02 s here.
 
-:class:`ChunkReader` reads the chunk files of a local store and decodes them with
-``numcodecs`` (which zarr's Blosc and Zstd codecs wrap), for the layouts this
-package writes and the common ones like them: the default chunk-key encoding, a
-regular chunk grid, little-endian (or one-byte) values and at most one Blosc or
-Zstd compressor. :func:`chunk_reader` returns None for anything else (sharding,
-filters, other stores or codecs, Zarr v2), and the callers then use zarr itself.
-The values are the same either way (the tests compare the two).
+:class:`DirectChunks` reads and writes the chunk files of a local store, decoding
+and encoding them with ``numcodecs`` (which zarr's Blosc and Zstd codecs wrap),
+for the layouts this package writes and the common ones like them: the default
+chunk-key encoding, a regular chunk grid, little-endian (or one-byte) values and at
+most one Blosc or Zstd compressor. :func:`direct_chunks` returns None for anything
+else (sharding, filters, other stores or codecs, Zarr v2), and the callers then use
+zarr itself. Writing goes the same way: 16 tiles of 1024 x 1024 with three planes
+took 0.42 s through zarr and take 0.2 s here. Chunks are written whole, as zarr's
+local store writes them (results are made atomic by publishing the whole store,
+:mod:`diffkernel.results`), and a chunk that is all fill value is not stored (as
+zarr does). The values read back are the same either way (the tests compare the
+two).
 """
 
 from __future__ import annotations
@@ -25,14 +30,14 @@ import numpy as np
 
 from .errors import StoreError
 
-__all__ = ["ChunkReader", "chunk_reader"]
+__all__ = ["DirectChunks", "direct_chunks", "whole_chunks"]
 
 #: Per-thread scratch buffers for decoding, by size in bytes: no fresh pages per chunk.
 _SCRATCH = threading.local()
 
 
-class ChunkReader:
-    """Reads whole chunks, or regions assembled from them, of one Zarr array.
+class DirectChunks:
+    """Reads and writes whole chunks, or regions made of them, of one Zarr array.
 
     Parameters
     ----------
@@ -45,7 +50,7 @@ class ChunkReader:
     fill_value : scalar
         Value of chunks that were never written.
     codec : numcodecs codec or None
-        The compressor, or None for raw little-endian bytes.
+        The compressor with the array's settings, or None for raw little-endian bytes.
     key : callable
         ``key((iy, ix)) -> str``: the chunk's key below ``directory``.
     """
@@ -58,6 +63,47 @@ class ChunkReader:
         self.fill_value = fill_value
         self.codec = codec
         self.key = key
+
+    def write_region(self, y0: int, x0: int, values: np.ndarray) -> None:
+        """Write ``values`` at ``[y0:, x0:]``: a region of whole chunks.
+
+        The region must start on a chunk boundary and end on one or on the array's
+        edge (a chunk is never partly written, so no read-modify-write is needed).
+        Values are cast to the array's dtype.
+
+        Raises
+        ------
+        ValueError
+            If the region is not made of whole chunks or leaves the array.
+        """
+        values = np.asarray(values)
+        cy, cx = self.chunks
+        y1, x1 = y0 + values.shape[0], x0 + values.shape[1]
+        inside = 0 <= y0 and 0 <= x0 and y1 <= self.shape[0] and x1 <= self.shape[1]
+        if not inside or not whole_chunks((y0, y1, x0, x1), self.shape, self.chunks):
+            raise ValueError(
+                f"region [{y0}:{y1}, {x0}:{x1}] is not made of whole {cy}x{cx} chunks "
+                f"of an array of shape {self.shape}"
+            )
+        for iy in range(y0 // cy, -(-y1 // cy)):
+            for ix in range(x0 // cx, -(-x1 // cx)):
+                part = values[iy * cy - y0 : (iy + 1) * cy - y0, ix * cx - x0 : (ix + 1) * cx - x0]
+                self._write_chunk(iy, ix, part)
+
+    def _write_chunk(self, iy: int, ix: int, part: np.ndarray) -> None:
+        cy, cx = self.chunks
+        full = np.empty((cy, cx), dtype=self.dtype)
+        full[: part.shape[0], : part.shape[1]] = part
+        if part.shape != (cy, cx):  # an edge chunk is stored whole, padded with the fill
+            full[part.shape[0] :, :] = self.fill_value
+            full[:, part.shape[1] :] = self.fill_value
+        path = self.directory / self.key((iy, ix))
+        if _all_fill(full, self.fill_value):
+            path.unlink(missing_ok=True)
+            return
+        encoded = full.tobytes() if self.codec is None else self.codec.encode(full)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded)
 
     def chunk(self, iy: int, ix: int) -> np.ndarray:
         """Chunk ``(iy, ix)`` trimmed to the array (a new array, C-contiguous)."""
@@ -118,6 +164,26 @@ class ChunkReader:
         return decoded
 
 
+def whole_chunks(
+    box: tuple[int, int, int, int], shape: tuple[int, ...], chunks: tuple[int, ...]
+) -> bool:
+    """Whether ``box = (y0, y1, x0, x1)`` is made of whole chunks of the grid.
+
+    It must start on chunk boundaries and end on them or on the array's edge.
+    """
+    y0, y1, x0, x1 = box
+    (ny, nx), (cy, cx) = shape, chunks
+    return (
+        y0 % cy == 0 and x0 % cx == 0 and (y1 % cy == 0 or y1 == ny) and (x1 % cx == 0 or x1 == nx)
+    )
+
+
+def _all_fill(values: np.ndarray, fill_value) -> bool:
+    if values.dtype.kind == "f" and np.isnan(fill_value):
+        return bool(np.isnan(values).all())
+    return bool((values == fill_value).all())
+
+
 def _scratch(nbytes: int) -> np.ndarray:
     buffers = getattr(_SCRATCH, "buffers", None)
     if buffers is None:
@@ -130,20 +196,20 @@ def _scratch(nbytes: int) -> np.ndarray:
     return buf
 
 
-def chunk_reader(array) -> ChunkReader | None:
-    """A :class:`ChunkReader` for ``array`` (a ``zarr.Array``), or None when unsupported.
+def direct_chunks(array) -> DirectChunks | None:
+    """:class:`DirectChunks` of ``array`` (a ``zarr.Array``), or None when unsupported.
 
     Supported: Zarr v3, a ``LocalStore``, 2-D, a regular chunk grid, the default
     chunk-key encoding, a ``bytes`` codec (little-endian or one-byte values) followed
     by at most one Blosc or Zstd compressor, and a numeric dtype.
     """
     try:
-        return _reader_or_none(array)
-    except (AttributeError, TypeError, ValueError, ImportError):  # unknown layout: zarr reads
+        return _direct_or_none(array)
+    except (AttributeError, KeyError, TypeError, ValueError, ImportError):  # zarr handles it
         return None
 
 
-def _reader_or_none(array) -> ChunkReader | None:
+def _direct_or_none(array) -> DirectChunks | None:
     import numcodecs
     from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
     from zarr.core.chunk_grids import RegularChunkGrid
@@ -168,16 +234,25 @@ def _reader_or_none(array) -> ChunkReader | None:
         return None
     codec = None
     if len(codecs) == 2:
-        if isinstance(codecs[1], BloscCodec):
-            codec = numcodecs.Blosc()  # the frame names its own compressor and shuffle
-        elif isinstance(codecs[1], ZstdCodec):
-            codec = numcodecs.Zstd()
+        compressor = codecs[1]
+        if isinstance(compressor, BloscCodec):
+            if compressor.typesize not in (None, dtype.itemsize):
+                return None
+            shuffles = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+            codec = numcodecs.Blosc(
+                cname=compressor.cname.value,
+                clevel=int(compressor.clevel),
+                shuffle=shuffles[compressor.shuffle.value],
+                blocksize=int(compressor.blocksize),
+            )
+        elif isinstance(compressor, ZstdCodec):
+            codec = numcodecs.Zstd(level=int(compressor.level), checksum=bool(compressor.checksum))
         else:
             return None
     elif len(codecs) > 2:
         return None
     directory = Path(array.store.root) / array.path
-    return ChunkReader(
+    return DirectChunks(
         directory,
         array.shape,
         meta.chunk_grid.chunk_shape,

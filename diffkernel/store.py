@@ -49,7 +49,7 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS, FITSFixedWarning
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .chunkio import ChunkReader, chunk_reader
+from .chunkio import DirectChunks, direct_chunks, whole_chunks
 from .errors import InputError, StoreError
 from .fitsio import _wcs_header, from_nddata, read_exposure
 from .image import Exposure, MaskedImage, as_exposure
@@ -729,7 +729,12 @@ def write_tile(
         _check_aligned(box, shape, tile, where)
     for name, values in zip(IMAGE_ARRAYS, planes, strict=True):
         array = _member_array(node, name, where)
-        array[box[0] : box[1], box[2] : box[3]] = values.astype(array.dtype, copy=False)
+        values = values.astype(array.dtype, copy=False)
+        direct = direct_chunks(array) if whole_chunks(box, shape, array.chunks) else None
+        if direct is not None:
+            direct.write_region(box[0], box[2], values)
+        else:
+            array[box[0] : box[1], box[2] : box[3]] = values
         _chunk_cache().discard(info.get("uid"), name, box, tile)
 
 
@@ -753,11 +758,8 @@ def _check_aligned(
     box: tuple[int, int, int, int], shape: tuple[int, ...], tile: tuple[int, ...], where: str
 ) -> None:
     y0, y1, x0, x1 = box
-    (ny, nx), (cy, cx) = shape, tile
-    aligned = (
-        y0 % cy == 0 and x0 % cx == 0 and (y1 % cy == 0 or y1 == ny) and (x1 % cx == 0 or x1 == nx)
-    )
-    if not aligned:
+    cy, cx = tile
+    if not whole_chunks(box, shape, tile):
         raise InputError(
             f"{where}: region [{y0}:{y1}, {x0}:{x1}] is not aligned to the tile grid "
             f"{(cy, cx)}; concurrent writes to a shared tile lose data. Write whole tiles, "
@@ -875,7 +877,7 @@ class ZarrImage:
         self._info = info
         self._dtype = np.dtype(dtype)
         self._arrays: dict[str, zarr.Array] = dict(arrays or {})
-        self._readers: dict[str, ChunkReader | None] = {}
+        self._direct: dict[str, DirectChunks | None] = {}
 
     # ---------------------------------------------------------------- opening
 
@@ -1061,11 +1063,11 @@ class ZarrImage:
         box = _check_box((y0, y1, x0, x1), self.shape)
         return {name: self._read_direct(name, box) for name in IMAGE_ARRAYS}
 
-    def _reader(self, name: str) -> ChunkReader | None:
-        """The direct chunk reader of an array, or None where zarr must read it."""
-        if name not in self._readers:
-            self._readers[name] = chunk_reader(self._array(name))
-        return self._readers[name]
+    def _reader(self, name: str) -> DirectChunks | None:
+        """The direct chunk access of an array, or None where zarr must read it."""
+        if name not in self._direct:
+            self._direct[name] = direct_chunks(self._array(name))
+        return self._direct[name]
 
     def _read_direct(self, name: str, box: tuple[int, int, int, int]) -> np.ndarray:
         y0, y1, x0, x1 = box

@@ -1,4 +1,4 @@
-"""Direct chunk decoding (diffkernel.chunkio) against zarr's own reading."""
+"""Direct chunk decoding and encoding (diffkernel.chunkio) against zarr's own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, TransposeCodec, ZstdCodec
 
-from diffkernel.chunkio import chunk_reader
+from diffkernel.chunkio import direct_chunks
 from diffkernel.errors import StoreError
 from diffkernel.store import clear_chunk_cache
 
@@ -42,7 +42,7 @@ def test_matches_zarr(tmp_path, dtype, compressors):
     rng = np.random.default_rng(1)
     values = (rng.normal(0, 50, (45, 38)) + 100).astype(dtype)
     array = _array(tmp_path, values, compressors=compressors)
-    reader = chunk_reader(array)
+    reader = direct_chunks(array)
     assert reader is not None
     assert reader.chunk(2, 2).shape == (13, 6)  # the corner chunk, trimmed
     for iy in range(3):
@@ -58,12 +58,63 @@ def test_matches_zarr(tmp_path, dtype, compressors):
         np.testing.assert_array_equal(got, values[y0:y1, x0:x1])
 
 
+@pytest.mark.parametrize(
+    "dtype, compressors",
+    [
+        (np.float32, BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")),
+        (np.float64, BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", blocksize=4096)),
+        (np.int32, ZstdCodec(level=1)),
+        (np.uint16, ZstdCodec(level=3, checksum=True)),
+        (np.float32, None),
+    ],
+)
+def test_written_chunks_read_back_through_zarr(tmp_path, dtype, compressors):
+    """Regions written directly, edge chunks included, are what zarr then reads."""
+    rng = np.random.default_rng(4)
+    array = zarr.create_array(
+        str(tmp_path / "w.zarr"),
+        shape=(45, 38),
+        chunks=(16, 16),
+        dtype=dtype,
+        fill_value=0,
+        compressors=compressors,
+    )
+    direct = direct_chunks(array)
+    expected = np.zeros((45, 38), dtype=dtype)
+    for y0, x0, shape in [(0, 0, (16, 32)), (16, 32, (29, 6)), (32, 0, (13, 16))]:
+        values = (rng.normal(0, 50, shape) + 100).astype(np.float64)  # cast on writing
+        direct.write_region(y0, x0, values)
+        expected[y0 : y0 + shape[0], x0 : x0 + shape[1]] = values.astype(dtype)
+    np.testing.assert_array_equal(array[:], expected)
+    assert array[:].dtype == np.dtype(dtype)
+
+
+def test_all_fill_chunks_are_not_stored(tmp_path):
+    array = zarr.create_array(
+        str(tmp_path / "f.zarr"), shape=(32, 32), chunks=(16, 16), dtype="f4", fill_value=np.nan
+    )
+    direct = direct_chunks(array)
+    direct.write_region(0, 0, np.ones((16, 32), dtype="f4"))
+    chunk = tmp_path / "f.zarr" / "c" / "0" / "1"
+    assert chunk.is_file()
+    direct.write_region(0, 16, np.full((16, 16), np.nan, dtype="f4"))
+    assert not chunk.exists()  # the old chunk is removed: the fill value is read back
+    assert np.isnan(array[0:16, 16:32]).all() and (array[0:16, 0:16] == 1).all()
+
+
+@pytest.mark.parametrize("y0, x0, shape", [(8, 0, (16, 16)), (0, 0, (10, 16)), (32, 0, (16, 16))])
+def test_write_needs_whole_chunks_inside(tmp_path, y0, x0, shape):
+    array = zarr.create_array(str(tmp_path / "m.zarr"), shape=(40, 40), chunks=(16, 16), dtype="f4")
+    with pytest.raises(ValueError, match="is not made of whole 16x16 chunks"):
+        direct_chunks(array).write_region(y0, x0, np.zeros(shape, dtype="f4"))
+
+
 def test_unwritten_chunks_are_the_fill_value(tmp_path):
     array = zarr.create_array(
         str(tmp_path / "s.zarr"), shape=(40, 40), chunks=(16, 16), dtype="f4", fill_value=np.nan
     )
     array[20:30, 20:30] = 1.0  # writes only the chunks (1, 1) and beyond
-    reader = chunk_reader(array)
+    reader = direct_chunks(array)
     np.testing.assert_array_equal(reader.region(0, 40, 0, 40), array[:])
     assert np.isnan(reader.chunk(0, 0)).all()
 
@@ -82,18 +133,18 @@ def test_unwritten_chunks_are_the_fill_value(tmp_path):
 def test_other_layouts_are_left_to_zarr(tmp_path, kwargs):
     values = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)
     array = _array(tmp_path, values, **kwargs)
-    assert chunk_reader(array) is None
+    assert direct_chunks(array) is None
 
 
 def test_memory_store_and_v2_are_left_to_zarr(tmp_path):
     in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 8), dtype="f4")
-    assert chunk_reader(in_memory) is None
+    assert direct_chunks(in_memory) is None
     v2 = zarr.create_array(
         str(tmp_path / "v2.zarr"), shape=(8, 8), chunks=(4, 4), dtype="f4", zarr_format=2
     )
-    assert chunk_reader(v2) is None
+    assert direct_chunks(v2) is None
     three_d = zarr.create_array(str(tmp_path / "3d.zarr"), shape=(2, 8, 8), dtype="f4")
-    assert chunk_reader(three_d) is None
+    assert direct_chunks(three_d) is None
 
 
 @pytest.mark.parametrize(
@@ -107,7 +158,7 @@ def test_damaged_chunk_is_an_error_naming_it(tmp_path, damage, compressors):
     array = _array(tmp_path, values, compressors=compressors)
     path = tmp_path / "store.zarr" / "a" / "c" / "1" / "0"
     path.write_bytes(damage(path.read_bytes()))
-    reader = chunk_reader(array)
+    reader = direct_chunks(array)
     np.testing.assert_array_equal(reader.chunk(0, 0), values[:16, :16])  # others still read
     with pytest.raises(StoreError, match=r"cannot decode chunk .*a/c/1/0"):
         reader.region(0, 32, 0, 32)
