@@ -29,7 +29,7 @@ from .candidate import (
 from .errors import NoCandidatesError
 from .fit import fit_single_kernels
 from .image import MaskedImage
-from .selection import assign_cells, core_flux_snr, place_centres, vet_positions
+from .selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
 from .solve import BAD, CandidateSet, SolveOutcome, solve
 
 __all__ = [
@@ -244,12 +244,14 @@ def fit_cell(
     rating = np.full(n, np.nan)
     ok = np.flatnonzero(reason == "")
     if ok.size:
-        # S/N on small cutouts: the stamps are only cut for the survivors.
+        # S/N from the pixels of small apertures: stamps are only cut for the survivors.
         radius = plan.aperture_radius
         half_snr = int(min(plan.half_stamp, max(np.ceil(2.5 * radius), 8)))
-        small = cut_stamps(template, science, lx[ok], ly[ok], half_snr, 0)
-        ft, snr_t[ok] = core_flux_snr(small.template, small.template_variance, radius)
-        fs, snr_s[ok] = core_flux_snr(small.science, small.science_variance, radius)
+        xo, yo = lx[ok], ly[ok]
+        ft, snr_t[ok] = aperture_flux_snr(
+            template.image, template.variance, xo, yo, half_snr, radius
+        )
+        fs, snr_s[ok] = aperture_flux_snr(science.image, science.variance, xo, yo, half_snr, radius)
         rating[ok] = ft + fs
         low = ~((snr_t[ok] >= plan.min_snr) & (snr_s[ok] >= plan.min_snr))
         reason[ok[low]] = "low S/N"

@@ -9,6 +9,8 @@ placed in spatial cells of ``sizeCellX`` by ``sizeCellY`` pixels.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from astropy.table import Table
 
@@ -21,6 +23,7 @@ __all__ = [
     "vet_positions",
     "assign_cells",
     "core_flux_snr",
+    "aperture_flux_snr",
 ]
 
 
@@ -156,17 +159,60 @@ def core_flux_snr(
     """
     n, s, _ = stamps.shape
     c = s // 2
-    yy, xx = np.mgrid[0:s, 0:s] - c
-    rr = np.hypot(xx, yy).ravel()
-    ring = np.flatnonzero(rr >= 0.8 * c)
-    aperture = np.flatnonzero(rr <= radius)
-    flat = stamps.reshape(n, s * s)
-    # Taking flat indices keeps each source's pixels contiguous (a 2-D boolean index
-    # lays them out transposed), which makes the median's partition several times faster.
-    sky = _row_medians(np.take(flat, ring, axis=1))
-    flux = (np.take(flat, aperture, axis=1) - sky[:, None]).sum(axis=1)
-    noise = np.sqrt(np.take(variances.reshape(n, s * s), aperture, axis=1).sum(axis=1))
+    # The stamps stacked into one (N S, S) plane, centre i at (c, i S + c).
+    column = stamps.reshape(n * s, s)
+    return aperture_flux_snr(
+        column, variances.reshape(n * s, s), np.full(n, c), np.arange(n) * s + c, c, radius
+    )
+
+
+def aperture_flux_snr(
+    image: np.ndarray,
+    variance: np.ndarray,
+    xc: np.ndarray,
+    yc: np.ndarray,
+    half: int,
+    radius: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`core_flux_snr` of the ``(2 half + 1)^2`` stamps at integer centres.
+
+    The pixels of each aperture and ring are gathered straight from ``image`` and
+    ``variance`` (any float dtype; summed in float64), with no stamps cut: the same
+    values in the same order, so the same results, at a third of the memory traffic.
+
+    Parameters
+    ----------
+    image, variance : numpy.ndarray
+        2-D planes holding every stamp.
+    xc, yc : numpy.ndarray
+        Integer centres, at least ``half`` pixels inside the planes.
+    half : int
+        Half-width of the stamps.
+    radius : float
+        Aperture radius in pixels.
+    """
+    ring_dy, ring_dx, ap_dy, ap_dx = _aperture_offsets(int(half), float(radius))
+    xc = np.asarray(xc, dtype=np.intp)[:, None]
+    yc = np.asarray(yc, dtype=np.intp)[:, None]
+    rows, cols = yc + ap_dy, xc + ap_dx
+    sky = _row_medians(image[yc + ring_dy, xc + ring_dx].astype(np.float64, copy=False))
+    flux = (image[rows, cols].astype(np.float64, copy=False) - sky[:, None]).sum(axis=1)
+    noise = np.sqrt(variance[rows, cols].astype(np.float64, copy=False).sum(axis=1))
     return flux, flux / noise
+
+
+@functools.lru_cache(maxsize=8)
+def _aperture_offsets(half: int, radius: float) -> tuple[np.ndarray, ...]:
+    """Row and column offsets of the ring and of the aperture, in stamp raster order."""
+    s = 2 * half + 1
+    yy, xx = np.mgrid[0:s, 0:s] - half
+    rr = np.hypot(xx, yy).ravel()
+    ring = np.flatnonzero(rr >= 0.8 * half)
+    aperture = np.flatnonzero(rr <= radius)
+    offsets = (ring // s - half, ring % s - half, aperture // s - half, aperture % s - half)
+    for values in offsets:
+        values.flags.writeable = False
+    return offsets
 
 
 def _row_medians(values: np.ndarray) -> np.ndarray:

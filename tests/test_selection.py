@@ -8,7 +8,13 @@ from astropy.table import Table
 
 from diffkernel.errors import InputError
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.selection import assign_cells, core_flux_snr, source_positions, vet_positions
+from diffkernel.selection import (
+    aperture_flux_snr,
+    assign_cells,
+    core_flux_snr,
+    source_positions,
+    vet_positions,
+)
 from diffkernel.simulate import make_pair
 
 NY, NX = 60, 80
@@ -143,6 +149,26 @@ def test_core_flux_snr_partial_aperture():
     expected = stamps[0][np.hypot(xx, yy) <= 3.0].sum()
     assert flux[0] == pytest.approx(expected)
     assert 0.3 < flux[0] / 1e4 < 0.5
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_aperture_flux_snr_in_place_equals_cut_stamps(dtype):
+    """Gathering apertures from a plane gives exactly the numbers of cut float64 stamps."""
+    rng = np.random.default_rng(7)
+    image = rng.normal(100.0, 10.0, (90, 120)).astype(dtype)
+    variance = rng.uniform(50.0, 150.0, (90, 120)).astype(dtype)
+    xc, yc, half = np.array([13, 60, 106, 40]), np.array([13, 45, 76, 70]), 13
+    boxes = [
+        np.s_[y - half : y + half + 1, x - half : x + half + 1]
+        for x, y in zip(xc, yc, strict=True)
+    ]
+    stamps = np.array([image[box] for box in boxes])
+    variances = np.array([variance[box] for box in boxes])
+    expected = core_flux_snr(stamps.astype(np.float64), variances.astype(np.float64), 5.0)
+    got = aperture_flux_snr(image, variance, xc, yc, half, 5.0)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == np.float64
+        np.testing.assert_array_equal(g, e)
 
 
 # --- source positions ---------------------------------------------------------------------
