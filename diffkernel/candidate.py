@@ -108,10 +108,15 @@ def cut_stamps(
     s_img = sliding_window_view(science.image, (ws, ws))
     s_var = sliding_window_view(science.variance, (ws, ws))
     return StampBatch(
-        t_img[yc - ht, xc - ht],
-        t_var[yc - ht, xc - ht],
-        s_img[yc - hs, xc - hs],
-        s_var[yc - hs, xc - hs],
+        *(
+            cutouts.astype(np.float64, copy=False)  # pixels may come as stored (float32)
+            for cutouts in (
+                t_img[yc - ht, xc - ht],
+                t_var[yc - ht, xc - ht],
+                s_img[yc - hs, xc - hs],
+                s_var[yc - hs, xc - hs],
+            )
+        )
     )
 
 

@@ -122,6 +122,10 @@ class ZarrPair:
         Mesh backgrounds to remove, stored as 2-D arrays.
     cached : bool
         Read through the per-process chunk cache (for many small regions).
+    stored : bool
+        Give the pixels in their stored dtype, unchecked
+        (:meth:`~diffkernel.store.ZarrImage.read_stored`): for the cells, which run
+        alongside the check and convert only the stamps they cut to float64.
     """
 
     def __init__(
@@ -131,16 +135,19 @@ class ZarrPair:
         template_background: tuple[str, str] | None = None,
         science_background: tuple[str, str] | None = None,
         cached: bool = True,
+        stored: bool = False,
     ) -> None:
         self.template = template
         self.science = science
         self.template_background = template_background
         self.science_background = science_background
         self.cached = cached
+        self.stored = stored
 
     def __call__(self, y0: int, y1: int, x0: int, x1: int) -> tuple[MaskedImage, MaskedImage]:
-        t = self.template.read(y0, y1, x0, x1, cached=self.cached)
-        s = self.science.read(y0, y1, x0, x1, cached=self.cached)
+        read = "read_stored" if self.stored else "read"
+        t = getattr(self.template, read)(y0, y1, x0, x1, cached=self.cached)
+        s = getattr(self.science, read)(y0, y1, x0, x1, cached=self.cached)
         if self.template_background is not None:
             t.image = t.image - _read_array(self.template_background, y0, y1, x0, x1)
         if self.science_background is not None:
@@ -642,7 +649,6 @@ class _Run:
         if mode == "convolveScience":
             # The kernel matches the science image to the template: swap the roles.
             reader = ZarrPair(sci, tmpl, reader.science_background, reader.template_background)
-            reader_f = cl.scatter(reader, broadcast=True, hash=False)
             fwhm_t, fwhm_s = fwhm_s, fwhm_t
         basis = basis_from_config(kcfg, fwhm_t, fwhm_s)
         self.meta["basis"] = {
@@ -656,6 +662,14 @@ class _Run:
         plan = make_cell_plan(self.cfg, basis, sci.shape)
         placement = SourcePlacement.from_positions(ids, x, y, plan)
         plan_f = cl.scatter(plan, broadcast=True, hash=False)
+        cell_reader = ZarrPair(
+            reader.template,
+            reader.science,
+            reader.template_background,
+            reader.science_background,
+            stored=True,
+        )
+        cell_reader_f = cl.scatter(cell_reader, broadcast=True, hash=False)
         t0 = time.perf_counter()
         cells = self._cell_order(placement.cells(), sci.chunks)
         t_submit = time.perf_counter()
@@ -669,7 +683,7 @@ class _Run:
                 _cells_task,
                 plan_f,
                 [(cell, idx, placement.xc[idx], placement.yc[idx]) for cell, idx in group],
-                reader_f,
+                cell_reader_f,
                 name=f"cell-{group[0][0]}",
             )
             for group in groups

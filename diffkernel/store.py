@@ -1042,14 +1042,20 @@ class ZarrImage:
             image, variance, mask = (self._read_direct(name, box) for name in IMAGE_ARRAYS)
         return MaskedImage(image, variance, mask, self.mask_planes)
 
-    def read_stored(self, y0: int, y1: int, x0: int, x1: int) -> MaskedImage:
-        """The region as stored (float32 stays float32), for already validated inputs.
+    def read_stored(
+        self, y0: int, y1: int, x0: int, x1: int, *, cached: bool = False
+    ) -> MaskedImage:
+        """The region as stored (float32 stays float32), for inputs checked elsewhere.
 
         Like :meth:`read` without the float64 conversion and the pixel checks of
         :class:`~diffkernel.image.MaskedImage` (see
-        :meth:`~diffkernel.image.MaskedImage.from_validated`).
+        :meth:`~diffkernel.image.MaskedImage.from_validated`); ``cached`` as there.
         """
-        planes = self.read_planes(y0, y1, x0, x1)
+        if cached:
+            box = _check_box((y0, y1, x0, x1), self.shape)
+            planes = {name: self._read_cached(name, box) for name in IMAGE_ARRAYS}
+        else:
+            planes = self.read_planes(y0, y1, x0, x1)
         return MaskedImage.from_validated(
             planes["image"], planes["variance"], planes["mask"], self.mask_planes
         )
