@@ -194,10 +194,18 @@ def aperture_flux_snr(
     ring_dy, ring_dx, ap_dy, ap_dx = _aperture_offsets(int(half), float(radius))
     xc = np.asarray(xc, dtype=np.intp)[:, None]
     yc = np.asarray(yc, dtype=np.intp)[:, None]
-    rows, cols = yc + ap_dy, xc + ap_dx
-    sky = _row_medians(image[yc + ring_dy, xc + ring_dx].astype(np.float64, copy=False))
-    flux = (image[rows, cols].astype(np.float64, copy=False) - sky[:, None]).sum(axis=1)
-    noise = np.sqrt(variance[rows, cols].astype(np.float64, copy=False).sum(axis=1))
+
+    def gather(plane: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+        if plane.flags.c_contiguous:  # one flat index per pixel: several times faster
+            width = plane.shape[1]
+            values = np.take(plane.reshape(-1), (yc * width + xc) + (dy * width + dx))
+        else:
+            values = plane[yc + dy, xc + dx]
+        return values.astype(np.float64, copy=False)
+
+    sky = _row_medians(gather(image, ring_dy, ring_dx))
+    flux = (gather(image, ap_dy, ap_dx) - sky[:, None]).sum(axis=1)
+    noise = np.sqrt(gather(variance, ap_dy, ap_dx).sum(axis=1))
     return flux, flux / noise
 
 

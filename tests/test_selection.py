@@ -165,10 +165,18 @@ def test_aperture_flux_snr_in_place_equals_cut_stamps(dtype):
     stamps = np.array([image[box] for box in boxes])
     variances = np.array([variance[box] for box in boxes])
     expected = core_flux_snr(stamps.astype(np.float64), variances.astype(np.float64), 5.0)
-    got = aperture_flux_snr(image, variance, xc, yc, half, 5.0)
-    for g, e in zip(got, expected, strict=True):
-        assert g.dtype == np.float64
-        np.testing.assert_array_equal(g, e)
+    # Contiguous planes, and views of a larger array (as the in-memory path gives).
+    padded = np.zeros((100, 140, 2), dtype=dtype)
+    padded[5:95, 10:130, 0] = image
+    padded_var = np.ones_like(padded)
+    padded_var[5:95, 10:130, 0] = variance
+    views = padded[5:95, 10:130, 0], padded_var[5:95, 10:130, 0]
+    assert not views[0].flags.c_contiguous
+    for planes in [(image, variance), views]:
+        got = aperture_flux_snr(*planes, xc, yc, half, 5.0)
+        for g, e in zip(got, expected, strict=True):
+            assert g.dtype == np.float64
+            np.testing.assert_array_equal(g, e)
 
 
 # --- source positions ---------------------------------------------------------------------
