@@ -61,15 +61,15 @@ class ArrayBackend:
         return self.xp.fft.rfft2(values, s=shape)
 
     def ifft(self, values: Any, axis: int, workers: int | None = None) -> Any:
-        """Inverse complex FFT along ``axis``."""
+        """Inverse complex FFT along ``axis``; ``values`` may be overwritten."""
         if self.on_host:
-            return scipy_fft.ifft(values, axis=axis, workers=workers)
+            return scipy_fft.ifft(values, axis=axis, workers=workers, overwrite_x=True)
         return self.xp.fft.ifft(values, axis=axis)
 
     def irfft(self, values: Any, n: int, axis: int, workers: int | None = None) -> Any:
-        """Inverse real FFT of length ``n`` along ``axis``."""
+        """Inverse real FFT of length ``n`` along ``axis``; ``values`` may be overwritten."""
         if self.on_host:
-            return scipy_fft.irfft(values, n, axis=axis, workers=workers)
+            return scipy_fft.irfft(values, n, axis=axis, workers=workers, overwrite_x=True)
         return self.xp.fft.irfft(values, n, axis=axis)
 
 

@@ -373,3 +373,25 @@ def test_default_tile_size():
     assert default_tile_size((128, 128), (400, 400)) == 384
     assert default_tile_size((300, 300), (300, 300)) == 300
     assert default_tile_size((64, 64), (320, 352)) == 256
+
+
+def test_check_tile_digests_are_sha256_of_the_stored_values(tmp_path):
+    """Each plane's tile digest is SHA-256 of its dtype string and bytes, an empty mask too."""
+    import hashlib
+
+    from diffkernel.graph import _check_tile
+
+    sim = make_pair((96, 80), seed=5, n_stars=4)
+    exposure = as_float32(sim.science)
+    marked = exposure.masked_image.mask.copy()
+    marked[10:12, 20:25] |= 1 << exposure.masked_image.mask_planes["BAD"]
+    for mask in (np.zeros_like(marked), marked):
+        mi = exposure.masked_image
+        planes = MaskedImage(mi.image, mi.variance, mask, mi.mask_planes)
+        image = Exposure(planes, exposure.wcs, exposure.psf_fwhm)
+        store = write_image(tmp_path / f"m{int(mask.any())}.zarr", image, chunks=32)
+        _, digests = _check_tile(store, 0, 64, 16, 80, ("BAD",))
+        for name, plane in (("image", mi.image), ("variance", mi.variance), ("mask", mask)):
+            values = np.ascontiguousarray(plane[0:64, 16:80], dtype=store._array(name).dtype)
+            expected = hashlib.sha256(values.dtype.str.encode() + values.tobytes()).hexdigest()
+            assert digests[name] == expected, name
