@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.table import Table
 
-from .basis import KernelBasis, regularization_for
+from .basis import KernelBasis
 from .candidate import (
     CandidateStats,
     StampBatch,
@@ -27,7 +27,7 @@ from .candidate import (
     cut_stamps,
 )
 from .errors import NoCandidatesError
-from .fit import fit_single_kernels
+from .fit import SingleFit, fit_single_kernels
 from .image import MaskedImage
 from .selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
 from .solve import BAD, CandidateSet, SolveOutcome, solve
@@ -108,6 +108,9 @@ class CellPlan:
         Half-widths of the science stamp and of the kernel.
     aperture_radius, min_snr : float
         ``selectMeasurement.apertureRadius`` and ``minSnr``.
+    regularization : numpy.ndarray or None
+        The kernel penalty of the configuration
+        (:func:`~diffkernel.basis.regularization_for`), made once per run.
     """
 
     basis: KernelBasis
@@ -117,6 +120,7 @@ class CellPlan:
     half_kernel: int
     aperture_radius: float
     min_snr: float
+    regularization: np.ndarray | None = None
 
     @property
     def bad_planes(self) -> tuple[str, ...]:
@@ -146,6 +150,8 @@ class CellResult:
     stats : CandidateStats or None
         Sufficient statistics of the candidates (sources with ``reason == ''``), in
         source order.
+    single : SingleFit or None
+        Their single-kernel fits, aligned with ``stats``.
     """
 
     cell: np.ndarray
@@ -155,6 +161,7 @@ class CellResult:
     snr_science: np.ndarray
     rating: np.ndarray
     stats: CandidateStats | None
+    single: SingleFit | None = None
 
     @classmethod
     def merge(cls, results: list[CellResult]) -> CellResult:
@@ -163,13 +170,14 @@ class CellResult:
         A task returns its cells merged: a handful of large arrays move between
         workers much faster than a dozen small ones per cell.
         """
-        parts = [r.stats for r in results if r.stats is not None]
+        parts = [r for r in results if r.stats is not None]
         return cls(
             *(
                 np.concatenate([getattr(r, name) for r in results])
                 for name in ("cell", "index", "reason", "snr_template", "snr_science", "rating")
             ),
-            CandidateStats.concatenate(parts) if parts else None,
+            CandidateStats.concatenate([r.stats for r in parts]) if parts else None,
+            SingleFit.concatenate([r.single for r in parts]) if parts else None,
         )
 
 
@@ -256,18 +264,27 @@ def fit_cell(
         low = ~((snr_t[ok] >= plan.min_snr) & (snr_s[ok] >= plan.min_snr))
         reason[ok[low]] = "low S/N"
     keep = np.flatnonzero(reason == "")
-    stats = None
+    stats = single = None
     if keep.size:
         stamps = cut_stamps(
             template, science, lx[keep], ly[keep], plan.half_stamp, plan.half_kernel
         )
-        stats = candidate_stats(stamps, plan.basis, plan.kernel_config)
+        stats, single = candidate_stats(
+            stamps, plan.basis, plan.kernel_config, plan.regularization
+        )
     cells = np.full(n, cell, dtype=np.int64)
-    return CellResult(cells, index, reason.astype(str), snr_t, snr_s, rating, stats)
+    return CellResult(cells, index, reason.astype(str), snr_t, snr_s, rating, stats, single)
 
 
-def candidate_stats(stamps: StampBatch, basis: KernelBasis, kcfg) -> CandidateStats:
-    """Sufficient statistics of a batch, with the optional second variance pass."""
+def candidate_stats(
+    stamps: StampBatch, basis: KernelBasis, kcfg, regularization: np.ndarray | None
+) -> tuple[CandidateStats, SingleFit]:
+    """Sufficient statistics of a batch and their single-kernel fits.
+
+    With ``iterateSingleKernel``, the statistics are made a second time with the
+    variance seen through the first fit's kernels. ``regularization`` is
+    :func:`~diffkernel.basis.regularization_for` of ``basis`` and ``kcfg``.
+    """
     conv = convolve_basis(basis, stamps.template)
     selector = (
         core_selector(stamps.stamp_size, kcfg.candidateCoreRadius) if kcfg.useCoreStats else None
@@ -282,8 +299,7 @@ def candidate_stats(stamps: StampBatch, basis: KernelBasis, kcfg) -> CandidateSt
     )
     stats = compute_stats(conv, stamps.science, variance, **kwargs)
     if kcfg.iterateSingleKernel:
-        reg = regularization_for(basis, kcfg)
-        first = fit_single_kernels(stats, kcfg, reg)
+        first = fit_single_kernels(stats, kcfg, regularization)
         kernels = basis.kernel_image(first.coeffs[:, : basis.size])
         # Better variance: science variance plus the template variance seen
         # through the fitted kernel squared.
@@ -294,7 +310,8 @@ def candidate_stats(stamps: StampBatch, basis: KernelBasis, kcfg) -> CandidateSt
         tvar_conv = np.einsum("nji,njixy->nxy", kernels[:, ::-1, ::-1] ** 2, win)
         variance = stamps.science_variance + tvar_conv
         stats = compute_stats(conv, stamps.science, variance, **kwargs)
-    return stats
+    with_uncertainty = bool(kcfg.calculateKernelUncertainty)
+    return stats, fit_single_kernels(stats, kcfg, regularization, with_uncertainty)
 
 
 @dataclass
@@ -400,14 +417,14 @@ def reduce_cells(
     # Cell order (stable: within a cell, the sources' own order, which is id order).
     order = np.argsort(merged.cell[is_candidate], kind="stable")
     cidx = merged.index[is_candidate][order]
-    stats = merged.stats.take(order)
     cset = CandidateSet(
         placement.ids[cidx],
         placement.xc[cidx].astype(float),
         placement.yc[cidx].astype(float),
         placement.cell[cidx],
         rating[cidx],
-        stats,
+        merged.stats.take(order),
+        merged.single.take(order),
     )
     outcome = solve(cset, plan.basis, plan.kernel_config, plan.shape)
     meta = dict(outcome.metadata)

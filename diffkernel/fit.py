@@ -123,6 +123,25 @@ class SingleFit:
     lam: np.ndarray
     covariance: np.ndarray | None
 
+    def __len__(self) -> int:
+        return self.coeffs.shape[0]
+
+    def take(self, index: np.ndarray | slice) -> SingleFit:
+        """The fits of a subset of candidates."""
+        cov = None if self.covariance is None else self.covariance[index]
+        return SingleFit(self.coeffs[index], self.condition[index], self.lam[index], cov)
+
+    @staticmethod
+    def concatenate(parts: list[SingleFit]) -> SingleFit:
+        """The fits of several batches, in order."""
+        covariances = [p.covariance for p in parts]
+        return SingleFit(
+            np.concatenate([p.coeffs for p in parts]),
+            np.concatenate([p.condition for p in parts]),
+            np.concatenate([p.lam for p in parts]),
+            None if any(c is None for c in covariances) else np.concatenate(covariances),
+        )
+
 
 def pad_background(h: np.ndarray, n_background: int) -> np.ndarray:
     """The kernel penalty extended with zeros over the background terms."""

@@ -37,7 +37,11 @@ GOOD, BAD, UNUSED = "GOOD", "BAD", "UNUSED"
 
 @dataclass
 class CandidateSet:
-    """Vetted candidates ready for fitting (all arrays aligned)."""
+    """Vetted candidates ready for fitting (all arrays aligned).
+
+    ``single`` holds their single-kernel fits when already made (the cells make
+    them, in parallel); :func:`solve` makes them otherwise.
+    """
 
     ids: np.ndarray
     x: np.ndarray
@@ -45,6 +49,7 @@ class CandidateSet:
     cell: np.ndarray
     rating: np.ndarray
     stats: CandidateStats
+    single: SingleFit | None = None
 
 
 @dataclass
@@ -203,7 +208,14 @@ def solve(
     rejected_round = np.full(n, -1)
     reg = regularization_for(basis, cfg)
     want_err = bool(cfg.calculateKernelUncertainty)
-    single = fit_single_kernels(stats, cfg, reg, with_uncertainty=want_err)
+    single = cands.single
+    if single is None:
+        single = fit_single_kernels(stats, cfg, reg, with_uncertainty=want_err)
+    elif len(single) != n or (want_err and single.covariance is None):
+        raise ValueError(
+            f"single fits of {len(single)} candidates (covariances: "
+            f"{single.covariance is not None}) given for {n} candidates"
+        )
     ksum, ksum_err = _ksums(single, basis)
     # The first local background term is the constant: the background at the centre.
     nk = stats.n_kernel

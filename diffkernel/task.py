@@ -16,7 +16,7 @@ import numpy as np
 from astropy.table import Table
 from threadpoolctl import threadpool_limits
 
-from .basis import KernelBasis, basis_from_config
+from .basis import KernelBasis, basis_from_config, regularization_for
 from .cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
 from .config import MakeKernelConfig
 from .errors import ConfigError, InputError, NoCandidatesError
@@ -388,6 +388,7 @@ def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, 
         basis.kernel_size // 2,
         float(cfg.selectMeasurement.apertureRadius),
         float(cfg.selectMeasurement.minSnr),
+        regularization_for(basis, kcfg),
     )
 
 
