@@ -20,7 +20,9 @@ A simulated pair (coadd-depth template, float32 pixels, sources given) is writte
 to a Zarr store once; then :func:`diffkernel.graph.run_pair` processes it on a
 LocalCluster of one worker process and on one of two, each single-threaded. The
 table gives the wall time of each stage (workers already started and warmed up
-with the package imported), the peak resident memory of each worker,
+with the package imported; the check runs alongside the cells, so its column is the
+time until its last task was gathered and overlaps the cells'), the peak resident
+memory of each worker,
 and the residual statistics of the difference; the last lines give the speed-up of
 the cell and tile stages and check that both runs found the same kernel. Compare
 ratios within one run: machines are shared and noisy.
