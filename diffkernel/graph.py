@@ -638,9 +638,6 @@ class _Run:
             ]
             t_ref, s_ref = self._wait(refs, "background", t0)
             reader = ZarrPair(tmpl, sci, tuple(t_ref), tuple(s_ref))
-        # hash=False: a content-hashed key would be shared by concurrent identical
-        # runs on one client (a batch), and one run releasing it loses the other's.
-        reader_f = cl.scatter(reader, broadcast=True, hash=False)
         if sources is None:
             self._validated()
             det_exp = tmpl if kcfg.detectionConfig.detOnTemplate else sci
@@ -649,7 +646,7 @@ class _Run:
             )
             fut = self._submit(
                 _detect_task,
-                reader_f,
+                reader,
                 bool(kcfg.detectionConfig.detOnTemplate),
                 self.cfg,
                 saturation,
@@ -662,7 +659,7 @@ class _Run:
         x, y = source_positions(sources, sci)
         ids = np.asarray(sources["id"]) if "id" in sources.colnames else np.arange(len(sources))
         by_id = np.argsort(ids, kind="stable")  # as MakeKernelTask: order-independent
-        fwhm_t, fwhm_s = self._fwhms(reader_f, x[by_id], y[by_id])
+        fwhm_t, fwhm_s = self._fwhms(reader, x[by_id], y[by_id])
         if preconvolved and fwhm_s is not None:
             fwhm_s *= np.sqrt(2.0)
         self.meta["template_fwhm"], self.meta["science_fwhm"] = fwhm_t, fwhm_s
@@ -684,6 +681,8 @@ class _Run:
 
         plan = make_cell_plan(self.cfg, basis, sci.shape)
         placement = SourcePlacement.from_positions(ids, x, y, plan)
+        # hash=False: a content-hashed key would be shared by concurrent identical
+        # runs on one client (a batch), and one run releasing it loses the other's.
         plan_f = cl.scatter(plan, broadcast=True, hash=False)
         cell_reader = ZarrPair(
             reader.template,
@@ -883,7 +882,7 @@ class _Run:
         check_overlap(self._wait(futures, "align", t0))
         return ZarrImage.open(self.partial, "aligned_template")
 
-    def _fwhms(self, reader_f, x, y) -> tuple[float | None, float | None]:
+    def _fwhms(self, reader, x, y) -> tuple[float | None, float | None]:
         kcfg = self.kcfg
         fwhm_t = exposure_fwhm(self.template, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
         fwhm_s = exposure_fwhm(self.science, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
@@ -892,7 +891,7 @@ class _Run:
         self._validated()
         fut = self._submit(
             measure_pair_fwhm,
-            reader_f,
+            reader,
             x,
             y,
             self.science.shape,

@@ -109,6 +109,18 @@ def test_write_needs_whole_chunks_inside(tmp_path, y0, x0, shape):
         direct_chunks(array).write_region(y0, x0, np.zeros(shape, dtype="f4"))
 
 
+def test_dot_separated_chunk_keys(tmp_path):
+    """The default encoding with '.' separators (c.0.1 files) reads and writes too."""
+    values = np.arange(40 * 40, dtype=np.float32).reshape(40, 40)
+    array = _array(tmp_path, values, chunk_key_encoding={"name": "default", "separator": "."})
+    direct = direct_chunks(array)
+    assert direct is not None
+    np.testing.assert_array_equal(direct.region(3, 37, 5, 40), values[3:37, 5:40])
+    direct.write_region(16, 0, -values[16:32, :])
+    assert (tmp_path / "store.zarr" / "a" / "c.1.0").is_file()
+    np.testing.assert_array_equal(array[16:32, :], -values[16:32, :])
+
+
 def test_unwritten_chunks_are_the_fill_value(tmp_path):
     array = zarr.create_array(
         str(tmp_path / "s.zarr"), shape=(40, 40), chunks=(16, 16), dtype="f4", fill_value=np.nan
@@ -126,8 +138,9 @@ def test_unwritten_chunks_are_the_fill_value(tmp_path):
         {"serializer": BytesCodec(endian="big")},
         {"filters": [TransposeCodec(order=(1, 0))]},
         {"serializer": ShardingCodec(chunk_shape=(8, 8))},
+        {"chunk_key_encoding": {"name": "v2", "separator": "."}},
     ],
-    ids=["gzip", "big-endian", "transpose-filter", "sharded"],
+    ids=["gzip", "big-endian", "transpose-filter", "sharded", "v2-keys"],
 )
 @pytest.mark.filterwarnings("ignore:Combining a `sharding_indexed` codec")
 def test_other_layouts_are_left_to_zarr(tmp_path, kwargs):
@@ -152,7 +165,9 @@ def test_memory_store_and_v2_are_left_to_zarr(tmp_path):
     [lambda raw: raw[: len(raw) // 2], lambda raw: b"not a chunk at all" * 3, lambda raw: b""],
     ids=["truncated", "garbage", "empty"],
 )
-@pytest.mark.parametrize("compressors", [BloscCodec(), ZstdCodec(), None], ids=str)
+@pytest.mark.parametrize(
+    "compressors", [BloscCodec(), ZstdCodec(), None], ids=["blosc", "zstd", "raw"]
+)
 def test_damaged_chunk_is_an_error_naming_it(tmp_path, damage, compressors):
     values = np.random.default_rng(2).normal(size=(32, 32)).astype(np.float32)
     array = _array(tmp_path, values, compressors=compressors)
