@@ -824,6 +824,32 @@ _CACHE: _ChunkCache | None = None
 _CACHE_LOCK = threading.Lock()
 
 
+class _OpenedArrays:
+    """Thread-safe LRU of opened (read-only) zarr arrays, by ``(path, group, name, uid)``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, zarr.Array] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> zarr.Array | None:
+        with self._lock:
+            array = self._items.get(key)
+            if array is not None:
+                self._items.move_to_end(key)
+            return array
+
+    def put(self, key: tuple, array: zarr.Array) -> None:
+        with self._lock:
+            self._items[key] = array
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+_OPENED = _OpenedArrays(96)
+
+
 def _cache_budget() -> int:
     raw = os.environ.get(CACHE_ENV_VAR)
     if raw is None or not raw.strip():
@@ -916,15 +942,21 @@ class ZarrImage:
     def _array(self, name: str) -> zarr.Array:
         array = self._arrays.get(name)
         if array is None:
-            node_path = name if self._group is None else f"{self._group}/{name}"
-            try:
-                array = zarr.open_array(
-                    store=str(self._path), path=node_path, mode="r", zarr_format=3
-                )
-            except _STORE_ERRORS as exc:
-                raise StoreError(
-                    f"{_where(self._path, self._group)}: cannot open array {name!r}: {exc}"
-                ) from exc
+            # Opened arrays are kept per process, keyed by the group's uid (new on every
+            # write of the group): a worker reopens nothing from one run to the next.
+            key = (str(self._path), self._group, name, self.uid)
+            array = _OPENED.get(key)
+            if array is None:
+                node_path = name if self._group is None else f"{self._group}/{name}"
+                try:
+                    array = zarr.open_array(
+                        store=str(self._path), path=node_path, mode="r", zarr_format=3
+                    )
+                except _STORE_ERRORS as exc:
+                    raise StoreError(
+                        f"{_where(self._path, self._group)}: cannot open array {name!r}: {exc}"
+                    ) from exc
+                _OPENED.put(key, array)
             self._arrays[name] = array
         return array
 

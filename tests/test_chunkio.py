@@ -195,3 +195,25 @@ def test_zarr_image_reads_through_it(tmp_path):
             np.testing.assert_array_equal(getattr(region, name), expected)
     stored = image.read_stored(0, 70, 0, 90)
     assert stored.image.dtype == image._array("image").dtype
+
+
+def test_rewritten_group_is_read_afresh(tmp_path):
+    """Opened arrays are kept per process by the group's uid: a rewrite is not read stale."""
+    import pickle
+
+    from diffkernel.simulate import make_pair
+    from diffkernel.store import ZarrImage, write_image
+
+    first = make_pair((64, 64), seed=1, n_stars=3).science
+    second = make_pair((48, 80), seed=2, n_stars=3).science
+    write_image(tmp_path / "img.zarr", first, chunks=32)
+    old = ZarrImage.open(tmp_path / "img.zarr")
+    shipped = pickle.loads(pickle.dumps(old))  # as a worker gets it: no arrays open
+    np.testing.assert_array_equal(shipped.read(0, 64, 0, 64).image, first.masked_image.image)
+    write_image(tmp_path / "img.zarr", second, chunks=16, overwrite=True)
+    new = pickle.loads(pickle.dumps(ZarrImage.open(tmp_path / "img.zarr")))
+    assert new.uid != old.uid and new.shape == (48, 80)
+    for cached in (False, True):
+        np.testing.assert_array_equal(
+            new.read(0, 48, 0, 80, cached=cached).image, second.masked_image.image
+        )
