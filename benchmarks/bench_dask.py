@@ -11,10 +11,13 @@ with the spread (min-max of the total) printed beside it: this machine is shared
 and single runs differ by 15% or more.
 
 For each size, besides the two runs, the same pair is measured with references in the
-same run: the "limit" (in a fresh process: read both images from Zarr, convolve the
-whole template with one 21x21 kernel by FFT, write the difference to Zarr: the least
-work any subtraction must do), HOTPANTS when a ``hotpants`` executable is on PATH, and
-SFFT when the ``sfft`` package is installed (each skipped with a note otherwise).
+same run: the "limit" (in a warmed-up process: read both images from Zarr, convolve
+the whole template with one 21x21 kernel by FFT, write the difference to Zarr: the
+least work any subtraction must do; measured twice, with zarr's own ``array[:]`` reads
+and writes and with the whole-chunk I/O of :mod:`diffkernel.chunkio` that diffkernel's
+tasks use, which is the stricter reference), HOTPANTS when a ``hotpants`` executable
+is on PATH, and SFFT when the ``sfft`` package is installed (each skipped with a note
+otherwise).
 
 A simulated pair (coadd-depth template, float32 pixels, sources given) is written
 to a Zarr store once; then :func:`diffkernel.graph.run_pair` processes it on a
@@ -83,32 +86,51 @@ def make_store(n: int, path: Path):
 LIMIT = r"""
 import sys, time, numpy as np, zarr
 from scipy.signal import fftconvolve
-store, out, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store, out, rounds, io = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if io == "direct":  # the chunk I/O diffkernel itself uses
+    from diffkernel.chunkio import direct_chunks
 k = np.exp(-0.5 * (np.arange(-10, 11) / 2.0) ** 2)
 kernel = np.outer(k, k) / np.outer(k, k).sum()
+
+
+def read(name):
+    array = zarr.open_array(store, path=name, mode="r")
+    if io == "direct":
+        return direct_chunks(array).region(0, array.shape[0], 0, array.shape[1])
+    return array[:]
+
+
 for i in range(rounds + 1):  # the first round warms the process up, untimed
     t0 = time.perf_counter()
-    template = np.asarray(zarr.open_array(store, path="template/image", mode="r")[:], np.float64)
-    science = np.asarray(zarr.open_array(store, path="science/image", mode="r")[:], np.float64)
+    template = np.asarray(read("template/image"), np.float64)
+    science = np.asarray(read("science/image"), np.float64)
     diff = (science - fftconvolve(template, kernel, mode="same")).astype(np.float32)
     array = zarr.create_array(
         out, shape=diff.shape, chunks=(512, 512), dtype=np.float32, overwrite=True
     )
-    array[:] = diff
+    if io == "direct":
+        direct_chunks(array).write_region(0, 0, diff)
+    else:
+        array[:] = diff
     if i:
         print(time.perf_counter() - t0)
 """
 
+#: The limit's two ways of reading and writing Zarr: zarr's own, and diffkernel's.
+LIMIT_IO = ("zarr", "direct")
 
-def limit_seconds(store: Path, tmp: Path, rounds: int) -> list[float]:
+
+def limit_seconds(store: Path, tmp: Path, rounds: int, io: str = "zarr") -> list[float]:
     """The least work of any subtraction, ``rounds`` times in one warmed-up process.
 
     Like the benchmark's workers, the process has its imports done and has run the
     work once: a fresh process's first big allocations wait for the kernel to find
     (huge) pages, which on this machine makes a cold run vary from 0.9 to 2.5 s.
+    ``io`` is ``"zarr"`` (``array[:]`` both ways) or ``"direct"`` (the whole-chunk I/O
+    of :mod:`diffkernel.chunkio`, which diffkernel's own tasks use).
     """
     proc = subprocess.run(
-        [sys.executable, "-c", LIMIT, str(store), str(tmp / "limit.zarr"), str(rounds)],
+        [sys.executable, "-c", LIMIT, str(store), str(tmp / "limit.zarr"), str(rounds), io],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     shutil.rmtree(tmp / "limit.zarr", ignore_errors=True)
@@ -187,7 +209,7 @@ def measure(path: Path, tmp: Path, sources, repeats: int, device: str = "cpu") -
 
     cfg = MakeKernelConfig()
     cfg.kernel.active.fitForBackground = True
-    walls: dict = {"limit": [], 1: [], 2: []}
+    walls: dict = {**{f"limit-{io}": [] for io in LIMIT_IO}, 1: [], 2: []}
     runs: dict = {1: [], 2: []}
     with connect(n_workers=1) as one, connect(n_workers=2) as two:
         clients = {1: one, 2: two}
@@ -195,7 +217,8 @@ def measure(path: Path, tmp: Path, sources, repeats: int, device: str = "cpu") -
             # Long-lived workers have their imports done; fresh ones pay ~1 s for them.
             client.run(_warm_up)
         for _ in range(repeats):
-            walls["limit"].extend(limit_seconds(path, tmp, 2))
+            for io in LIMIT_IO:
+                walls[f"limit-{io}"].extend(limit_seconds(path, tmp, 2, io))
             for workers, client in clients.items():
                 client.run(clear_chunk_cache)  # no run reads chunks a previous one cached
                 t0 = time.perf_counter()
@@ -241,11 +264,15 @@ def main(sizes: list[int], repeats: int, device: str = "cpu") -> None:
                 else f"{hotpants[0]:.2f} s, robust std of difference/sigma {hotpants[1]:.3f}"
             )
             measured = measure(store, Path(tmp), sources, repeats, device)
-            limits = measured["walls"]["limit"]
-            limit = float(np.median(limits))
+            limit = {io: float(np.median(measured["walls"][f"limit-{io}"])) for io in LIMIT_IO}
+            described = "; ".join(
+                f"limit with {io} I/O {limit[io]:.2f} s (median of "
+                f"{len(measured['walls'][f'limit-{io}'])} warm runs, spread "
+                f"{spread(measured['walls'][f'limit-{io}'])})"
+                for io in LIMIT_IO
+            )
             print(
-                f"# {n}x{n}: ingest (both images to Zarr) {ingest:.2f} s; limit {limit:.2f} s "
-                f"(median of {len(limits)} warm runs, spread {spread(limits)}); "
+                f"# {n}x{n}: ingest (both images to Zarr) {ingest:.2f} s; {described}; "
                 f"HOTPANTS {hotpants_note}; SFFT {sfft_note()}"
             )
             print(header)
@@ -283,7 +310,9 @@ def main(sizes: list[int], repeats: int, device: str = "cpu") -> None:
                 f"tiles {one['tiles'] / two['tiles']:.2f}x, "
                 f"cells+tiles {both:.2f}x, "
                 f"total {one['total'] / two['total']:.2f}x; identical kernels: {same}; "
-                f"2 workers / limit = {walls[2] / limit:.2f}"
+                + ", ".join(
+                    f"2 workers / limit ({io} I/O) = {walls[2] / t:.2f}" for io, t in limit.items()
+                )
             )
             totals[n] = walls[2]
     if 2048 in totals and 4096 in totals:
