@@ -179,7 +179,11 @@ def whole_chunks(
 
 
 def _all_fill(values: np.ndarray, fill_value) -> bool:
-    if values.dtype.kind == "f" and np.isnan(fill_value):
+    nan_fill = values.dtype.kind == "f" and np.isnan(fill_value)
+    first = values.flat[0]
+    if not (np.isnan(first) if nan_fill else first == fill_value):
+        return False  # the usual case, decided by one pixel
+    if nan_fill:
         return bool(np.isnan(values).all())
     return bool((values == fill_value).all())
 

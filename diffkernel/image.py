@@ -295,13 +295,19 @@ def pixel_validation_counts(
         Mask bits whose pixels are not checked.
     """
     used = (mask & exempt_bits) == 0
-    var = variance[used]
+    n_used = int(np.count_nonzero(used))
+    if n_used == used.size:  # no exempt pixel (the usual case): no gathering
+        var = variance
+        nan_image = image.size - int(np.count_nonzero(np.isfinite(image)))
+    else:
+        var = variance[used]
+        nan_image = int(np.count_nonzero(used & ~np.isfinite(image)))
     finite_var = np.isfinite(var)
     return {
-        "used": int(used.sum()),
-        "nan_image": int((used & ~np.isfinite(image)).sum()),
-        "nonfinite_variance": int((~finite_var).sum()),
-        "nonpositive_variance": int((finite_var & (var <= 0)).sum()),
+        "used": n_used,
+        "nan_image": nan_image,
+        "nonfinite_variance": var.size - int(np.count_nonzero(finite_var)),
+        "nonpositive_variance": int(np.count_nonzero(finite_var & (var <= 0))),
     }
 
 

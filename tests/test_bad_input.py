@@ -659,3 +659,31 @@ def test_fits_path_is_a_directory(tmp_path):
     """A directory given as a FITS file is refused, naming the path as given."""
     with pytest.raises(StoreError, match=re.escape(f"{str(tmp_path)!r} is a directory")):
         read_exposure(tmp_path)
+
+
+@pytest.mark.parametrize("with_exempt", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pixel_validation_counts(with_exempt, dtype):
+    """Counts of bad pixels outside exempt planes, with and without exempt pixels present."""
+    from diffkernel.image import pixel_validation_counts
+
+    rng = np.random.default_rng(11)
+    image = rng.normal(size=(40, 50)).astype(dtype)
+    variance = rng.uniform(0.5, 2.0, (40, 50)).astype(dtype)
+    image[rng.random((40, 50)) < 0.05] = np.nan
+    variance[rng.random((40, 50)) < 0.05] = np.inf
+    variance[rng.random((40, 50)) < 0.05] = -1.0
+    variance[rng.random((40, 50)) < 0.02] = 0.0
+    mask = np.zeros((40, 50), dtype=np.int32)
+    if with_exempt:
+        mask[rng.random((40, 50)) < 0.3] = 1 << 3
+    mask[rng.random((40, 50)) < 0.1] |= 1 << 1  # a bit that is not exempt
+    used = (mask & (1 << 3)) == 0
+    expected = {
+        "used": int(used.sum()),
+        "nan_image": int((used & np.isnan(image)).sum()),
+        "nonfinite_variance": int((used & ~np.isfinite(variance)).sum()),
+        "nonpositive_variance": int((used & np.isfinite(variance) & (variance <= 0)).sum()),
+    }
+    assert pixel_validation_counts(image, variance, mask, 1 << 3) == expected
+    assert all(expected[k] > 0 for k in expected)
