@@ -145,6 +145,17 @@ class ZarrPair:
         self.cached = cached
         self.stored = stored
 
+    def reading(self, *, cached: bool | None = None, stored: bool | None = None) -> ZarrPair:
+        """The same images and backgrounds, read another way (None: as this one)."""
+        return ZarrPair(
+            self.template,
+            self.science,
+            self.template_background,
+            self.science_background,
+            self.cached if cached is None else cached,
+            self.stored if stored is None else stored,
+        )
+
     def __call__(self, y0: int, y1: int, x0: int, x1: int) -> tuple[MaskedImage, MaskedImage]:
         read = "read_stored" if self.stored else "read"
         t = getattr(self.template, read)(y0, y1, x0, x1, cached=self.cached)
@@ -684,14 +695,7 @@ class _Run:
         # hash=False: a content-hashed key would be shared by concurrent identical
         # runs on one client (a batch), and one run releasing it loses the other's.
         plan_f = cl.scatter(plan, broadcast=True, hash=False)
-        cell_reader = ZarrPair(
-            reader.template,
-            reader.science,
-            reader.template_background,
-            reader.science_background,
-            stored=True,
-        )
-        cell_reader_f = cl.scatter(cell_reader, broadcast=True, hash=False)
+        cell_reader_f = cl.scatter(reader.reading(stored=True), broadcast=True, hash=False)
         t0 = time.perf_counter()
         cells = self._cell_order(placement.cells(), sci.chunks)
         t_submit = time.perf_counter()
@@ -738,16 +742,9 @@ class _Run:
         )
         self.meta["fft_precision"] = self.precision
         self.meta["device"] = self.device
-        tile_reader = ZarrPair(
-            reader.template,
-            reader.science,
-            reader.template_background,
-            reader.science_background,
-            cached=False,
-        )
         # Scattered once: a worker then keeps one reader whose arrays stay open (a task
         # shipping its own copy would reopen six Zarr arrays, ~20 ms).
-        tile_reader = cl.scatter(tile_reader, broadcast=True, hash=False)
+        tile_reader = cl.scatter(reader.reading(cached=False), broadcast=True, hash=False)
         sign = -1.0 if mode == "convolveScience" else 1.0
         ny, nx = sci.shape
         tiles = [

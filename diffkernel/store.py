@@ -770,24 +770,32 @@ def _check_aligned(
 # --------------------------------------------------------------------------- chunk cache
 
 
-class _ChunkCache:
-    """Thread-safe LRU cache of decoded chunks, bounded in bytes."""
+class _LockedLRU:
+    """Thread-safe least-recently-used mapping; subclasses say what to evict."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.nbytes = 0
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+    def __init__(self) -> None:
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: tuple) -> np.ndarray | None:
+    def get(self, key: tuple) -> Any:
+        """The value of ``key`` (now the most recently used), or None."""
         with self._lock:
             value = self._items.get(key)
             if value is not None:
                 self._items.move_to_end(key)
             return value
+
+
+class _ChunkCache(_LockedLRU):
+    """Thread-safe LRU cache of decoded chunks, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.nbytes = 0
 
     def put(self, key: tuple, value: np.ndarray) -> None:
         if value.nbytes > self.max_bytes:
@@ -824,20 +832,12 @@ _CACHE: _ChunkCache | None = None
 _CACHE_LOCK = threading.Lock()
 
 
-class _OpenedArrays:
+class _OpenedArrays(_LockedLRU):
     """Thread-safe LRU of opened (read-only) zarr arrays, by ``(path, group, name, uid)``."""
 
     def __init__(self, size: int) -> None:
+        super().__init__()
         self.size = size
-        self._items: OrderedDict[tuple, zarr.Array] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> zarr.Array | None:
-        with self._lock:
-            array = self._items.get(key)
-            if array is not None:
-                self._items.move_to_end(key)
-            return array
 
     def put(self, key: tuple, array: zarr.Array) -> None:
         with self._lock:

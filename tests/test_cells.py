@@ -12,12 +12,18 @@ from diffkernel.simulate import make_pair
 from diffkernel.task import make_cell_plan
 
 
-def test_reduction_does_not_depend_on_how_cells_are_merged():
-    """Cells merged in any groups, in any order, reduce to the same outcome bit for bit."""
-    pair = make_pair((256, 256), seed=7, template_depth=4)
+def _fitted_cells(seed: int, **kernel):
+    """A 256^2 simulated pair fitted cell by cell (single-threaded BLAS), as the tasks do.
+
+    Returns the plan, the source placement, the basis, the image shape and the cells'
+    results.
+    """
+    pair = make_pair((256, 256), seed=seed, template_depth=4)
     cfg = MakeKernelConfig()
     cfg.kernel.active.sizeCellX = cfg.kernel.active.sizeCellY = 64
     cfg.kernel.active.spatialKernelOrder = 1
+    for name, value in kernel.items():
+        setattr(cfg.kernel.active, name, value)
     kcfg = cfg.kernel.active
     basis = basis_from_config(kcfg, pair.template.psf_fwhm, pair.science.psf_fwhm)
     t, s = pair.template.masked_image, pair.science.masked_image
@@ -32,7 +38,14 @@ def test_reduction_does_not_depend_on_how_cells_are_merged():
             fit_cell(plan, cell, idx, placement.xc[idx], placement.yc[idx], read)
             for cell, idx in placement.cells()
         ]
-        assert len(per_cell) >= 8
+    return plan, placement, basis, s.shape, per_cell
+
+
+def test_reduction_does_not_depend_on_how_cells_are_merged():
+    """Cells merged in any groups, in any order, reduce to the same outcome bit for bit."""
+    plan, placement, _, _, per_cell = _fitted_cells(7)
+    assert len(per_cell) >= 8
+    with threadpool_limits(1, user_api="blas"):
         reference, table, _ = reduce_cells(plan, placement, per_cell)
         rng = np.random.default_rng(3)
         shuffled = [per_cell[i] for i in rng.permutation(len(per_cell))]
@@ -52,39 +65,22 @@ def test_single_fits_made_per_cell_equal_those_of_the_whole_set():
 
     from diffkernel.solve import CandidateSet, solve
 
-    pair = make_pair((256, 256), seed=8, template_depth=4)
-    cfg = MakeKernelConfig()
-    cfg.kernel.active.sizeCellX = cfg.kernel.active.sizeCellY = 64
-    cfg.kernel.active.spatialKernelOrder = 1
-    cfg.kernel.active.calculateKernelUncertainty = True
-    kcfg = cfg.kernel.active
-    basis = basis_from_config(kcfg, pair.template.psf_fwhm, pair.science.psf_fwhm)
-    t, s = pair.template.masked_image, pair.science.masked_image
-    plan = make_cell_plan(cfg, basis, s.shape)
-    sources = pair.truth.sources
-    placement = SourcePlacement.from_positions(
-        np.asarray(sources["id"]), np.asarray(sources["x"]), np.asarray(sources["y"]), plan
+    plan, placement, basis, shape, per_cell = _fitted_cells(8, calculateKernelUncertainty=True)
+    kcfg = plan.kernel_config
+    merged = CellResult.merge(per_cell)
+    ok = merged.reason == ""
+    assert ok.sum() >= 6 and len(merged.single) == ok.sum()
+    base = dict(
+        ids=np.arange(int(ok.sum())),
+        x=placement.xc[merged.index[ok]].astype(float),
+        y=placement.yc[merged.index[ok]].astype(float),
+        cell=merged.cell[ok],
+        rating=merged.rating[ok],
+        stats=merged.stats,
     )
-    read = InMemoryPair(t, s)
     with threadpool_limits(1, user_api="blas"):
-        per_cell = [
-            fit_cell(plan, cell, idx, placement.xc[idx], placement.yc[idx], read)
-            for cell, idx in placement.cells()
-        ]
-        merged = CellResult.merge(per_cell)
-        ok = merged.reason == ""
-        assert ok.sum() >= 6 and len(merged.single) == ok.sum()
-        n = int(ok.sum())
-        base = dict(
-            ids=np.arange(n),
-            x=placement.xc[merged.index[ok]].astype(float),
-            y=placement.yc[merged.index[ok]].astype(float),
-            cell=merged.cell[ok],
-            rating=merged.rating[ok],
-            stats=merged.stats,
-        )
-        given = solve(CandidateSet(**base, single=merged.single), basis, kcfg, s.shape)
-        made = solve(CandidateSet(**base), basis, kcfg, s.shape)
+        given = solve(CandidateSet(**base, single=merged.single), basis, kcfg, shape)
+        made = solve(CandidateSet(**base), basis, kcfg, shape)
     for field in dataclasses.fields(made):
         a, b = getattr(given, field.name), getattr(made, field.name)
         if isinstance(a, np.ndarray):
