@@ -23,6 +23,7 @@ two).
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 
@@ -221,6 +222,8 @@ def _direct_or_none(array) -> DirectChunks | None:
     from zarr.storage import LocalStore
 
     meta = array.metadata
+    if sys.byteorder != "little":  # the arrays below are native; the stored bytes little
+        return None
     if getattr(meta, "zarr_format", None) != 3 or not isinstance(array.store, LocalStore):
         return None
     if len(array.shape) != 2 or not isinstance(meta.chunk_grid, RegularChunkGrid):
