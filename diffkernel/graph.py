@@ -807,26 +807,49 @@ class _Run:
                 self._check_owners.setdefault(box, []).append(who)
         # The images go to every worker once, so each keeps its arrays open. (In a list:
         # a scattered dict would name its futures by its keys, shared by concurrent runs.)
-        images_f = self.client.scatter([self._checked_images], broadcast=True, hash=False)[0]
-        self._check_futures = {
-            box: self._submit(
-                _check_named_tiles,
-                images_f,
-                names,
-                *box,
-                self._exempt,
-                name=f"check-{box[0]}-{box[2]}",
-            )
-            for box, names in self._check_owners.items()
-        }
+        self._check_images_f = self.client.scatter(
+            [self._checked_images], broadcast=True, hash=False
+        )[0]
+        self._check_futures = {box: self._submit_check_tile(box) for box in self._check_owners}
         self._checksums: dict[tuple[str, str], str] | None = None
+
+    def _submit_check_tile(self, box: tuple[int, int, int, int], attempt: int = 0):
+        suffix = f"-again{attempt}" if attempt else ""
+        return self._submit(
+            _check_named_tiles,
+            self._check_images_f,
+            self._check_owners[box],
+            *box,
+            self._exempt,
+            name=f"check-{box[0]}-{box[2]}{suffix}",
+        )
+
+    def _gather_checks(self, attempts: int = 3) -> dict[tuple[int, int, int, int], Any]:
+        """The check tasks' results by tile.
+
+        The cells run meanwhile, so a worker may be lost while a check result is
+        being fetched from it; distributed can then cancel that future ("already
+        forgotten") instead of computing it again. Such a tile is checked again.
+        """
+        from distributed.client import FutureCancelledError
+
+        futures = dict(self._check_futures)
+        for attempt in range(1, attempts + 1):
+            try:
+                return dict(zip(futures, self.client.gather(list(futures.values())), strict=True))
+            except FutureCancelledError:
+                lost = [box for box, future in futures.items() if future.cancelled()]
+                if not lost or attempt == attempts:
+                    raise
+                for box in lost:
+                    futures[box] = self._submit_check_tile(box, attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _validated(self) -> dict[tuple[str, str], str]:
         """Wait for the check (once): raise on invalid inputs, else their checksums."""
         if self._checksums is not None:
             return self._checksums
-        futures = self._check_futures
-        done = dict(zip(futures, self.client.gather(list(futures.values())), strict=True))
+        done = self._gather_checks()
         checksums = {}
         for who, image in self._checked_images.items():
             owners = self._check_owners

@@ -395,3 +395,27 @@ def test_check_tile_digests_are_sha256_of_the_stored_values(tmp_path):
             values = np.ascontiguousarray(plane[0:64, 16:80], dtype=store._array(name).dtype)
             expected = hashlib.sha256(values.dtype.str.encode() + values.tobytes()).hexdigest()
             assert digests[name] == expected, name
+
+
+def test_check_result_lost_while_fetched_is_checked_again(pair, client, tmp_path):
+    """A check future cancelled under the driver (a worker lost mid-gather) is run again."""
+    from diffkernel.graph import _Run
+    from diffkernel.results import ResultWriter
+
+    science = ZarrImage.open(pair["store"], "science")
+    template = ZarrImage.open(pair["store"], "template")
+
+    def checksums(cancel: bool):
+        writer = ResultWriter(tmp_path / f"c{int(cancel)}.zarr")
+        try:
+            run = _Run(client, config(), science, template, writer, 128, False)
+            run._submit_check(template, science)
+            if cancel:
+                first = next(iter(run._check_futures.values()))
+                client.cancel(first)
+                assert first.cancelled()
+            return run._validated()
+        finally:
+            writer.abort()
+
+    assert checksums(cancel=True) == checksums(cancel=False)
