@@ -246,6 +246,24 @@ def test_bad_inputs_are_named(pair, client, tmp_path):
             sources=sources,
         )
     assert result_status(tmp_path / "o.zarr") == "missing"
+    # Every candidate stamp broken too: the cells (which start alongside the check) see
+    # the bad pixels, but the run still stops with the check's message, which counts
+    # every pixel of the image (320 x 352).
+    worse = as_float32(pair["science"])
+    worse.masked_image.variance[:] = -1.0
+    store2 = tmp_path / "negative.zarr"
+    write_image(store2, pair["template"], group="template", chunks=64)
+    write_image(store2, worse, group="science", chunks=64)
+    with pytest.raises(InputError, match="science: variance is zero or negative at 112640 "):
+        run_pair(
+            (store2, "science"),
+            (store2, "template"),
+            tmp_path / "o.zarr",
+            config=config(),
+            client=client,
+            sources=sources,
+        )
+    assert result_status(tmp_path / "o.zarr") == "missing"
     with pytest.raises(StoreError):
         run_pair(
             tmp_path / "nowhere.zarr", (store, "template"), tmp_path / "o.zarr", client=client
