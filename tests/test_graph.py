@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,39 +232,36 @@ def test_bad_inputs_are_named(pair, client, tmp_path):
     sources = pair["sim"].truth.sources
     with pytest.raises(ConfigError, match="multiple of the science chunks"):
         run(pair, tmp_path / "o.zarr", config(), client, sources=sources, tile_size=100)
-    bad = as_float32(pair["science"])
-    bad.masked_image.image[100, 100] = np.nan
-    store = tmp_path / "nan.zarr"
-    write_image(store, pair["template"], group="template", chunks=64)
-    write_image(store, bad, group="science", chunks=64)
-    with pytest.raises(InputError, match="science: 1 pixel"):
-        run_pair(
-            (store, "science"),
-            (store, "template"),
-            tmp_path / "o.zarr",
-            config=config(),
-            client=client,
-            sources=sources,
-        )
-    assert result_status(tmp_path / "o.zarr") == "missing"
+
+    def refused(name: str, spoil, message: str) -> Path:
+        science = as_float32(pair["science"])
+        spoil(science.masked_image)
+        store = tmp_path / f"{name}.zarr"
+        write_image(store, pair["template"], group="template", chunks=64)
+        write_image(store, science, group="science", chunks=64)
+        with pytest.raises(InputError, match=message):
+            run_pair(
+                (store, "science"),
+                (store, "template"),
+                tmp_path / "o.zarr",
+                config=config(),
+                client=client,
+                sources=sources,
+            )
+        assert result_status(tmp_path / "o.zarr") == "missing"
+        return store
+
+    def one_nan(mi: MaskedImage) -> None:
+        mi.image[100, 100] = np.nan
+
+    def negative_variance(mi: MaskedImage) -> None:
+        mi.variance[:] = -1.0
+
+    store = refused("nan", one_nan, "science: 1 pixel")
     # Every candidate stamp broken too: the cells (which start alongside the check) see
     # the bad pixels, but the run still stops with the check's message, which counts
     # every pixel of the image (320 x 352).
-    worse = as_float32(pair["science"])
-    worse.masked_image.variance[:] = -1.0
-    store2 = tmp_path / "negative.zarr"
-    write_image(store2, pair["template"], group="template", chunks=64)
-    write_image(store2, worse, group="science", chunks=64)
-    with pytest.raises(InputError, match="science: variance is zero or negative at 112640 "):
-        run_pair(
-            (store2, "science"),
-            (store2, "template"),
-            tmp_path / "o.zarr",
-            config=config(),
-            client=client,
-            sources=sources,
-        )
-    assert result_status(tmp_path / "o.zarr") == "missing"
+    refused("negative", negative_variance, "science: variance is zero or negative at 112640 ")
     with pytest.raises(StoreError):
         run_pair(
             tmp_path / "nowhere.zarr", (store, "template"), tmp_path / "o.zarr", client=client
