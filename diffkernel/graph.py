@@ -727,12 +727,29 @@ class _Run:
         self._wait(cell_futures, "cells", t0, gather=False)
 
         t0 = time.perf_counter()
-        reduction = self._submit(_reduce_task, plan_f, placement, *cell_futures, name="reduce")
+        reductions = [
+            self._submit(_reduce_task, plan_f, placement, *cell_futures, name="reduce")
+        ]
+
+        def reduce_again(attempt: int):
+            reductions.append(
+                self._submit(
+                    _reduce_task, plan_f, placement, *cell_futures, name=f"reduce-again{attempt}"
+                )
+            )
+            return reductions[-1]
+
         # Only the kernels come back before the tiles start (kilobytes); the candidate
         # table follows while the tiles run.
-        solution = self._submit(_solution_of, reduction, name="solution")
-        solution = self._wait([solution], "reduce", t0)[0]
-        del cell_futures
+        if self.progress:
+            print("diffkernel: reduce (1 task)")
+        solution = self._gather_redoing(
+            self._submit(_solution_of, reductions[-1], name="solution"),
+            lambda attempt: self._submit(
+                _solution_of, reduce_again(attempt), name=f"solution-again{attempt}"
+            ),
+        )
+        self.timings["reduce"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         # The kernels go to every worker: left on the one that made them, the tile
@@ -764,9 +781,10 @@ class _Run:
             for y0 in range(0, ny, self.tile)
             for x0 in range(0, nx, self.tile)
         ]
-        outcome, table, solve_meta = self.client.gather(reduction)
+        outcome, table, solve_meta = self._gather_redoing(reductions[-1], reduce_again)
         self.meta.update(solve_meta)
-        del reduction
+        reductions.clear()  # the cells' results can go now
+        cell_futures.clear()
         self.writer.write_fit(outcome.solution, table)  # while the tiles run
         histogram = np.sum(self._wait(tiles, "tiles", t0), axis=0)
 
@@ -824,26 +842,38 @@ class _Run:
             name=f"check-{box[0]}-{box[2]}{suffix}",
         )
 
-    def _gather_checks(self, attempts: int = 3) -> dict[tuple[int, int, int, int], Any]:
+    def _gather_redoing(self, future, redo, attempts: int = 3):
+        """The result of ``future``; ``redo(attempt)`` makes a new one if it is cancelled.
+
+        A worker lost while a result is being fetched from it can leave the future
+        cancelled ("already forgotten") instead of computed again (seen in
+        distributed 2026.8 when a worker is killed during the driver's gather).
+        """
+        from distributed.client import FutureCancelledError
+
+        for attempt in range(1, attempts + 1):
+            try:
+                return self.client.gather(future)
+            except FutureCancelledError:
+                if attempt == attempts:
+                    raise
+                future = redo(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _gather_checks(self) -> dict[tuple[int, int, int, int], Any]:
         """The check tasks' results by tile.
 
         The cells run meanwhile, so a worker may be lost while a check result is
         being fetched from it; distributed can then cancel that future ("already
-        forgotten") instead of computing it again. Such a tile is checked again.
+        forgotten") instead of computing it again. Such a tile is checked again
+        (:meth:`_gather_redoing`).
         """
-        from distributed.client import FutureCancelledError
-
-        futures = dict(self._check_futures)
-        for attempt in range(1, attempts + 1):
-            try:
-                return dict(zip(futures, self.client.gather(list(futures.values())), strict=True))
-            except FutureCancelledError:
-                lost = [box for box, future in futures.items() if future.cancelled()]
-                if not lost or attempt == attempts:
-                    raise
-                for box in lost:
-                    futures[box] = self._submit_check_tile(box, attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return {
+            box: self._gather_redoing(
+                future, lambda attempt, box=box: self._submit_check_tile(box, attempt)
+            )
+            for box, future in self._check_futures.items()
+        }
 
     def _validated(self) -> dict[tuple[str, str], str]:
         """Wait for the check (once): raise on invalid inputs, else their checksums."""

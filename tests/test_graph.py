@@ -435,3 +435,34 @@ def test_check_result_lost_while_fetched_is_checked_again(pair, client, tmp_path
             writer.abort()
 
     assert checksums(cancel=True) == checksums(cancel=False)
+
+
+def test_cancelled_result_is_made_again(client, tmp_path):
+    """A future cancelled under the driver is made again, at most twice more."""
+    from distributed.client import FutureCancelledError
+
+    from diffkernel.graph import _Run
+    from diffkernel.results import ResultWriter
+
+    writer = ResultWriter(tmp_path / "r.zarr")
+    try:
+        run = _Run(client, config(), None, None, writer, 128, False)
+        lost = client.submit(sum, [1, 2], pure=False)
+        client.cancel(lost)
+        redone = []
+
+        def redo(attempt):
+            redone.append(attempt)
+            future = client.submit(sum, [1, 2, attempt], pure=False)
+            if attempt == 1:
+                client.cancel(future)  # lost again
+            return future
+
+        assert run._gather_redoing(lost, redo) == 5
+        assert redone == [1, 2]
+        always_lost = client.submit(sum, [1], pure=False)
+        client.cancel(always_lost)
+        with pytest.raises(FutureCancelledError):
+            run._gather_redoing(always_lost, lambda attempt: always_lost)
+    finally:
+        writer.abort()
