@@ -87,6 +87,35 @@ class StampBatch:
         )
 
 
+def take_rows(record, index: np.ndarray | slice):
+    """A dataclass of per-candidate arrays (first axis: candidate) for a subset.
+
+    Fields that are not arrays (sizes, or None for what was not computed) are kept.
+    """
+    values = {}
+    for f in fields(record):
+        v = getattr(record, f.name)
+        values[f.name] = v[index] if isinstance(v, np.ndarray) else v
+    return type(record)(**values)
+
+
+def concatenate_rows(parts: list):
+    """Dataclasses of per-candidate arrays of several batches stacked, in order.
+
+    Fields that are not arrays are taken from the first part (the parts of one run
+    agree on them).
+    """
+    first = parts[0]
+    values = {}
+    for f in fields(first):
+        v = getattr(first, f.name)
+        if isinstance(v, np.ndarray):
+            values[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
+        else:
+            values[f.name] = v
+    return type(first)(**values)
+
+
 def cut_stamps(
     template: MaskedImage,
     science: MaskedImage,
@@ -315,24 +344,12 @@ class CandidateStats:
 
     def take(self, index: np.ndarray | slice) -> CandidateStats:
         """Statistics of a subset of candidates."""
-        values = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            values[f.name] = v[index] if isinstance(v, np.ndarray) else v
-        return CandidateStats(**values)
+        return take_rows(self, index)
 
     @staticmethod
     def concatenate(parts: list[CandidateStats]) -> CandidateStats:
         """Stack the statistics of several batches."""
-        first = parts[0]
-        values = {}
-        for f in fields(first):
-            v = getattr(first, f.name)
-            if isinstance(v, np.ndarray):
-                values[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
-            else:
-                values[f.name] = v
-        return CandidateStats(**values)
+        return concatenate_rows(parts)
 
     def transformed(self, kernel_transform: np.ndarray) -> CandidateStats:
         """Statistics in a derived basis whose kernels are ``current @ kernel_transform``.

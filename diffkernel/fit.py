@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .candidate import CandidateStats
+from .candidate import CandidateStats, concatenate_rows, take_rows
 
 __all__ = [
     "pad_background",
@@ -128,19 +128,12 @@ class SingleFit:
 
     def take(self, index: np.ndarray | slice) -> SingleFit:
         """The fits of a subset of candidates."""
-        cov = None if self.covariance is None else self.covariance[index]
-        return SingleFit(self.coeffs[index], self.condition[index], self.lam[index], cov)
+        return take_rows(self, index)
 
     @staticmethod
     def concatenate(parts: list[SingleFit]) -> SingleFit:
         """The fits of several batches, in order."""
-        covariances = [p.covariance for p in parts]
-        return SingleFit(
-            np.concatenate([p.coeffs for p in parts]),
-            np.concatenate([p.condition for p in parts]),
-            np.concatenate([p.lam for p in parts]),
-            None if any(c is None for c in covariances) else np.concatenate(covariances),
-        )
+        return concatenate_rows(parts)
 
 
 def pad_background(h: np.ndarray, n_background: int) -> np.ndarray:
