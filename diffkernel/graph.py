@@ -42,7 +42,7 @@ from astropy.table import Table
 from . import __version__
 from .align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
 from .basis import basis_from_config
-from .cells import CellResult, SourcePlacement, fit_cell, reduce_cells, single_threaded_blas
+from .cells import CellResult, SourcePlacement, fit_cell, reduce_cells
 from .config import MakeKernelConfig
 from .convolve import PRECISIONS
 from .device import DEVICES, array_backend
@@ -69,17 +69,18 @@ from .subtract import (
     prepare_template,
 )
 from .task import MODES, _needs_alignment, choose_mode, make_cell_plan, require_fwhms
+from .taskproc import prepare_task_process
 
 __all__ = ["run_pair", "connect", "ZarrPair", "PairRun", "default_tile_size"]
 
 #: Tile side of the check stage (fixed: the checksums must not depend on tiling).
 CHECK_TILE = 1024
 
-#: Environment of LocalCluster workers. Dask's default also sets
-#: MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's adaptive mmap threshold so
-#: that every array over 128 kB is mmapped and page-faulted afresh: the cell stage ran
-#: 1.6 times slower with it. BLAS, OpenMP and Zarr's codec thread pool stay
-#: single-threaded: one task per core, and no worker borrowing its neighbour's core.
+#: Environment of LocalCluster workers. It replaces Dask's default, which also sets
+#: MALLOC_TRIM_THRESHOLD_=65536 and with it switches off glibc's adaptive mmap
+#: threshold (tasks undo that anyway, see :mod:`diffkernel.taskproc`). BLAS, OpenMP and
+#: Zarr's codec thread pool stay single-threaded: one task per core, and no worker
+#: borrowing its neighbour's core.
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": 1,
     "MKL_NUM_THREADS": 1,
@@ -165,6 +166,17 @@ class ZarrPair:
         if self.science_background is not None:
             s.image = s.image - _read_array(self.science_background, y0, y1, x0, x1)
         return t, s
+
+
+def _in_task_process(fn, *args):
+    """``fn(*args)`` in a process made ready for diffkernel's tasks.
+
+    Every task goes through here (:func:`diffkernel.taskproc.prepare_task_process`:
+    single-threaded BLAS, and glibc's memory thresholds where Dask's nanny lowered
+    them), whatever started the worker.
+    """
+    prepare_task_process()
+    return fn(*args)
 
 
 def _read_array(ref: tuple[str, str], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -372,14 +384,12 @@ def _detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, sat
 
 
 def _cells_task(plan, work, reader) -> CellResult:
-    single_threaded_blas()
     return CellResult.merge(
         [fit_cell(plan, cell, index, xc, yc, reader) for cell, index, xc, yc in work]
     )
 
 
 def _reduce_task(plan, placement, *results):
-    single_threaded_blas()
     return reduce_cells(plan, placement, list(results))
 
 
@@ -606,7 +616,9 @@ class _Run:
         return values
 
     def _submit(self, fn, *args, name: str, **kwargs):
-        return self.client.submit(fn, *args, key=f"{name}-{self.token}", pure=False, **kwargs)
+        return self.client.submit(
+            _in_task_process, fn, *args, key=f"{name}-{self.token}", pure=False, **kwargs
+        )
 
     def execute(self, sources: Table | None, preconvolved: bool):
         cl = self.client
@@ -727,9 +739,7 @@ class _Run:
         self._wait(cell_futures, "cells", t0, gather=False)
 
         t0 = time.perf_counter()
-        reductions = [
-            self._submit(_reduce_task, plan_f, placement, *cell_futures, name="reduce")
-        ]
+        reductions = [self._submit(_reduce_task, plan_f, placement, *cell_futures, name="reduce")]
 
         def reduce_again(attempt: int):
             reductions.append(

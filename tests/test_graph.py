@@ -130,6 +130,27 @@ def test_distributed_equals_serial(pair, client, tmp_path):
     assert result_status(tmp_path / "out.zarr") == "complete"
 
 
+def _task_process_state() -> tuple[bool, str | None]:
+    from diffkernel import taskproc
+
+    return taskproc._PREPARED, os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tasks_run_in_prepared_processes(pair, client, tmp_path):
+    """Workers started with Dask's environment reuse freed arrays once they ran a task."""
+    from test_taskproc import reused_allocation_faults
+
+    run(pair, tmp_path / "out.zarr", config(), client, sources=pair["sim"].truth.sources)
+    states = client.run(_task_process_state)
+    # The fixture's workers carry Dask's MALLOC_TRIM_THRESHOLD_: the case that matters.
+    assert {trim for _, trim in states.values()} == {"65536"}
+    ran = [address for address, (prepared, _) in states.items() if prepared]
+    assert ran
+    for address, (faults, pages) in client.run(reused_allocation_faults, workers=ran).items():
+        assert faults < 3 * pages, (address, faults)
+
+
 def test_tile_size_and_workers_do_not_change_the_result(pair, client, tmp_path):
     """64-px tiles and one 384-px tile give the same kernel, table and difference."""
     cfg = config()
