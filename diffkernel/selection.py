@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 from astropy.table import Table
+from numpy.lib.stride_tricks import as_strided
 
 from .errors import InputError
 from .image import Exposure, MaskedImage
@@ -196,9 +197,10 @@ def aperture_flux_snr(
     yc = np.asarray(yc, dtype=np.intp)[:, None]
 
     def gather(plane: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
-        if plane.flags.c_contiguous:  # one flat index per pixel: several times faster
-            width = plane.shape[1]
-            values = np.take(plane.reshape(-1), (yc * width + xc) + (dy * width + dx))
+        flat = _flat_rows(plane)
+        if flat is not None:  # one flat index per pixel: several times faster
+            flat, width = flat
+            values = np.take(flat, (yc * width + xc) + (dy * width + dx))
         else:
             values = plane[yc + dy, xc + dx]
         return values.astype(np.float64, copy=False)
@@ -207,6 +209,26 @@ def aperture_flux_snr(
     flux = (gather(image, ap_dy, ap_dx) - sky[:, None]).sum(axis=1)
     noise = np.sqrt(gather(variance, ap_dy, ap_dx).sum(axis=1))
     return flux, flux / noise
+
+
+def _flat_rows(plane: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``plane``'s pixels as one flat view and its row pitch, or None.
+
+    For a plane whose rows are contiguous (a C-contiguous array, or a region view
+    of a bigger one), pixel ``(y, x)`` is ``flat[y * pitch + x]``; the view spans
+    only the plane's own rows. None for any other layout.
+    """
+    item = plane.itemsize
+    if plane.ndim != 2 or plane.size == 0:
+        return None
+    if plane.flags.c_contiguous:
+        return plane.reshape(-1), plane.shape[1]
+    row, column = plane.strides
+    if column != item or row <= 0 or row % item:
+        return None
+    pitch = row // item
+    span = (plane.shape[0] - 1) * pitch + plane.shape[1]
+    return as_strided(plane, shape=(span,), strides=(item,), writeable=False), pitch
 
 
 @functools.lru_cache(maxsize=8)

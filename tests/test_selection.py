@@ -9,6 +9,7 @@ from astropy.table import Table
 from diffkernel.errors import InputError
 from diffkernel.image import Exposure, MaskedImage
 from diffkernel.selection import (
+    _flat_rows,
     aperture_flux_snr,
     assign_cells,
     core_flux_snr,
@@ -172,7 +173,13 @@ def test_aperture_flux_snr_in_place_equals_cut_stamps(dtype):
     padded_var[5:95, 10:130, 0] = variance
     views = padded[5:95, 10:130, 0], padded_var[5:95, 10:130, 0]
     assert not views[0].flags.c_contiguous
-    for planes in [(image, variance), views]:
+    # Region views with contiguous rows (as a cell task's block gives): flat indexing.
+    big = np.full((110, 150), np.nan, dtype=dtype)
+    big_var = np.full_like(big, np.nan)
+    big[7:97, 20:140], big_var[7:97, 20:140] = image, variance
+    regions = big[7:97, 20:140], big_var[7:97, 20:140]
+    assert _flat_rows(regions[0])[1] == 150 and _flat_rows(views[0]) is None
+    for planes in [(image, variance), views, regions]:
         got = aperture_flux_snr(*planes, xc, yc, half, 5.0)
         for g, e in zip(got, expected, strict=True):
             assert g.dtype == np.float64
