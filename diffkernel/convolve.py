@@ -274,22 +274,32 @@ def _spatial_convolution(
     shape = (fft.next_fast_len(hi, real=True), fft.next_fast_len(wi, real=True))
     f_in = backend.rfft2(backend.to_device(padded.astype(dtype, copy=False)), shape, workers)
     spectra = kernels.at(shape, workers, dtype, backend)
+    # Degree-0 factors are ones: the passes that would multiply by them are skipped.
+    unit_x = np.all(fx == 1.0, axis=1)
+    unit_y = np.all(fy == 1.0, axis=1)
     fx = backend.to_device(fx.astype(dtype))
     fy = backend.to_device(fy.astype(dtype))
-    out = backend.xp.zeros((hi - k + 1, wi - k + 1), dtype=dtype)
+    out = None
     for group in x_groups:
         summed = None
         for term in group:
             # Circular wrap-around only reaches the first K-1 rows, which 'valid' drops.
             rows = backend.ifft(f_in * spectra[term], 0, workers)[k - 1 : hi]
-            rows *= fy[term][:, None]
+            if not unit_y[term]:
+                rows *= fy[term][:, None]
             if summed is None:
                 summed = rows
             else:
                 summed += rows
         conv = backend.irfft(summed, shape[1], 1, workers)[:, k - 1 : wi]
-        conv *= fx[group[0]][None, :]
-        out += conv
+        if not unit_x[group[0]]:
+            conv *= fx[group[0]][None, :]
+        if out is None:
+            out = conv  # a view of this group's own transform: summed into in place
+        else:
+            out += conv
+    if out is None:
+        out = backend.xp.zeros((hi - k + 1, wi - k + 1), dtype=dtype)
     return out
 
 
