@@ -1,6 +1,6 @@
 """Settings of the processes that run diffkernel's Dask tasks.
 
-Every task function of :mod:`diffkernel.graph` calls :func:`prepare_task_process`
+Every task that :mod:`diffkernel.graph` submits runs :func:`prepare_task_process`
 first; it acts once per process, whatever started the worker (a LocalCluster, SSH,
 dask-jobqueue, Kubernetes).
 
@@ -12,7 +12,7 @@ Two settings matter for speed:
   ``MALLOC_TRIM_THRESHOLD_=65536``, and glibc then switches off its adaptive mmap
   threshold: every array over 128 kB (a cell's basis-convolved stamps, an FFT
   block) is mapped afresh and page-faulted in, and returned to the system when
-  freed. On a 4096² pair that made the whole run 1.9 times slower. Where that
+  freed. On a 4096² pair that made the whole run 1.6-1.9 times slower. Where that
   variable is set lower than :data:`TRIM_THRESHOLD`, the thresholds are raised
   with ``mallopt`` to what glibc's adaptive rule would reach at most: arrays up to
   :data:`MMAP_THRESHOLD` come from the heap, and up to :data:`TRIM_THRESHOLD` of
@@ -85,7 +85,7 @@ def _apply_malloc_settings(settings: dict[str, int]) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success; set the mmap threshold first (it caps the trim one).
+    # mallopt returns 1 on success.
     ok = mallopt(_M_MMAP_THRESHOLD, settings["mmap_threshold"]) == 1
     return ok and mallopt(_M_TRIM_THRESHOLD, settings["trim_threshold"]) == 1
 
