@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .errors import StoreError
 
-__all__ = ["DirectChunks", "direct_chunks", "whole_chunks"]
+__all__ = ["DirectChunks", "chunk_pieces", "direct_chunks", "whole_chunks"]
 
 #: Per-thread scratch buffers for decoding, by size in bytes: no fresh pages per chunk.
 _SCRATCH = threading.local()
@@ -87,10 +88,8 @@ class DirectChunks:
                 f"region [{y0}:{y1}, {x0}:{x1}] is not made of whole {cy}x{cx} chunks "
                 f"of an array of shape {self.shape}"
             )
-        for iy in range(y0 // cy, -(-y1 // cy)):
-            for ix in range(x0 // cx, -(-x1 // cx)):
-                part = values[iy * cy - y0 : (iy + 1) * cy - y0, ix * cx - x0 : (ix + 1) * cx - x0]
-                self._write_chunk(iy, ix, part)
+        for iy, ix, (ty0, ty1, tx0, tx1) in chunk_pieces((y0, y1, x0, x1), self.chunks):
+            self._write_chunk(iy, ix, values[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0])
 
     def _write_chunk(self, iy: int, ix: int, part: np.ndarray) -> None:
         cy, cx = self.chunks
@@ -117,17 +116,9 @@ class DirectChunks:
         """``array[y0:y1, x0:x1]`` (bounds inside the array) as a new array."""
         out = np.empty((y1 - y0, x1 - x0), dtype=self.dtype)
         cy, cx = self.chunks
-        for iy in range(y0 // cy, -(-y1 // cy)):
-            for ix in range(x0 // cx, -(-x1 // cx)):
-                ty0, tx0 = max(y0, iy * cy), max(x0, ix * cx)
-                ty1, tx1 = min(y1, (iy + 1) * cy), min(x1, (ix + 1) * cx)
-                self._decode_into(
-                    iy,
-                    ix,
-                    out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0],
-                    ty0 - iy * cy,
-                    tx0 - ix * cx,
-                )
+        for iy, ix, (ty0, ty1, tx0, tx1) in chunk_pieces((y0, y1, x0, x1), self.chunks):
+            dest = out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0]
+            self._decode_into(iy, ix, dest, ty0 - iy * cy, tx0 - ix * cx)
         return out
 
     def _extent(self, iy: int, ix: int) -> tuple[int, int]:
@@ -164,6 +155,21 @@ class DirectChunks:
         if memoryview(decoded).nbytes != nbytes:
             raise ValueError(f"it decodes to {memoryview(decoded).nbytes} bytes, not {nbytes}")
         return decoded
+
+
+def chunk_pieces(
+    box: tuple[int, int, int, int], chunks: tuple[int, ...]
+) -> Iterator[tuple[int, int, tuple[int, int, int, int]]]:
+    """The chunks ``box = (y0, y1, x0, x1)`` touches, each with its part of the box.
+
+    Yields ``(iy, ix, (ty0, ty1, tx0, tx1))`` in row order; the part is in array indices.
+    """
+    y0, y1, x0, x1 = box
+    cy, cx = chunks
+    for iy in range(y0 // cy, -(-y1 // cy)):
+        ty0, ty1 = max(y0, iy * cy), min(y1, (iy + 1) * cy)
+        for ix in range(x0 // cx, -(-x1 // cx)):
+            yield iy, ix, (ty0, ty1, max(x0, ix * cx), min(x1, (ix + 1) * cx))
 
 
 def whole_chunks(

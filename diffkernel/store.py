@@ -49,7 +49,7 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS, FITSFixedWarning
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from .chunkio import DirectChunks, direct_chunks, whole_chunks
+from .chunkio import DirectChunks, chunk_pieces, direct_chunks, whole_chunks
 from .errors import InputError, StoreError
 from .fitsio import _wcs_header, from_nddata, read_exposure
 from .image import Exposure, MaskedImage, as_exposure
@@ -814,13 +814,11 @@ class _ChunkCache(_LockedLRU):
         self, uid: Any, name: str, box: tuple[int, int, int, int], tile: tuple[int, ...]
     ) -> None:
         """Forget the chunks of array ``name`` that the region ``box`` touches."""
-        (y0, y1, x0, x1), (cy, cx) = box, tile
         with self._lock:
-            for iy in range(y0 // cy, -(-y1 // cy)):
-                for ix in range(x0 // cx, -(-x1 // cx)):
-                    value = self._items.pop((uid, name, (iy, ix)), None)
-                    if value is not None:
-                        self.nbytes -= value.nbytes
+            for iy, ix, _ in chunk_pieces(box, tile):
+                value = self._items.pop((uid, name, (iy, ix)), None)
+                if value is not None:
+                    self.nbytes -= value.nbytes
 
     def clear(self) -> None:
         with self._lock:
@@ -1118,14 +1116,11 @@ class ZarrImage:
         y0, y1, x0, x1 = box
         cy, cx = self.chunks
         out = np.empty((y1 - y0, x1 - x0), dtype=dtype or self._array(name).dtype)
-        for iy in range(y0 // cy, -(-y1 // cy)):
-            ty0, ty1 = max(y0, iy * cy), min(y1, (iy + 1) * cy)
-            for ix in range(x0 // cx, -(-x1 // cx)):
-                tx0, tx1 = max(x0, ix * cx), min(x1, (ix + 1) * cx)
-                chunk = self._chunk(name, iy, ix)
-                out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = chunk[
-                    ty0 - iy * cy : ty1 - iy * cy, tx0 - ix * cx : tx1 - ix * cx
-                ]
+        for iy, ix, (ty0, ty1, tx0, tx1) in chunk_pieces(box, self.chunks):
+            chunk = self._chunk(name, iy, ix)
+            out[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] = chunk[
+                ty0 - iy * cy : ty1 - iy * cy, tx0 - ix * cx : tx1 - ix * cx
+            ]
         return out
 
     def _chunk(self, name: str, iy: int, ix: int) -> np.ndarray:
