@@ -307,18 +307,14 @@ def _zeros_digest(dtype: str, shape: tuple[int, int]) -> str:
     return _plane_digest(np.zeros(shape, dtype=np.dtype(dtype)))
 
 
-def _check_tiles(
-    images: list[ZarrImage], y0: int, y1: int, x0: int, x1: int, exempt
-) -> list[tuple[dict[str, int], dict[str, str]]]:
-    """:func:`_check_tile` of the same tile of several images, in one task."""
-    return [_check_tile(image, y0, y1, x0, x1, exempt) for image in images]
-
-
 def _check_named_tiles(
     images: dict[str, ZarrImage], names: list[str], y0: int, y1: int, x0: int, x1: int, exempt
 ) -> list[tuple[dict[str, int], dict[str, str]]]:
-    """:func:`_check_tiles` of the images ``names`` of a scattered dict (kept open)."""
-    return _check_tiles([images[name] for name in names], y0, y1, x0, x1, exempt)
+    """:func:`_check_tile` of the same tile of the images ``names``, in one task.
+
+    ``images`` is a scattered dict, so each worker keeps their arrays open.
+    """
+    return [_check_tile(images[name], y0, y1, x0, x1, exempt) for name in names]
 
 
 def _combine_digests(image: ZarrImage, name: str, tiles: list[dict[str, str]]) -> str:
