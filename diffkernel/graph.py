@@ -44,8 +44,7 @@ from .align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
 from .basis import basis_from_config
 from .cells import CellResult, SourcePlacement, fit_cell, reduce_cells
 from .config import MakeKernelConfig
-from .convolve import PRECISIONS
-from .device import DEVICES, array_backend
+from .device import array_backend
 from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
 from .image import (
@@ -62,6 +61,7 @@ from .spatial import SpatialSolution
 from .store import ZarrImage, create_image_arrays, write_tile
 from .subtract import (
     SubtractionKernels,
+    check_fft_options,
     difference_tile,
     merged_mask_planes,
     padded_template,
@@ -529,10 +529,7 @@ def run_pair(
         )
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    check_fft_options(precision, device)
     if cells_per_task is not None and int(cells_per_task) < 1:
         raise ConfigError(f"cells_per_task must be at least 1, got {cells_per_task}")
     if sources is not None and not isinstance(sources, Table):

@@ -32,7 +32,23 @@ __all__ = [
     "prepare_science",
     "padded_template",
     "SubtractionKernels",
+    "check_fft_options",
 ]
+
+
+def check_fft_options(precision: str, device: str) -> None:
+    """Refuse an unknown FFT ``precision`` or ``device``, naming the choices.
+
+    Raises
+    ------
+    ConfigError
+        If either is not one of :data:`~diffkernel.convolve.PRECISIONS` or
+        :data:`~diffkernel.device.DEVICES`.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
 
 
 class SubtractionKernels:
@@ -50,10 +66,7 @@ class SubtractionKernels:
     """
 
     def __init__(self, solution, precision: str = "single", device: str = "cpu") -> None:
-        if precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        if device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        check_fft_options(precision, device)
         self.solution = solution
         self.precision = precision
         self.device = device
