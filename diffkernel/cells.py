@@ -84,12 +84,8 @@ class InMemoryPair:
 
 
 def _view(mi: MaskedImage, y0: int, y1: int, x0: int, x1: int) -> MaskedImage:
-    out = MaskedImage.__new__(MaskedImage)
-    out.image = mi.image[y0:y1, x0:x1]
-    out.variance = mi.variance[y0:y1, x0:x1]
-    out.mask = mi.mask[y0:y1, x0:x1]
-    out.mask_planes = mi.mask_planes
-    return out
+    box = np.s_[y0:y1, x0:x1]
+    return MaskedImage.from_validated(mi.image[box], mi.variance[box], mi.mask[box], mi.mask_planes)
 
 
 @dataclass(frozen=True)
@@ -269,9 +265,7 @@ def fit_cell(
         stamps = cut_stamps(
             template, science, lx[keep], ly[keep], plan.half_stamp, plan.half_kernel
         )
-        stats, single = candidate_stats(
-            stamps, plan.basis, plan.kernel_config, plan.regularization
-        )
+        stats, single = candidate_stats(stamps, plan.basis, plan.kernel_config, plan.regularization)
     cells = np.full(n, cell, dtype=np.int64)
     return CellResult(cells, index, reason.astype(str), snr_t, snr_s, rating, stats, single)
 
