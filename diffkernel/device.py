@@ -20,7 +20,7 @@ from scipy import fft as scipy_fft
 
 from .errors import ConfigError
 
-__all__ = ["DEVICES", "ArrayBackend", "array_backend"]
+__all__ = ["DEVICES", "ArrayBackend", "array_backend", "check_device"]
 
 #: Devices the convolutions can run on.
 DEVICES = ("cpu", "gpu")
@@ -76,6 +76,12 @@ class ArrayBackend:
 _CPU = ArrayBackend("cpu", np)
 
 
+def check_device(device: str) -> None:
+    """Refuse a device name that is not one of :data:`DEVICES` (ConfigError)."""
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+
+
 def array_backend(device: str = "cpu") -> ArrayBackend:
     """The :class:`ArrayBackend` of ``device``.
 
@@ -84,10 +90,9 @@ def array_backend(device: str = "cpu") -> ArrayBackend:
     ConfigError
         For an unknown device, or ``"gpu"`` without CuPy or without a CUDA device.
     """
+    check_device(device)
     if device == "cpu":
         return _CPU
-    if device != "gpu":
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
     try:
         cupy = importlib.import_module("cupy")
     except ImportError as err:

@@ -19,7 +19,7 @@ from .convolve import (
     variance_model,
     window,
 )
-from .device import DEVICES, array_backend
+from .device import array_backend, check_device
 from .errors import ConfigError, InputError
 from .image import Exposure, MaskedImage, as_exposure, with_mask_planes
 
@@ -47,8 +47,7 @@ def check_fft_options(precision: str, device: str) -> None:
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    check_device(device)
 
 
 class SubtractionKernels:
