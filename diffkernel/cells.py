@@ -22,6 +22,7 @@ from .candidate import (
     CandidateStats,
     StampBatch,
     compute_stats,
+    concatenate_rows,
     convolve_basis,
     core_selector,
     cut_stamps,
@@ -29,6 +30,7 @@ from .candidate import (
 from .errors import NoCandidatesError
 from .fit import SingleFit, fit_single_kernels
 from .image import MaskedImage
+from .photometry import StampPhotometry, stamp_photometry
 from .selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
 from .solve import BAD, CandidateSet, SolveOutcome, solve
 
@@ -148,6 +150,8 @@ class CellResult:
         source order.
     single : SingleFit or None
         Their single-kernel fits, aligned with ``stats``.
+    photometry : StampPhotometry or None
+        Stamp photometry of every source (NaN where not a candidate).
     """
 
     cell: np.ndarray
@@ -158,6 +162,7 @@ class CellResult:
     rating: np.ndarray
     stats: CandidateStats | None
     single: SingleFit | None = None
+    photometry: StampPhotometry | None = None
 
     @classmethod
     def merge(cls, results: list[CellResult]) -> CellResult:
@@ -174,6 +179,14 @@ class CellResult:
             ),
             CandidateStats.concatenate([r.stats for r in parts]) if parts else None,
             SingleFit.concatenate([r.single for r in parts]) if parts else None,
+            concatenate_rows(
+                [
+                    StampPhotometry.empty(len(r.index)) if r.photometry is None else r.photometry
+                    for r in results
+                ]
+            )
+            if results
+            else None,
         )
 
 
@@ -261,13 +274,24 @@ def fit_cell(
         reason[ok[low]] = "low S/N"
     keep = np.flatnonzero(reason == "")
     stats = single = None
+    photometry = StampPhotometry.empty(n)
     if keep.size:
         stamps = cut_stamps(
             template, science, lx[keep], ly[keep], plan.half_stamp, plan.half_kernel
         )
         stats, single = candidate_stats(stamps, plan.basis, plan.kernel_config, plan.regularization)
+        measured = stamp_photometry(
+            *stamps.template_center(),
+            stamps.science,
+            stamps.science_variance,
+            aperture_radius=plan.half_kernel,
+        )
+        for name, values in vars(measured).items():
+            getattr(photometry, name)[keep] = values
     cells = np.full(n, cell, dtype=np.int64)
-    return CellResult(cells, index, reason.astype(str), snr_t, snr_s, rating, stats, single)
+    return CellResult(
+        cells, index, reason.astype(str), snr_t, snr_s, rating, stats, single, photometry
+    )
 
 
 def candidate_stats(
@@ -393,12 +417,15 @@ def reduce_cells(
     snr_t = np.full(n_src, np.nan)
     snr_s = np.full(n_src, np.nan)
     rating = np.full(n_src, np.nan)
+    photometry = StampPhotometry.empty(n_src)
     merged = CellResult.merge(results) if results else None
     if merged is not None:
         reason[merged.index] = merged.reason
         snr_t[merged.index] = merged.snr_template
         snr_s[merged.index] = merged.snr_science
         rating[merged.index] = merged.rating
+        for name, values in vars(merged.photometry).items():
+            getattr(photometry, name)[merged.index] = values
     names, counts = np.unique(reason.astype(str), return_counts=True)
     vetting = {str(r): int(k) for r, k in zip(names, counts, strict=True) if r}
     if merged is None or merged.stats is None:
@@ -423,7 +450,7 @@ def reduce_cells(
     outcome = solve(cset, plan.basis, plan.kernel_config, plan.shape)
     meta = dict(outcome.metadata)
     meta["vetting_rejected"] = vetting
-    table = candidate_table(placement, reason, snr_t, snr_s, rating, cidx, outcome)
+    table = candidate_table(placement, reason, snr_t, snr_s, rating, cidx, outcome, photometry)
     return outcome, table, meta
 
 
@@ -435,8 +462,16 @@ def candidate_table(
     rating: np.ndarray,
     cidx: np.ndarray,
     outcome: SolveOutcome,
+    photometry: StampPhotometry | None = None,
 ) -> Table:
-    """One row per source: position, cell, status, reason and fit statistics."""
+    """One row per source: position, cell, status, reason and fit statistics.
+
+    With ``photometry`` (per source), the columns ``flux_ratio``, ``flux_ratio_err``,
+    ``sky_convolved``, ``sky_reference`` and ``sky_noise`` of
+    :class:`~diffkernel.photometry.StampPhotometry` follow (the kernel's frame: the
+    convolved image is the template in ``convolveTemplate`` mode, the science image in
+    ``convolveScience`` mode).
+    """
     n = len(placement.x)
     status = np.full(n, BAD, dtype=object)
     why = reason.astype(object).copy()
@@ -450,6 +485,7 @@ def candidate_table(
     why[cidx] = np.where(outcome.reason == "", why[cidx], outcome.reason)
     rounds = np.full(n, -1)
     rounds[cidx] = outcome.rejected_in_round
+    extra = vars(photometry) if photometry is not None else {}
     return Table(
         {
             "id": placement.ids,
@@ -473,5 +509,6 @@ def candidate_table(
             "spatial_resid_std": full(outcome.spatial_std),
             "condition": full(outcome.condition),
             "rejected_round": rounds,
+            **extra,
         }
     )
