@@ -55,6 +55,7 @@ from .image import (
     with_mask_planes,
 )
 from .psf import exposure_fwhm, measure_pair_fwhm
+from .quality import assess, difference_histograms, footprint_radius, histogram_metrics
 from .results import ResultStore, ResultWriter, open_result
 from .selection import source_positions
 from .spatial import SpatialSolution
@@ -88,11 +89,6 @@ WORKER_ENVIRON = {
     "ZARR_THREADING__MAX_WORKERS": 1,
 }
 
-#: Histogram of difference / sqrt(variance) that tiles report: bins and range.
-Z_RANGE = (-10.0, 10.0)
-Z_NBINS = 2000
-Z_BINS = np.linspace(*Z_RANGE, Z_NBINS + 1)
-
 
 @dataclass
 class PairRun:
@@ -101,7 +97,7 @@ class PairRun:
     Attributes
     ----------
     result : ResultStore
-        The published result, read back.
+        The published result, read back (its ``quality`` is the verdict).
     timings : dict
         Wall seconds per stage.
     summary : dict
@@ -111,6 +107,11 @@ class PairRun:
     result: ResultStore
     timings: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quality(self) -> dict[str, Any]:
+        """The quality verdict of the result (:func:`diffkernel.quality.assess`)."""
+        return self.result.quality
 
 
 class ZarrPair:
@@ -409,7 +410,13 @@ def _tile_task(
     x0: int,
     x1: int,
     sign: float = 1.0,
+    footprints: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> np.ndarray:
+    """Write one tile of the difference; its sky and footprint z histograms.
+
+    ``footprints`` is ``(xc, yc, radius)`` of the candidates near the tile
+    (:func:`diffkernel.quality.difference_histograms`).
+    """
     ny, nx = reader.science.shape
     h = kernels.half
     ty0, ty1, tx0, tx1 = max(y0 - h, 0), min(y1 + h, ny), max(x0 - h, 0), min(x1 + h, nx)
@@ -426,21 +433,8 @@ def _tile_task(
     if sign < 0:  # convolveScience: K * S + b - T, science minus template
         diff = -diff
     write_tile(out, "difference", y0, x0, diff, var, mask)
-    return residual_histogram(diff, var, mask)
-
-
-def residual_histogram(diff: np.ndarray, var: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Counts of difference / sigma over unmasked finite pixels in :data:`Z_BINS`.
-
-    Values beyond the range fall in the end bins. Bin ``i`` holds
-    ``Z_BINS[i] <= z < Z_BINS[i + 1]`` (the last bin includes its upper edge).
-    """
-    z = diff / np.sqrt(var)
-    z = z[np.isfinite(z) & (mask == 0)]
-    lo, hi = Z_RANGE
-    index = np.floor((np.clip(z, lo, hi) - lo) * (Z_NBINS / (hi - lo))).astype(np.intp)
-    np.minimum(index, Z_NBINS - 1, out=index)
-    return np.bincount(index, minlength=Z_NBINS)
+    xc, yc, radius = footprints if footprints is not None else (np.zeros(0, int),) * 2 + (0.0,)
+    return difference_histograms(diff, var, mask, (y0, x0), xc, yc, radius)
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -476,7 +470,8 @@ def run_pair(
     out : path
         Result store to publish; refused if it exists unless ``overwrite``.
     config : MakeKernelConfig, optional
-        Default: the default configuration (Alard-Lupton).
+        Default: :meth:`MakeKernelConfig.default_subtraction` (Alard-Lupton with a
+        fitted differential background), since stored images may hold their sky.
     sources : astropy.table.Table, optional
         Kernel candidates (``x``, ``y`` or ``ra``, ``dec``); detected when None.
     client, scheduler, n_workers
@@ -515,7 +510,7 @@ def run_pair(
     -------
     PairRun
     """
-    cfg = MakeKernelConfig() if config is None else config
+    cfg = MakeKernelConfig.default_subtraction() if config is None else config
     if not isinstance(cfg, MakeKernelConfig):
         raise ConfigError(f"config must be a MakeKernelConfig, got {type(cfg).__name__}")
     cfg.validate()
@@ -767,6 +762,15 @@ class _Run:
         tile_reader = cl.scatter(reader.reading(cached=False), broadcast=True, hash=False)
         sign = -1.0 if mode == "convolveScience" else 1.0
         ny, nx = sci.shape
+        placed = placement.cell >= 0
+        xc_all, yc_all = placement.xc[placed], placement.yc[placed]
+        radius = footprint_radius(basis.kernel_size)
+
+        def near(y0: int, y1: int, x0: int, x1: int):
+            r = int(np.ceil(radius))
+            keep = (xc_all >= x0 - r) & (xc_all < x1 + r) & (yc_all >= y0 - r) & (yc_all < y1 + r)
+            return xc_all[keep], yc_all[keep], radius
+
         tiles = [
             self._submit(
                 _tile_task,
@@ -779,6 +783,7 @@ class _Run:
                 x0,
                 min(x0 + self.tile, nx),
                 sign,
+                near(y0, min(y0 + self.tile, ny), x0, min(x0 + self.tile, nx)),
                 name=f"tile-{y0}-{x0}",
             )
             for y0 in range(0, ny, self.tile)
@@ -789,9 +794,11 @@ class _Run:
         reductions.clear()  # the cells' results can go now
         cell_futures.clear()
         self.writer.write_fit(outcome.solution, table)  # while the tiles run
-        histogram = np.sum(self._wait(tiles, "tiles", t0), axis=0)
+        histograms = np.sum(self._wait(tiles, "tiles", t0), axis=0)
 
-        summary = _summary(table, outcome, histogram)
+        summary = _summary(table, outcome, histograms.sum(axis=0))
+        quality = assess(table, self.meta, outcome.solution, kcfg, histograms)
+        summary["quality"] = {k: quality[k] for k in ("verdict", "reasons")}
         self.meta["residuals"] = summary["residuals"]
         self.meta["n_cells"] = len(cells)
         self.meta["n_cell_tasks"] = len(groups)
@@ -801,7 +808,9 @@ class _Run:
         self.meta["timings"] = dict(self.timings)
         provenance = _provenance(self.science, self.template, checksums)
         provenance.update(getattr(self, "extra_provenance", {}))
-        path = self.writer.finalize(None, None, self.meta, self.cfg.to_dict(), provenance)
+        path = self.writer.finalize(
+            None, None, self.meta, self.cfg.to_dict(), provenance, quality=quality
+        )
         return path, dict(self.timings), summary
 
     def _submit_check(self, tmpl: ZarrImage, sci: ZarrImage) -> None:
@@ -982,17 +991,10 @@ def _summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:
     reasons = np.asarray(table["reason"])
     good = status == "GOOD"
     ksum = np.asarray(table["kernel_sum"])[good]
-    centres = 0.5 * (Z_BINS[1:] + Z_BINS[:-1])
-    n = int(histogram.sum())
-    residuals: dict[str, Any] = {"n_pixels": n}
-    if n:
-        cdf = np.cumsum(histogram) / n
-        median = float(np.interp(0.5, cdf, centres))
-        mean = float(np.sum(histogram * centres) / n)
-        dev = np.abs(centres - median)
-        order = np.argsort(dev)
-        mad = float(dev[order][np.searchsorted(np.cumsum(histogram[order]) / n, 0.5)])
-        residuals.update(mean=mean, median=median, robust_std=1.4826 * mad)
+    metrics = histogram_metrics(histogram)
+    residuals = {
+        k: metrics[k] for k in ("n_pixels", "mean", "median", "robust_std") if k in metrics
+    }
     statuses, status_counts = np.unique(status, return_counts=True)
     why, why_counts = np.unique(reasons, return_counts=True)
     return {

@@ -207,6 +207,7 @@ class ResultWriter:
         metadata: Mapping[str, Any],
         config: Mapping[str, Any],
         provenance: Mapping[str, Any],
+        quality: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write the solution, candidates and attributes, mark complete and publish.
 
@@ -219,6 +220,9 @@ class ResultWriter:
             when :meth:`write_fit` wrote it.
         metadata, config, provenance : mapping
             Root attributes, made JSON-safe with :func:`json_safe`.
+        quality : mapping, optional
+            The quality verdict (:func:`diffkernel.quality.assess`), root attribute
+            ``quality``.
 
         Returns
         -------
@@ -255,6 +259,7 @@ class ResultWriter:
                 "metadata": json_safe(metadata),
                 "config": json_safe(config),
                 "provenance": json_safe(provenance),
+                "quality": json_safe(dict(quality or {})),
             }
         )
         info = dict(root.attrs[ATTR_KEY])
@@ -401,6 +406,9 @@ class ResultStore:
         The candidate table.
     metadata, config, provenance : dict
         The root attributes of those names.
+    quality : dict
+        The quality verdict (``verdict``, ``reasons``, ``checks``, ``metrics``); empty
+        for stores written before verdicts existed.
     """
 
     path: Path
@@ -410,6 +418,7 @@ class ResultStore:
     metadata: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
 
 
 def open_result(path: PathLike) -> ResultStore:
@@ -449,6 +458,7 @@ def open_result(path: PathLike) -> ResultStore:
         metadata=attrs.get("metadata") or {},
         config=attrs.get("config") or {},
         provenance=attrs.get("provenance") or {},
+        quality=attrs.get("quality") or {},
     )
 
 

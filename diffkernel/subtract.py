@@ -22,6 +22,7 @@ from .convolve import (
 from .device import array_backend, check_device
 from .errors import ConfigError, InputError
 from .image import Exposure, MaskedImage, as_exposure, with_mask_planes
+from .quality import Z_NBINS, assess, difference_histograms, footprint_centres, footprint_radius
 
 __all__ = [
     "subtract_images",
@@ -255,6 +256,11 @@ def subtract_images(
     -------
     MaskedImage
         Difference image with propagated variance and mask (science mask planes).
+
+    Notes
+    -----
+    ``result.quality`` is replaced by the verdict on the fit and on this difference
+    image (:func:`diffkernel.quality.assess`): its sky and the candidates' footprints.
     """
     if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 1:
         raise InputError(f"tile_size must be a positive integer (pixels), got {tile_size!r}")
@@ -270,6 +276,9 @@ def subtract_images(
     var = np.empty((ny, nx))
     mask = np.empty((ny, nx), dtype=np.int32)
     kernels = SubtractionKernels(result.spatialSolution, precision, device)
+    xc, yc = footprint_centres(result.candidates)
+    radius = footprint_radius(kernels.solution.basis.kernel_size)
+    histograms = np.zeros((2, Z_NBINS), dtype=np.int64)
     for y0 in range(0, ny, tile_size):
         for x0 in range(0, nx, tile_size):
             y1, x1 = min(y0 + tile_size, ny), min(x0 + tile_size, nx)
@@ -278,7 +287,17 @@ def subtract_images(
                 s.image[y0:y1, x0:x1], s.variance[y0:y1, x0:x1], s.mask[y0:y1, x0:x1], s.mask_planes
             )
             d, v, m = difference_tile(padded, sci, kernels, y0, x0, s.shape)
+            if getattr(result, "mode", "convolveTemplate") == "convolveScience":
+                d = -d
             diff[y0:y1, x0:x1], var[y0:y1, x0:x1], mask[y0:y1, x0:x1] = d, v, m
-    if getattr(result, "mode", "convolveTemplate") == "convolveScience":
-        diff = -diff
+            histograms += difference_histograms(d, v, m, (y0, x0), xc, yc, radius)
+    config = getattr(result, "config", None)
+    if config is not None:
+        result.quality = assess(
+            result.candidates,
+            result.metadata,
+            result.spatialSolution,
+            config.kernel.active,
+            histograms,
+        )
     return MaskedImage(diff, var, mask, dict(s.mask_planes))

@@ -23,6 +23,7 @@ from .errors import ConfigError, InputError, NoCandidatesError
 from .fitsio import SATURATION_KEYS
 from .image import Exposure, MaskedImage, as_exposure
 from .psf import exposure_fwhm, measure_pair_fwhm
+from .quality import assess
 from .selection import source_positions
 from .spatial import SpatialSolution
 
@@ -140,6 +141,13 @@ class MakeKernelResult:
         image) or ``"convolveScience"`` (it matches the science image to the
         template; the roles of the two images in the kernel, background and
         candidate statistics are swapped).
+    quality : dict
+        The verdict (``"pass"``, ``"warn"`` or ``"fail"``), its reasons, each check
+        and the metrics behind them (:func:`diffkernel.quality.assess`). After the
+        fit it judges the fit alone; :func:`diffkernel.subtract_images` adds the
+        difference image's statistics to it.
+    config : MakeKernelConfig or None
+        The configuration of the fit.
     """
 
     psfMatchingKernel: SpatialKernel
@@ -151,6 +159,8 @@ class MakeKernelResult:
     scienceBackground: np.ndarray | None = None
     templateBackground: np.ndarray | None = None
     mode: str = "convolveTemplate"
+    quality: dict = field(default_factory=dict)
+    config: MakeKernelConfig | None = None
 
 
 def _check_pair(template: Exposure, science: Exposure, bad_planes: tuple[str, ...]) -> None:
@@ -338,6 +348,7 @@ class MakeKernelTask:
             ]
             outcome, table, solve_meta = reduce_cells(plan, placement, results)
         meta.update(solve_meta)
+        quality = assess(table, meta, outcome.solution, kcfg)
         return MakeKernelResult(
             SpatialKernel(outcome.solution),
             BackgroundModel(
@@ -351,6 +362,8 @@ class MakeKernelTask:
             bg_s,
             bg_t,
             mode,
+            quality,
+            cfg.copy(),
         )
 
     @staticmethod

@@ -24,7 +24,7 @@ from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
 from diffkernel.results import result_status
 from diffkernel.simulate import make_pair
-from diffkernel.store import ZarrImage, write_image
+from diffkernel.store import ZarrImage, json_safe, write_image
 
 distributed = pytest.importorskip("distributed")
 
@@ -124,6 +124,17 @@ def test_distributed_equals_serial(pair, client, tmp_path):
     res = out.summary["residuals"]
     assert abs(res["median"]) < 0.05 and 0.9 < res["robust_std"] < 1.1
     assert out.result.metadata["n_tiles"] == 9
+    # One verdict: the fit's metrics are identical; the difference's pixels agree to
+    # 1e-4 sigma (see above), so their histograms' statistics to a bin or so.
+    assert out.quality["verdict"] == serial.quality["verdict"] == "pass", out.quality["reasons"]
+    stored_metrics = dict(out.quality["metrics"])
+    serial_metrics = json_safe(serial.quality["metrics"])
+    stored_diff, serial_diff = stored_metrics.pop("difference"), serial_metrics.pop("difference")
+    assert stored_metrics == serial_metrics
+    for where in ("sky", "footprints"):
+        for name, value in serial_diff[where].items():
+            assert stored_diff[where][name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+    assert out.summary["quality"]["verdict"] == "pass"
     assert set(out.timings) >= {"check", "cells", "reduce", "tiles", "total"}
     prov = out.result.provenance
     assert len(prov["inputs"]["science"]["sha256"]["image"]) == 64
