@@ -60,6 +60,7 @@ class PairStatus:
     seconds: float | None = None
     fingerprint: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    quality: str | None = None  # the result's verdict: pass, warn or fail
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -202,7 +203,10 @@ def _run_one(
     started = time.perf_counter()
     print_ = fingerprint(spec, config)
     if _is_current(spec.output, print_):
-        book.update(status, state="skipped", fingerprint=print_, seconds=0.0)
+        from .results import open_result
+
+        verdict = open_result(spec.output).quality.get("verdict")
+        book.update(status, state="skipped", fingerprint=print_, seconds=0.0, quality=verdict)
         return
     book.update(status, state="running", fingerprint=print_)
     work = spec.output.parent / f".{spec.output.name}.inputs-{uuid.uuid4().hex[:8]}"
@@ -227,7 +231,10 @@ def _run_one(
             status,
             state="done",
             seconds=time.perf_counter() - started,
-            summary={k: run.summary[k] for k in ("n_good", "residuals") if k in run.summary},
+            summary={
+                k: run.summary[k] for k in ("n_good", "residuals", "quality") if k in run.summary
+            },
+            quality=run.quality.get("verdict"),
         )
     except Exception as err:
         book.update(
@@ -262,7 +269,8 @@ def run_batch(
     out_dir : path
         Folder of relative outputs and of ``batch-status.json``.
     config : MakeKernelConfig, optional
-        One configuration for every pair.
+        One configuration for every pair; default
+        :meth:`~diffkernel.config.MakeKernelConfig.default_subtraction`.
     client, scheduler, n_workers
         Where to run (see :func:`diffkernel.graph.connect`).
     concurrent : int
@@ -277,7 +285,7 @@ def run_batch(
     """
     from .graph import connect
 
-    cfg = MakeKernelConfig() if config is None else config
+    cfg = MakeKernelConfig.default_subtraction() if config is None else config
     cfg.validate()
     if concurrent < 1:
         raise InputError(f"concurrent must be at least 1, got {concurrent}")

@@ -2,7 +2,9 @@
 
 Each command has ``--help``. Errors of the user's making (bad input, config or store)
 print one line naming the problem and exit with status 2; an incomplete result store
-makes ``inspect`` exit with status 1.
+makes ``inspect`` exit with status 1. A result whose quality verdict is ``fail``
+(:mod:`diffkernel.quality`) is written all the same, and ``subtract`` (and ``batch``,
+when no pair crashed) exit with status 3.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import numpy as np
 from . import __version__
 from .errors import DiffkernelError
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_QUALITY_FAIL"]
+
+#: Exit status of a run whose result was written but judged ``fail``.
+EXIT_QUALITY_FAIL = 3
 
 
 def _float32(exposure):
@@ -85,6 +90,9 @@ def _demo(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(json.dumps(summary, indent=2, default=str))
+    from .quality import describe
+
+    print(describe(run.quality))
     print(
         f"wrote {out / 'result.zarr'}, {out / 'difference.fits'}, "
         f"{out / 'candidates.ecsv'}, {out / 'summary.json'} and {len(plots)} plots in "
@@ -94,9 +102,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _load_config(path: str | None):
+    """The subtraction defaults (a fitted background), updated by the config file."""
     from .config import MakeKernelConfig
 
-    cfg = MakeKernelConfig() if path is None else MakeKernelConfig.from_file(path)
+    base = MakeKernelConfig.default_subtraction()
+    cfg = base if path is None else MakeKernelConfig.from_file(path, base=base)
     cfg.validate()
     return cfg
 
@@ -152,6 +162,8 @@ def _subtract(args: argparse.Namespace) -> int:
             write_plots(run.result, args.plots, template=template, science=science)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    from .quality import describe, fits_cards
+
     if args.fits_out:
         diff = run.result.difference
         ny, nx = diff.shape
@@ -159,10 +171,12 @@ def _subtract(args: argparse.Namespace) -> int:
             args.fits_out,
             Exposure(diff.read(0, ny, 0, nx), wcs=diff.wcs),
             overwrite=args.overwrite,
+            extra_header=fits_cards(run.quality),
         )
     summary = {**run.summary, "timing_s": run.timings, "output": str(run.result.path)}
     print(json.dumps(summary, indent=2, default=str))
-    return 0
+    print(describe(run.quality), file=sys.stderr)
+    return EXIT_QUALITY_FAIL if run.quality.get("verdict") == "fail" else 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -207,6 +221,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "spatial_condition": result.solution.condition,
         },
         "residuals": meta.get("residuals"),
+        "quality": result.quality,
         "notes": meta.get("notes", []),
         "timings_s": meta.get("timings"),
         "provenance": {
@@ -216,7 +231,10 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, default=str))
     else:
+        from .quality import describe
+
         print(json.dumps(report, indent=2, default=str))
+        print(describe(result.quality))
     return 0
 
 
@@ -239,13 +257,20 @@ def _batch(args: argparse.Namespace) -> int:
         return 130
     for s in statuses:
         line = f"{s.state:8s} {s.output}"
+        if s.quality:
+            line += f"  quality {s.quality}"
         if s.error:
             line += f"  ({s.error})"
         print(line)
     counts = {state: sum(s.state == state for s in statuses) for state in ("done", "skipped")}
     failed = sum(s.state == "failed" for s in statuses)
-    print(f"{counts['done']} done, {counts['skipped']} skipped, {failed} failed")
-    return 1 if failed else 0
+    bad = sum(s.quality == "fail" for s in statuses)
+    print(
+        f"{counts['done']} done, {counts['skipped']} skipped, {failed} failed, {bad} failed quality"
+    )
+    if failed:
+        return 1
+    return EXIT_QUALITY_FAIL if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         "Dask cluster and write the result store OUT.zarr (difference image, kernel "
         "solution, candidate table, provenance). Inputs are FITS files or Zarr image "
         "groups (store.zarr or store.zarr#group); a template with another WCS is "
-        "warped onto the science grid.",
+        "warped onto the science grid. The default configuration is ip_diffim's "
+        "subtraction task's (a fitted differential background); --config changes it. "
+        "Every result gets a quality verdict (pass, warn or fail, with reasons) in the "
+        "store, the summary and the FITS header; a fail exits with status 3.",
     )
     subtract.add_argument("science", help="science image: FITS or Zarr")
     subtract.add_argument("template", help="template image: FITS or Zarr")
@@ -357,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         "optionally sources) on one Dask cluster, several pairs at a time. A pair whose "
         "output is complete and whose input bytes and config are unchanged is skipped, so "
         "an interrupted batch is resumed by running it again. Per-pair states and errors "
-        "go to OUT/batch-status.json; a failing pair does not stop the others (exit "
-        "status 1 if any failed).",
+        "go to OUT/batch-status.json with each result's quality verdict; a failing pair "
+        "does not stop the others. Exit status 1 if any pair failed to run, else 3 if any "
+        "result's quality verdict is fail.",
     )
     batch.add_argument("manifest", help="CSV manifest")
     batch.add_argument("--out", required=True, help="folder of the outputs and status file")

@@ -484,23 +484,32 @@ class Config:
         return dict(_flatten(out)) if flat else out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+    def from_dict(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
         """Build a config from defaults updated by a nested or dotted-key mapping.
+
+        Parameters
+        ----------
+        data : mapping
+            Nested tables or dotted keys of the fields to set.
+        base : Config, optional
+            The values the fields not in ``data`` keep (a copy is updated); default:
+            the class's defaults.
 
         Raises
         ------
         ConfigError
             Naming the key path of an unknown field or a badly typed value.
         """
-        config = cls()
+        config = cls() if base is None else base.copy()
         config._assign(_prepare(data))
         return config
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Self:
+    def from_file(cls, path: str | os.PathLike[str], base: Self | None = None) -> Self:
         """Read a config from a ``.toml`` or ``.json`` file (fields not given keep defaults).
 
-        The result is not validated; call :meth:`validate`.
+        ``base`` gives the values of the fields the file does not set (default: the
+        class's defaults). The result is not validated; call :meth:`validate`.
 
         Raises
         ------
@@ -528,7 +537,7 @@ class Config:
                 f"config file {str(file)!r} must hold a table of fields, got {type(data).__name__}"
             )
         try:
-            return cls.from_dict(data)
+            return cls.from_dict(data, base)
         except ConfigError as exc:
             raise ConfigError(f"config file {str(file)!r}: {exc}") from None
 
@@ -1369,11 +1378,17 @@ class MakeKernelConfig(Config):
         """Return the config that ip_diffim's Alard-Lupton subtraction task uses.
 
         That is the Alard-Lupton basis with a fitted differential background of spatial
-        order 2 and a kernel of spatial order 1.
+        order 2 and a kernel of spatial order 1. It is the default of every subtraction
+        (``diffkernel subtract``, ``batch``, ``demo``, :func:`diffkernel.graph.run_pair`),
+        since their inputs may hold their sky; :class:`MakeKernelTask` keeps the
+        specification's defaults (no background fitted). The delta-function settings
+        get the same background (fitted, order 2), so that choosing ``kernel.name =
+        "DF"`` in a config file does not silently drop it.
         """
         config = cls()
         config.kernel.name = "AL"
-        config.kernel.AL.fitForBackground = True
         config.kernel.AL.spatialKernelOrder = 1
-        config.kernel.AL.spatialBgOrder = 2
+        for kernel in (config.kernel.AL, config.kernel.DF):
+            kernel.fitForBackground = True
+            kernel.spatialBgOrder = 2
         return config

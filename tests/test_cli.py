@@ -18,12 +18,17 @@ def test_demo_writes_a_zarr_result_and_summary(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_good"] >= 5
     assert 0.9 < summary["residuals"]["robust_std"] < 1.1
+    assert summary["quality"] == {"verdict": "pass", "reasons": []}
     result = open_result(out / "result.zarr")
+    assert result.quality["verdict"] == "pass"
+    # The subtraction defaults: a fitted differential background.
+    assert result.config["kernel"]["AL"]["fitForBackground"] is True
     assert len(result.candidates) == summary["n_sources"]
     diff = result.difference.read(0, 384, 0, 384)
     assert np.isfinite(diff.image[50:-50, 50:-50]).all()
     assert (out / "difference.fits").exists() and (out / "candidates.ecsv").exists()
-    assert "result.zarr" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "result.zarr" in printed and "quality: PASS" in printed
     # A rerun replaces the earlier output.
     assert main(["demo", "--size", "384", "--out", str(out), "--workers", "1", "--quiet"]) == 0
 
@@ -63,6 +68,7 @@ def test_ingest_subtract_inspect(tmp_path, capsys):
     assert result.config["kernel"]["AL"]["fitForBackground"] is True
     assert result.solution.kernel_functions.order == 1
     diff = read_exposure(tmp_path / "diff.fits")
+    assert diff.meta["DKVERDCT"] == result.quality["verdict"] == "pass"
     stored = result.difference.read(0, 256, 0, 256)
     np.testing.assert_array_equal(diff.masked_image.mask, stored.mask)
     assert diff.wcs is not None
@@ -71,6 +77,9 @@ def test_ingest_subtract_inspect(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "complete" and report["candidates"]["good"] == printed["n_good"]
     assert report["residuals"]["robust_std"] == pytest.approx(1.0, abs=0.1)
+    assert report["quality"]["verdict"] == "pass"
+    assert main(["inspect", str(out)]) == 0
+    assert "quality: PASS" in capsys.readouterr().out
     # The same output again is refused without --overwrite, with one clear line.
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
@@ -141,3 +150,72 @@ def test_plots_of_a_result(tmp_path):
         max_side=64,
     )
     assert all(p.stat().st_size > 5000 for p in again)
+
+
+def _raw_sky_fits_pair(tmp_path):
+    """FITS files of a pair whose frames hold different skies (1000 and 1300 ADU)."""
+    from diffkernel.fitsio import write_exposure
+    from diffkernel.simulate import make_pair
+
+    pair = make_pair(
+        (512, 512), seed=3, flux_scale=0.9, background=(400.0, 2.0, -3.0), template_depth=4
+    )
+    science, template = tmp_path / "science.fits", tmp_path / "template.fits"
+    write_exposure(science, pair.science)
+    write_exposure(template, pair.template)
+    return science, template
+
+
+def test_subtract_defaults_are_right_and_a_failed_verdict_exits_3(tmp_path, capsys):
+    """No config: a fitted background and a pass. fitForBackground off: exit 3, the
+    result still written and marked fail, in the store and the FITS header."""
+    from diffkernel.fitsio import read_exposure
+
+    science, template = _raw_sky_fits_pair(tmp_path)
+    common = ["--workers", "1", "--quiet"]
+    out = tmp_path / "good.zarr"
+    assert main(["subtract", str(science), str(template), "--out", str(out), *common]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["quality"]["verdict"] == "pass"
+    assert "quality: PASS" in captured.err
+    assert open_result(out).solution.kernel_functions.order == 1
+    config = tmp_path / "config.toml"
+    config.write_text("[kernel.AL]\nfitForBackground = false\n")
+    bad, fits_out = tmp_path / "bad.zarr", tmp_path / "bad.fits"
+    args = ["subtract", str(science), str(template), "--out", str(bad), "--config", str(config)]
+    assert main([*args, "--fits-out", str(fits_out), *common]) == 3
+    err = capsys.readouterr().err
+    assert "quality: FAIL" in err and "fitForBackground" in err
+    result = open_result(bad)
+    assert result.quality["verdict"] == "fail"
+    # The file's other fields keep the subtraction defaults.
+    assert result.config["kernel"]["AL"]["spatialBgOrder"] == 2
+    header = read_exposure(fits_out).meta
+    assert header["DKVERDCT"] == "fail" and "fitForBackground" in header["DKREAS1"]
+
+
+def test_batch_counts_failed_quality_apart_from_crashes(tmp_path, capsys):
+    science, template = _raw_sky_fits_pair(tmp_path)
+    manifest = tmp_path / "pairs.csv"
+    manifest.write_text(
+        "science,template,output\n"
+        f"{science},{template},a.zarr\n"
+        f"{science},{tmp_path / 'missing.fits'},b.zarr\n"
+    )
+    config = tmp_path / "config.toml"
+    config.write_text("[kernel.AL]\nfitForBackground = false\n")
+    args = ["batch", str(manifest), "--out", str(tmp_path / "out"), "--workers", "1"]
+    # A missing input is refused when the manifest is read: one clear line.
+    assert main(args) == 2
+    capsys.readouterr()
+    manifest.write_text(f"science,template,output\n{science},{template},a.zarr\n")
+    assert main([*args, "--config", str(config)]) == 3
+    printed = capsys.readouterr().out
+    assert "quality fail" in printed and "0 failed, 1 failed quality" in printed
+    status = json.loads((tmp_path / "out" / "batch-status.json").read_text())
+    assert status["pairs"][0]["quality"] == "fail"
+    # Rerun: skipped, and its verdict still counted.
+    assert main([*args, "--config", str(config)]) == 3
+    assert "1 skipped, 0 failed, 1 failed quality" in capsys.readouterr().out
+    assert main(args) == 0  # the defaults: redone (another config), and a pass
+    assert "1 done, 0 skipped, 0 failed, 0 failed quality" in capsys.readouterr().out

@@ -36,7 +36,7 @@ def main() -> None:
         help="config override, e.g. kernel.AL.fitForBackground=true",
     )  # fmt: skip
     args = parser.parse_args()
-    config = MakeKernelConfig()
+    config = MakeKernelConfig.default_subtraction()  # a fitted background, as the CLI
     for item in args.set:
         field, _, value = item.partition("=")
         config.set(field, json.loads(value) if value[:1] in "[{0123456789-tfn" else value)

@@ -41,7 +41,8 @@ def main() -> int:
         except BlockingIOError:
             log.info("another batch is running on %s; nothing to do", out)
             return 0
-        config = MakeKernelConfig.from_file(args.config) if args.config else MakeKernelConfig()
+        base = MakeKernelConfig.default_subtraction()  # a fitted background, as the CLI
+        config = MakeKernelConfig.from_file(args.config, base=base) if args.config else base
         statuses = run_batch(
             args.manifest, out, config=config, scheduler=args.scheduler,
             n_workers=args.workers, concurrent=args.concurrent,
