@@ -80,18 +80,27 @@ def report_validation(name: str, counts: dict[str, int], bad_planes: Iterable[st
         )
     if counts["nonfinite_variance"]:
         raise InputError(
-            f"{name}: variance is NaN or infinite at {counts['nonfinite_variance']} "
-            "unmasked pixel(s)"
+            f"{name}: variance is NaN or infinite at "
+            f"{_how_many(counts['nonfinite_variance'], counts['used'])}; variance must be "
+            "finite and strictly positive"
         )
     if counts["nonpositive_variance"]:
         raise InputError(
-            f"{name}: variance is zero or negative at {counts['nonpositive_variance']} "
-            "unmasked pixel(s); variance must be strictly positive"
+            f"{name}: variance is zero or negative at "
+            f"{_how_many(counts['nonpositive_variance'], counts['used'])}; variance must be "
+            "strictly positive"
         )
 
 
 #: Prefix of the :func:`pixel_validation_counts` keys that count the pixels of one plane.
 _MASKED = "masked "
+
+
+def _how_many(n: int, used: int) -> str:
+    """``n`` unmasked pixels, said as all of them when they are (a wrong plane, not a few)."""
+    if n == used:
+        return f"every unmasked pixel ({n} pixels)"
+    return f"{n} unmasked pixel(s)"
 
 
 def _check_real(values: np.ndarray, name: str) -> None:

@@ -170,6 +170,18 @@ def test_every_pixel_masked(pair):
         run(pair, science=replaced(pair.science, mask=mask))
 
 
+@pytest.mark.parametrize("which", ["template", "science"])
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_variance_not_positive_anywhere(pair, which, value):
+    """A variance plane zero or negative everywhere is refused as such, not as a few pixels."""
+    bad = replaced(getattr(pair, which), variance=np.full(SHAPE, value))
+    with pytest.raises(
+        InputError,
+        match=rf"{which}: variance is zero or negative at every unmasked pixel \(36864 pixels\)",
+    ):
+        run(pair, **{which: bad})
+
+
 def all_bad(exposure: Exposure, other: str | None = None) -> MaskedImage:
     """The exposure's masked image flagged BAD everywhere; ``other`` on its first 20 columns."""
     mi = exposure.masked_image.copy()
@@ -661,8 +673,10 @@ def test_run_pair_input_not_a_store(tmp_path, stores):
 
 
 def spoiled(pair, which: str, spoil: str) -> Exposure:
-    """The pair's ``which`` exposure with every pixel BAD."""
+    """The pair's ``which`` exposure with variance -1 everywhere, or every pixel BAD."""
     exposure = getattr(pair, which)
+    if spoil == "negative variance":
+        return Exposure(replaced(exposure, variance=np.full(SHAPE, -1.0)))
     return Exposure(all_bad(exposure, "NO_DATA"))
 
 
@@ -670,9 +684,10 @@ def spoiled(pair, which: str, spoil: str) -> Exposure:
 @pytest.mark.parametrize(
     "spoil, message",
     [
+        ("negative variance", "variance is zero or negative at every unmasked pixel "),
         ("every pixel BAD", "every pixel is masked BAD or NO_DATA: nothing to subtract; "),
     ],
-    ids=["every-pixel-bad"],
+    ids=["negative-variance", "every-pixel-bad"],
 )
 def test_run_pair_refuses_bad_pixels_everywhere(
     tmp_path, monkeypatch, pair, client, which, spoil, message
