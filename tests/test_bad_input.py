@@ -31,12 +31,12 @@ from diffkernel.errors import (
     SpatialFitError,
     StoreError,
 )
-from diffkernel.fitsio import read_exposure, write_exposure
+from diffkernel.fitsio import from_nddata, read_exposure, write_exposure
 from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
 from diffkernel.results import ResultWriter, result_status
 from diffkernel.simulate import make_pair
-from diffkernel.store import ZarrImage, write_image
+from diffkernel.store import ZarrImage, ingest, write_image
 
 SHAPE = (192, 192)
 
@@ -316,6 +316,44 @@ def test_fits_missing(tmp_path):
     """A FITS path that does not exist is a StoreError naming it."""
     with pytest.raises(StoreError, match=r"missing\.fits' does not exist"):
         read_exposure(tmp_path / "missing.fits")
+
+
+@pytest.mark.parametrize("value", [-1.0, np.nan])
+def test_fits_variance_unusable_everywhere(tmp_path, pair, value):
+    """A stored exposure whose variance is unusable at every pixel is refused on reading.
+
+    A few such pixels are flagged NO_DATA; all of them were too, and the image was then
+    refused as "every pixel is masked", which hid the variance.
+    """
+    variance = pair.science.masked_image.variance.copy()
+    variance[3:5, 7] = value
+    path = tmp_path / "science.fits"
+    write_exposure(path, Exposure(replaced(pair.science, variance=variance)))
+    assert read_exposure(path).masked_image.plane("NO_DATA").sum() == 2
+    write_exposure(
+        path, Exposure(replaced(pair.science, variance=np.full(SHAPE, value))), overwrite=True
+    )
+    kind = "negative" if value < 0 else "NaN or infinite"
+    message = (
+        rf"science\.fits': variance is {kind} at every pixel with data \(36864 pixels\); "
+        "its VARIANCE extension must hold strictly positive variances$"
+    )
+    with pytest.raises(InputError, match=message):
+        read_exposure(path)
+    with pytest.raises(InputError, match=message):
+        ingest(path, tmp_path / "science.zarr")
+    assert not list(tmp_path.glob("science.zarr*"))
+
+
+def test_nddata_variance_negative_everywhere(pair):
+    """An NDData whose uncertainty gives no positive variance anywhere is refused as such."""
+    from astropy.nddata import NDData, VarianceUncertainty
+
+    nd = NDData(pair.science.masked_image.image, uncertainty=VarianceUncertainty(-np.ones(SHAPE)))
+    with pytest.raises(
+        InputError, match=r"NDData: variance is negative at every pixel with data \(36864 pixels\)"
+    ):
+        from_nddata(nd)
 
 
 # --- Zarr image groups -------------------------------------------------------------------
@@ -714,9 +752,10 @@ def test_run_pair_refuses_bad_pixels_everywhere(
 @pytest.mark.parametrize(
     "spoil, message",
     [
+        ("negative variance", r"science\.fits': variance is negative at every pixel with data "),
         ("every pixel BAD", "science: every pixel is masked BAD or NO_DATA: nothing to subtract; "),
     ],
-    ids=["every-pixel-bad"],
+    ids=["negative-variance", "every-pixel-bad"],
 )
 def test_cli_subtract_refuses_bad_pixels_everywhere(tmp_path, pair, client, capsys, spoil, message):
     """``diffkernel subtract`` of such a FITS science image: one line, exit 2, no output."""
