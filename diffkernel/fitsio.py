@@ -74,7 +74,9 @@ Pixels at or above the saturation level (argument, else header ``ESATUR``, ``SAT
 after sky subtraction. Non-finite pixels (and, in stored exposures, non-finite or negative
 variances) are flagged ``NO_DATA``; their image value is set to 0 and their variance to a
 placeholder 1.0, so that no NaN travels downstream and the flag alone says "ignore me"
-(:meth:`MaskedImage.validate` exempts ``NO_DATA``).
+(:meth:`MaskedImage.validate` exempts ``NO_DATA``). A variance that is negative, NaN or
+infinite at every pixel with data is refused instead: that is a wrong plane (a sign
+error, a placeholder), which flagging would hide behind "every pixel is masked NO_DATA".
 
 NDData
 ------
@@ -429,7 +431,7 @@ def read_exposure(
         If the file does not exist or cannot be opened.
     InputError
         If it is not valid FITS, is truncated, holds no 2-D image, or a stored exposure is
-        incomplete.
+        incomplete or its variance is negative, NaN or infinite at every pixel with data.
     """
     for name, value in (("gain", gain), ("read_noise", read_noise)):
         if value is not None and not (np.isfinite(value) and value >= 0):
@@ -557,7 +559,7 @@ def _stored_exposure(loaded: dict[str, Any], fwhm_key: str) -> Exposure:
     mask = raw_mask.astype(np.int32)
     planes = _planes_from_header(loaded["mask_header"]) or dict(DEFAULT_MASK_PLANES)
     mi = MaskedImage(image, variance, mask, planes)
-    _flag_no_data(mi)
+    _flag_no_data(mi, repr(where), "its VARIANCE extension must hold strictly positive variances")
 
     primary, image_header = loaded["primary"], loaded["image_header"]
     wcs = _celestial_wcs(image_header) or _celestial_wcs(primary)
@@ -776,15 +778,45 @@ def _integer_ceiling(raw: np.ndarray, header: fits.Header) -> float | None:
     return None
 
 
-def _flag_no_data(mi: MaskedImage) -> None:
-    """Flag non-finite pixels and unusable variances NO_DATA, with placeholder values."""
+def _flag_no_data(mi: MaskedImage, where: str, fix: str) -> None:
+    """Flag non-finite pixels and unusable variances NO_DATA, with placeholder values.
+
+    Refuses a variance plane that is unusable wherever there is data: a sign error,
+    or another plane stored in its place, rather than a few bad pixels. Flagging it
+    all NO_DATA would only be refused later as an image without data.
+
+    Parameters
+    ----------
+    mi : MaskedImage
+        Flagged in place.
+    where : str
+        What to call the input in the error (its path).
+    fix : str
+        The end of the error: what the variance's source must hold.
+
+    Raises
+    ------
+    InputError
+        If the variance is negative, NaN or infinite at every pixel with data.
+    """
     bad_image = ~np.isfinite(mi.image)
     with np.errstate(invalid="ignore"):
-        bad_variance = ~np.isfinite(mi.variance) | (mi.variance < 0)
-    if bad_image.any() or bad_variance.any():
-        mi.image[bad_image] = 0.0
-        mi.variance[bad_image | bad_variance] = _NO_DATA_VARIANCE
-        mi.set_plane("NO_DATA", bad_image | bad_variance)
+        negative = mi.variance < 0
+        bad_variance = ~np.isfinite(mi.variance) | negative
+    if not (bad_image.any() or bad_variance.any()):
+        return
+    has_data = ~bad_image & ~mi.plane("NO_DATA")
+    n_data = int(np.count_nonzero(has_data))
+    if n_data and np.count_nonzero(bad_variance & has_data) == n_data:
+        n_negative = int(np.count_nonzero(negative & has_data))
+        counts = (("negative", n_negative), ("NaN or infinite", n_data - n_negative))
+        kinds = ", ".join(kind for kind, n in counts if n)
+        raise InputError(
+            f"{where}: variance is {kinds} at every pixel with data ({n_data} pixels); {fix}"
+        )
+    mi.image[bad_image] = 0.0
+    mi.variance[bad_image | bad_variance] = _NO_DATA_VARIANCE
+    mi.set_plane("NO_DATA", bad_image | bad_variance)
 
 
 def _planes_from_header(header: fits.Header) -> dict[str, int]:
@@ -930,7 +962,8 @@ def from_nddata(nd: NDData, *, mask_planes: Mapping[str, int] | None = None) -> 
     ------
     InputError
         If ``nd`` has no uncertainty or one that is not a variance, standard deviation or
-        inverse variance, or its arrays do not match.
+        inverse variance, its arrays do not match, or it gives no positive, finite
+        variance at any pixel with data.
     """
     if not isinstance(nd, NDData):
         raise InputError(f"expected an astropy NDData or CCDData, got {type(nd).__name__}")
@@ -970,7 +1003,7 @@ def from_nddata(nd: NDData, *, mask_planes: Mapping[str, int] | None = None) -> 
     if bool_mask is not None:
         defects = mi.bitmask(p for p in mi.mask_planes if p not in ANNOTATION_PLANES)
         mi.set_plane("BAD", bool_mask & ((mi.mask & defects) == 0))
-    _flag_no_data(mi)
+    _flag_no_data(mi, "NDData", "its uncertainty must give positive, finite variances")
 
     fwhm = _positive(meta, PSF_FWHM_KEY)
     meta = {

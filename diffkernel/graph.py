@@ -3,11 +3,12 @@
 Stages, each a set of independent Dask tasks that read what they need from Zarr in
 the workers (no image goes through the scheduler):
 
-1. *check*: one task per 1024-px tile of each input validates it (NaN, variance)
-   and hashes its planes, for the provenance's checksums (each pixel read once).
-   Every later step that reads pixels waits for it, except the cells: when nothing
-   else comes first they start alongside it, and the driver waits for the check
-   before it uses any cell (an invalid input stops the run there);
+1. *check*: one task per 1024-px tile of each input validates it (NaN, variance,
+   usable pixels left) and hashes its planes, for the provenance's checksums (each
+   pixel read once). Every later step that reads pixels waits for it, except the
+   cells: when nothing else comes first they start alongside it, and the driver
+   waits for the check before it uses any cell (an invalid input stops the run
+   there);
 2. *prepare* (only when needed): warp the template onto the science grid tile by
    tile, mesh backgrounds, coarse detection, star FWHMs;
 3. *cells*: one task per spatial cell vets, ranks and reduces its candidates to
@@ -52,6 +53,7 @@ from .image import (
     pixel_validation_counts,
     plane_bits,
     report_validation,
+    unusable_planes,
     with_mask_planes,
 )
 from .psf import exposure_fwhm, measure_pair_fwhm
@@ -288,7 +290,11 @@ def _check_tile(
         else:
             digests[name] = _plane_digest(values)
     counts = pixel_validation_counts(
-        planes["image"], planes["variance"], planes["mask"], plane_bits(image.mask_planes, exempt)
+        planes["image"],
+        planes["variance"],
+        planes["mask"],
+        plane_bits(image.mask_planes, exempt),
+        unusable_planes(image.mask_planes, exempt),
     )
     return counts, digests
 

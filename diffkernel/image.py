@@ -22,8 +22,16 @@ __all__ = [
     "pixel_validation_counts",
     "plane_bits",
     "report_validation",
+    "UNUSABLE_PLANES",
+    "unusable_planes",
     "with_mask_planes",
 ]
+
+#: Mask planes that leave a pixel unusable whatever the kernel's ``badMaskPlanes``, for the
+#: check that an input has a pixel left to fit and subtract: no data, or a pixel that the
+#: instrument or pipeline condemned. (The fit leaves BAD pixels out only when
+#: ``badMaskPlanes`` names the plane, but an image BAD everywhere has nothing to give.)
+UNUSABLE_PLANES = ("NO_DATA", "BAD")
 
 
 def with_mask_planes(planes: Mapping[str, int], names: Iterable[str]) -> dict[str, int]:
@@ -38,13 +46,33 @@ def with_mask_planes(planes: Mapping[str, int], names: Iterable[str]) -> dict[st
 def report_validation(name: str, counts: dict[str, int], bad_planes: Iterable[str]) -> None:
     """Raise the error :meth:`MaskedImage.validate` describes for these pixel counts.
 
+    Parameters
+    ----------
+    name : str
+        What to call the image ("template", "science").
+    counts : dict of str to int
+        :func:`pixel_validation_counts` of the image, or their sums over its tiles.
+    bad_planes : iterable of str
+        The exempt planes, named when the counts do not say which planes mask the image.
+
     Raises
     ------
     InputError
         Naming the image, the problem and how many pixels have it.
     """
-    if counts["used"] == 0:
-        raise InputError(f"{name}: every pixel is masked ({', '.join(bad_planes)})")
+    if counts.get("usable", counts["used"]) == 0:
+        # Name the planes that do mask the pixels, the most common first: the fix
+        # depends on which (an all-BAD mask is not an image without data).
+        masked = sorted(
+            (-n, key.removeprefix(_MASKED))
+            for key, n in counts.items()
+            if key.startswith(_MASKED) and n
+        )
+        planes = " or ".join(plane for _, plane in masked) or ", ".join(bad_planes)
+        raise InputError(
+            f"{name}: every pixel is masked {planes}: nothing to subtract; check the {name} "
+            "image's mask (pixels in NO_DATA, BAD or the kernel's badMaskPlanes are not used)"
+        )
     if counts["nan_image"]:
         raise InputError(
             f"{name}: {counts['nan_image']} pixel(s) are NaN or infinite but not masked "
@@ -52,14 +80,27 @@ def report_validation(name: str, counts: dict[str, int], bad_planes: Iterable[st
         )
     if counts["nonfinite_variance"]:
         raise InputError(
-            f"{name}: variance is NaN or infinite at {counts['nonfinite_variance']} "
-            "unmasked pixel(s)"
+            f"{name}: variance is NaN or infinite at "
+            f"{_how_many(counts['nonfinite_variance'], counts['used'])}; variance must be "
+            "finite and strictly positive"
         )
     if counts["nonpositive_variance"]:
         raise InputError(
-            f"{name}: variance is zero or negative at {counts['nonpositive_variance']} "
-            "unmasked pixel(s); variance must be strictly positive"
+            f"{name}: variance is zero or negative at "
+            f"{_how_many(counts['nonpositive_variance'], counts['used'])}; variance must be "
+            "strictly positive"
         )
+
+
+#: Prefix of the :func:`pixel_validation_counts` keys that count the pixels of one plane.
+_MASKED = "masked "
+
+
+def _how_many(n: int, used: int) -> str:
+    """``n`` unmasked pixels, said as all of them when they are (a wrong plane, not a few)."""
+    if n == used:
+        return f"every unmasked pixel ({n} pixels)"
+    return f"{n} unmasked pixel(s)"
 
 
 def _check_real(values: np.ndarray, name: str) -> None:
@@ -266,10 +307,17 @@ class MaskedImage:
         -------
         dict
             ``used`` (pixels not exempt), ``nan_image``, ``nonfinite_variance`` and
-            ``nonpositive_variance`` among the used pixels.
+            ``nonpositive_variance`` among the used pixels; ``usable`` and the
+            ``masked <PLANE>`` counts of :func:`pixel_validation_counts`, for the planes
+            of :func:`unusable_planes`.
         """
+        bad_planes = tuple(bad_planes)
         return pixel_validation_counts(
-            self.image, self.variance, self.mask, self.bitmask(bad_planes)
+            self.image,
+            self.variance,
+            self.mask,
+            self.bitmask(bad_planes),
+            unusable_planes(self.mask_planes, bad_planes),
         )
 
 
@@ -282,10 +330,36 @@ def plane_bits(mask_planes: Mapping[str, int], names: Iterable[str]) -> int:
     return value
 
 
+def unusable_planes(mask_planes: Mapping[str, int], bad_planes: Iterable[str]) -> dict[str, int]:
+    """The planes whose pixels are not used: :data:`UNUSABLE_PLANES` and ``bad_planes``.
+
+    Parameters
+    ----------
+    mask_planes : mapping of str to int
+        The image's mask plane name to bit.
+    bad_planes : iterable of str
+        The planes the run leaves out (NO_DATA and the kernel's ``badMaskPlanes``).
+
+    Returns
+    -------
+    dict of str to int
+        Name to bit of each such plane the image defines (one it lacks masks nothing).
+    """
+    names = dict.fromkeys((*UNUSABLE_PLANES, *bad_planes))
+    return {name: mask_planes[name] for name in names if name in mask_planes}
+
+
 def pixel_validation_counts(
-    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, exempt_bits: int
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    exempt_bits: int,
+    unusable: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """:meth:`MaskedImage.validation_counts` of raw planes in any real dtype.
+
+    Every count is a number of pixels, so the counts of the tiles of an image add up
+    to the image's.
 
     Parameters
     ----------
@@ -293,22 +367,44 @@ def pixel_validation_counts(
         The planes of one region (float32 or float64 pixels, integer mask).
     exempt_bits : int
         Mask bits whose pixels are not checked.
+    unusable : mapping of str to int, optional
+        Planes (name to bit) whose pixels cannot be used (:func:`unusable_planes`);
+        the exempt bits always count as unusable.
+
+    Returns
+    -------
+    dict of str to int
+        ``used`` (pixels not exempt); ``nan_image``, ``nonfinite_variance`` and
+        ``nonpositive_variance`` among them; ``usable`` (pixels in no exempt or
+        unusable plane) and ``masked <PLANE>`` (pixels in that plane) for each plane
+        of ``unusable``.
     """
-    used = (mask & exempt_bits) == 0
-    n_used = int(np.count_nonzero(used))
-    if n_used == used.size:  # no exempt pixel (the usual case): no gathering
+    unusable = dict(unusable or {})
+    unusable_bits = exempt_bits | plane_bits(unusable, unusable.keys())
+    flagged = mask & unusable_bits
+    # No exempt or unusable pixel (the usual case): one pass over the mask.
+    n_usable = mask.size if not flagged.any() else int(np.count_nonzero(flagged == 0))
+    used = None if n_usable == mask.size else (flagged & exempt_bits) == 0
+    n_used = mask.size if used is None else int(np.count_nonzero(used))
+    if n_used == mask.size:  # no exempt pixel: no gathering
         var = variance
         nan_image = image.size - int(np.count_nonzero(np.isfinite(image)))
     else:
         var = variance[used]
         nan_image = int(np.count_nonzero(used & ~np.isfinite(image)))
     finite_var = np.isfinite(var)
-    return {
+    counts = {
         "used": n_used,
         "nan_image": nan_image,
         "nonfinite_variance": var.size - int(np.count_nonzero(finite_var)),
         "nonpositive_variance": int(np.count_nonzero(finite_var & (var <= 0))),
+        "usable": n_usable,
     }
+    for name, bit in unusable.items():
+        # A region with every pixel usable has none in any such plane.
+        in_plane = 0 if n_usable == mask.size else np.count_nonzero(flagged & (1 << bit))
+        counts[_MASKED + name] = int(in_plane)
+    return counts
 
 
 FwhmModel = float | Callable[[float, float], float]

@@ -572,7 +572,8 @@ def ingest(
     Raises
     ------
     InputError
-        If ``source`` is of another type, or unreadable as an image.
+        If ``source`` is of another type, or unreadable as an image (a FITS file or NDData
+        whose variance is unusable at every pixel with data included).
     StoreError
         If the FITS file is missing or the store cannot be written.
     """

@@ -21,6 +21,7 @@ from astropy.table import Table
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
 from diffkernel.align import warp_exposure
+from diffkernel.cli import main
 from diffkernel.config import WarpingConfig
 from diffkernel.errors import (
     ConfigError,
@@ -30,12 +31,12 @@ from diffkernel.errors import (
     SpatialFitError,
     StoreError,
 )
-from diffkernel.fitsio import read_exposure, write_exposure
+from diffkernel.fitsio import from_nddata, read_exposure, write_exposure
 from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.results import ResultWriter
+from diffkernel.results import ResultWriter, result_status
 from diffkernel.simulate import make_pair
-from diffkernel.store import ZarrImage, write_image
+from diffkernel.store import ZarrImage, ingest, write_image
 
 SHAPE = (192, 192)
 
@@ -169,6 +170,47 @@ def test_every_pixel_masked(pair):
         run(pair, science=replaced(pair.science, mask=mask))
 
 
+@pytest.mark.parametrize("which", ["template", "science"])
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_variance_not_positive_anywhere(pair, which, value):
+    """A variance plane zero or negative everywhere is refused as such, not as a few pixels."""
+    bad = replaced(getattr(pair, which), variance=np.full(SHAPE, value))
+    with pytest.raises(
+        InputError,
+        match=rf"{which}: variance is zero or negative at every unmasked pixel \(36864 pixels\)",
+    ):
+        run(pair, **{which: bad})
+
+
+def all_bad(exposure: Exposure, other: str | None = None) -> MaskedImage:
+    """The exposure's masked image flagged BAD everywhere; ``other`` on its first 20 columns."""
+    mi = exposure.masked_image.copy()
+    mi.set_plane("BAD", np.ones(SHAPE, dtype=bool))
+    if other is not None:
+        mi.set_plane(other, np.arange(SHAPE[1]) < 20)
+    return mi
+
+
+@pytest.mark.parametrize("which", ["template", "science"])
+@pytest.mark.parametrize(
+    "other, planes", [(None, "BAD"), ("NO_DATA", "BAD or NO_DATA"), ("SAT", "BAD or SAT")]
+)
+def test_every_pixel_bad(pair, which, other, planes):
+    """An image with no pixel outside BAD and the bad planes is refused, naming its planes.
+
+    BAD pixels are used unless badMaskPlanes says otherwise, but an image that is BAD
+    everywhere leaves nothing to subtract (its difference was published, all BAD).
+    """
+    with pytest.raises(
+        InputError, match=rf"^{which}: every pixel is masked {planes}: nothing to subtract; "
+    ):
+        run(pair, **{which: all_bad(getattr(pair, which), other)})
+    # One row left unflagged is enough to go on.
+    mi = all_bad(getattr(pair, which), other)
+    mi.mask[100] = 0
+    mi.validate(which, ("NO_DATA", "EDGE", "SAT"))
+
+
 def test_variance_shape_differs(pair):
     """A variance plane of another shape is refused, with both shapes."""
     with pytest.raises(
@@ -274,6 +316,44 @@ def test_fits_missing(tmp_path):
     """A FITS path that does not exist is a StoreError naming it."""
     with pytest.raises(StoreError, match=r"missing\.fits' does not exist"):
         read_exposure(tmp_path / "missing.fits")
+
+
+@pytest.mark.parametrize("value", [-1.0, np.nan])
+def test_fits_variance_unusable_everywhere(tmp_path, pair, value):
+    """A stored exposure whose variance is unusable at every pixel is refused on reading.
+
+    A few such pixels are flagged NO_DATA; all of them were too, and the image was then
+    refused as "every pixel is masked", which hid the variance.
+    """
+    variance = pair.science.masked_image.variance.copy()
+    variance[3:5, 7] = value
+    path = tmp_path / "science.fits"
+    write_exposure(path, Exposure(replaced(pair.science, variance=variance)))
+    assert read_exposure(path).masked_image.plane("NO_DATA").sum() == 2
+    write_exposure(
+        path, Exposure(replaced(pair.science, variance=np.full(SHAPE, value))), overwrite=True
+    )
+    kind = "negative" if value < 0 else "NaN or infinite"
+    message = (
+        rf"science\.fits': variance is {kind} at every pixel with data \(36864 pixels\); "
+        "its VARIANCE extension must hold strictly positive variances$"
+    )
+    with pytest.raises(InputError, match=message):
+        read_exposure(path)
+    with pytest.raises(InputError, match=message):
+        ingest(path, tmp_path / "science.zarr")
+    assert not list(tmp_path.glob("science.zarr*"))
+
+
+def test_nddata_variance_negative_everywhere(pair):
+    """An NDData whose uncertainty gives no positive variance anywhere is refused as such."""
+    from astropy.nddata import NDData, VarianceUncertainty
+
+    nd = NDData(pair.science.masked_image.image, uncertainty=VarianceUncertainty(-np.ones(SHAPE)))
+    with pytest.raises(
+        InputError, match=r"NDData: variance is negative at every pixel with data \(36864 pixels\)"
+    ):
+        from_nddata(nd)
 
 
 # --- Zarr image groups -------------------------------------------------------------------
@@ -627,6 +707,74 @@ def test_run_pair_input_not_a_store(tmp_path, stores):
         run_pair(science, tmp_path / "plain", tmp_path / "diff.zarr", client=NoCluster())
 
 
+# --- bad pixels through the Dask service and the command line -------------------------
+
+
+def spoiled(pair, which: str, spoil: str) -> Exposure:
+    """The pair's ``which`` exposure with variance -1 everywhere, or every pixel BAD."""
+    exposure = getattr(pair, which)
+    if spoil == "negative variance":
+        return Exposure(replaced(exposure, variance=np.full(SHAPE, -1.0)))
+    return Exposure(all_bad(exposure, "NO_DATA"))
+
+
+@pytest.mark.parametrize("which", ["template", "science"])
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        ("negative variance", "variance is zero or negative at every unmasked pixel "),
+        ("every pixel BAD", "every pixel is masked BAD or NO_DATA: nothing to subtract; "),
+    ],
+    ids=["negative-variance", "every-pixel-bad"],
+)
+def test_run_pair_refuses_bad_pixels_everywhere(
+    tmp_path, monkeypatch, pair, client, which, spoil, message
+):
+    """The check stage, adding up the counts of its tiles, refuses what MakeKernelTask does."""
+    # Nine check tiles per image (the driver draws the grid), NO_DATA in only three of them.
+    monkeypatch.setattr("diffkernel.graph.CHECK_TILE", 64)
+    inputs = {"template": pair.template, "science": pair.science}
+    inputs[which] = spoiled(pair, which, spoil)
+    for name, exposure in inputs.items():
+        write_image(tmp_path / "pair.zarr", exposure, group=name, chunks=64)
+    out = tmp_path / "diff.zarr"
+    with pytest.raises(InputError, match=f"^{which}: {message}"):
+        run_pair(
+            (tmp_path / "pair.zarr", "science"),
+            (tmp_path / "pair.zarr", "template"),
+            out,
+            client=client,
+            sources=pair.truth.sources,
+        )
+    assert result_status(out) == "missing"
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        ("negative variance", r"science\.fits': variance is negative at every pixel with data "),
+        ("every pixel BAD", "science: every pixel is masked BAD or NO_DATA: nothing to subtract; "),
+    ],
+    ids=["negative-variance", "every-pixel-bad"],
+)
+def test_cli_subtract_refuses_bad_pixels_everywhere(tmp_path, pair, client, capsys, spoil, message):
+    """``diffkernel subtract`` of such a FITS science image: one line, exit 2, no output."""
+    science, template = tmp_path / "science.fits", tmp_path / "template.fits"
+    write_exposure(science, spoiled(pair, "science", spoil))
+    write_exposure(template, pair.template)
+    pair.truth.sources.write(tmp_path / "sources.ecsv")
+    out = tmp_path / "diff.zarr"
+    args = [
+        "subtract", str(science), str(template), "--out", str(out),
+        "--sources", str(tmp_path / "sources.ecsv"), "--chunks", "64",
+        "--scheduler", client.scheduler.address, "--quiet",
+    ]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^diffkernel subtract: error: .*{message}", err) and err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob(".diff.zarr*"))
+
+
 # --- the subtraction's arguments ---------------------------------------------------------
 
 
@@ -678,12 +826,30 @@ def test_pixel_validation_counts(with_exempt, dtype):
     if with_exempt:
         mask[rng.random((40, 50)) < 0.3] = 1 << 3
     mask[rng.random((40, 50)) < 0.1] |= 1 << 1  # a bit that is not exempt
+    mask[rng.random((40, 50)) < 0.2] |= 1 << 0  # unusable (BAD), though not exempt
     used = (mask & (1 << 3)) == 0
     expected = {
         "used": int(used.sum()),
         "nan_image": int((used & np.isnan(image)).sum()),
         "nonfinite_variance": int((used & ~np.isfinite(variance)).sum()),
         "nonpositive_variance": int((used & np.isfinite(variance) & (variance <= 0)).sum()),
+        "usable": int((used & ((mask & 1) == 0)).sum()),
+        "masked BAD": int((mask & 1).astype(bool).sum()),
+        "masked NO_DATA": int((mask & 8).astype(bool).sum()),
     }
-    assert pixel_validation_counts(image, variance, mask, 1 << 3) == expected
-    assert all(expected[k] > 0 for k in expected)
+    unusable = {"BAD": 0, "NO_DATA": 3}
+    assert pixel_validation_counts(image, variance, mask, 1 << 3, unusable) == expected
+    assert all(expected[k] > 0 for k in expected if k != "masked NO_DATA" or with_exempt)
+    # Counts of tiles add up to the image's (how the Dask check stage combines them).
+    tiles = [
+        pixel_validation_counts(
+            image[y : y + 16, x : x + 16],
+            variance[y : y + 16, x : x + 16],
+            mask[y : y + 16, x : x + 16],
+            1 << 3,
+            unusable,
+        )
+        for y in range(0, 40, 16)
+        for x in range(0, 50, 16)
+    ]
+    assert {k: sum(t[k] for t in tiles) for k in expected} == expected
