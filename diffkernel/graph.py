@@ -815,7 +815,13 @@ class _Run:
         provenance = _provenance(self.science, self.template, checksums)
         provenance.update(getattr(self, "extra_provenance", {}))
         path = self.writer.finalize(
-            None, None, self.meta, self.cfg.to_dict(), provenance, quality=quality
+            None,
+            None,
+            self.meta,
+            self.cfg.to_dict(),
+            provenance,
+            quality=quality,
+            z_histograms=histograms,
         )
         return path, dict(self.timings), summary
 

@@ -208,6 +208,7 @@ class ResultWriter:
         config: Mapping[str, Any],
         provenance: Mapping[str, Any],
         quality: Mapping[str, Any] | None = None,
+        z_histograms: np.ndarray | None = None,
     ) -> Path:
         """Write the solution, candidates and attributes, mark complete and publish.
 
@@ -223,6 +224,10 @@ class ResultWriter:
         quality : mapping, optional
             The quality verdict (:func:`diffkernel.quality.assess`), root attribute
             ``quality``.
+        z_histograms : numpy.ndarray, optional
+            ``(2, n_bins)`` counts of difference / sigma on the sky and on the
+            candidates' footprints (:func:`diffkernel.quality.difference_histograms`),
+            the array ``z_histograms``.
 
         Returns
         -------
@@ -254,6 +259,8 @@ class ResultWriter:
             )
         if given:
             self.write_fit(solution, candidates)
+        if z_histograms is not None:
+            _write_small_array(root, "z_histograms", np.asarray(z_histograms, dtype=np.int64))
         root.attrs.update(
             {
                 "metadata": json_safe(metadata),
@@ -409,6 +416,9 @@ class ResultStore:
     quality : dict
         The quality verdict (``verdict``, ``reasons``, ``checks``, ``metrics``); empty
         for stores written before verdicts existed.
+    z_histograms : numpy.ndarray or None
+        ``(2, n_bins)`` counts of difference / sigma on the sky and on the candidates'
+        footprints in :data:`diffkernel.quality.Z_BINS`; None in older stores.
     """
 
     path: Path
@@ -419,6 +429,7 @@ class ResultStore:
     config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
+    z_histograms: np.ndarray | None = None
 
 
 def open_result(path: PathLike) -> ResultStore:
@@ -459,6 +470,7 @@ def open_result(path: PathLike) -> ResultStore:
         config=attrs.get("config") or {},
         provenance=attrs.get("provenance") or {},
         quality=attrs.get("quality") or {},
+        z_histograms=np.asarray(root["z_histograms"][...]) if "z_histograms" in root else None,
     )
 
 

@@ -260,7 +260,8 @@ def subtract_images(
     Notes
     -----
     ``result.quality`` is replaced by the verdict on the fit and on this difference
-    image (:func:`diffkernel.quality.assess`): its sky and the candidates' footprints.
+    image (:func:`diffkernel.quality.assess`): its sky and the candidates' footprints,
+    whose histograms are ``result.differenceHistograms``.
     """
     if isinstance(tile_size, bool) or not isinstance(tile_size, int | np.integer) or tile_size < 1:
         raise InputError(f"tile_size must be a positive integer (pixels), got {tile_size!r}")
@@ -291,6 +292,7 @@ def subtract_images(
                 d = -d
             diff[y0:y1, x0:x1], var[y0:y1, x0:x1], mask[y0:y1, x0:x1] = d, v, m
             histograms += difference_histograms(d, v, m, (y0, x0), xc, yc, radius)
+    result.differenceHistograms = histograms
     config = getattr(result, "config", None)
     if config is not None:
         result.quality = assess(

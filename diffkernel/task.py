@@ -148,6 +148,10 @@ class MakeKernelResult:
         difference image's statistics to it.
     config : MakeKernelConfig or None
         The configuration of the fit.
+    differenceHistograms : numpy.ndarray or None
+        ``(2, n_bins)`` counts of difference / sigma on the sky and on the candidates'
+        footprints (:func:`diffkernel.quality.difference_histograms`), set by
+        :func:`diffkernel.subtract_images`.
     """
 
     psfMatchingKernel: SpatialKernel
@@ -161,6 +165,7 @@ class MakeKernelResult:
     mode: str = "convolveTemplate"
     quality: dict = field(default_factory=dict)
     config: MakeKernelConfig | None = None
+    differenceHistograms: np.ndarray | None = None
 
 
 def _check_pair(template: Exposure, science: Exposure, bad_planes: tuple[str, ...]) -> None:
