@@ -14,13 +14,13 @@ For each size, besides the two runs, the same pair is measured with references i
 same run: the "limit" (in a warmed-up process: read both images from Zarr, convolve
 the whole template with one 21x21 kernel by FFT, write the difference to Zarr: the
 least work any subtraction must do; measured twice, with zarr's own ``array[:]`` reads
-and writes and with the whole-chunk I/O of :mod:`diffkernel.chunkio` that diffkernel's
+and writes and with the whole-chunk I/O of :mod:`diffkernel.io.zarr.chunkio` that diffkernel's
 tasks use, which is the stricter reference), HOTPANTS when a ``hotpants`` executable
 is on PATH, and SFFT when the ``sfft`` package is installed (each skipped with a note
 otherwise).
 
 A simulated pair (coadd-depth template, float32 pixels, sources given) is written
-to a Zarr store once; then :func:`diffkernel.graph.run_pair` processes it on a
+to a Zarr store once; then :func:`diffkernel.pipeline.dask.driver.run_pair` processes it on a
 LocalCluster of one worker process and on one of two, each single-threaded. The
 table gives the wall time of each stage (workers already started and warmed up
 with the package imported; the check runs alongside the cells, so its column is the
@@ -65,8 +65,8 @@ def peak_rss_gb() -> float:
 
 def make_store(n: int, path: Path):
     from diffkernel.image import Exposure, MaskedImage
+    from diffkernel.io.zarr.store import write_image
     from diffkernel.simulate import make_pair
-    from diffkernel.store import write_image
 
     pair = make_pair((n, n), seed=42, template_depth=4)
     exposures = {}
@@ -88,7 +88,7 @@ import sys, time, numpy as np, zarr
 from scipy.signal import fftconvolve
 store, out, rounds, io = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 if io == "direct":  # the chunk I/O diffkernel itself uses
-    from diffkernel.chunkio import direct_chunks
+    from diffkernel.io.zarr.chunkio import direct_chunks
 k = np.exp(-0.5 * (np.arange(-10, 11) / 2.0) ** 2)
 kernel = np.outer(k, k) / np.outer(k, k).sum()
 
@@ -127,7 +127,7 @@ def limit_seconds(store: Path, tmp: Path, rounds: int, io: str = "zarr") -> list
     work once: a fresh process's first big allocations wait for the kernel to find
     (huge) pages, which on this machine makes a cold run vary from 0.9 to 2.5 s.
     ``io`` is ``"zarr"`` (``array[:]`` both ways) or ``"direct"`` (the whole-chunk I/O
-    of :mod:`diffkernel.chunkio`, which diffkernel's own tasks use).
+    of :mod:`diffkernel.io.zarr.chunkio`, which diffkernel's own tasks use).
     """
     proc = subprocess.run(
         [sys.executable, "-c", LIMIT, str(store), str(tmp / "limit.zarr"), str(rounds), io],
@@ -194,7 +194,7 @@ def sfft_note() -> str:
 
 
 def _warm_up() -> None:
-    import diffkernel.graph  # noqa: F401
+    import diffkernel.pipeline.dask.driver  # noqa: F401
 
 
 def measure(path: Path, tmp: Path, sources, repeats: int, device: str = "cpu") -> dict:
@@ -204,8 +204,8 @@ def measure(path: Path, tmp: Path, sources, repeats: int, device: str = "cpu") -
     the run with the median wall and the workers' peak memory.
     """
     from diffkernel import MakeKernelConfig
-    from diffkernel.graph import connect, run_pair
-    from diffkernel.store import clear_chunk_cache
+    from diffkernel.io.zarr.store import clear_chunk_cache
+    from diffkernel.pipeline.dask.driver import connect, run_pair
 
     cfg = MakeKernelConfig()
     cfg.kernel.active.fitForBackground = True

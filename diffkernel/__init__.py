@@ -14,8 +14,8 @@ from .errors import (
     StoreError,
 )
 from .image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
-from .subtract import subtract_images
-from .task import MakeKernelResult, MakeKernelTask
+from .kernel.subtract import subtract_images
+from .pipeline.serial import MakeKernelResult, MakeKernelTask
 
 __version__ = "0.1.0"
 

@@ -148,7 +148,7 @@ def fingerprint(spec: PairSpec, config: MakeKernelConfig) -> str:
 
 
 def _is_current(output: Path, print_: str) -> bool:
-    from .results import open_result, result_status
+    from .io.zarr.results import open_result, result_status
 
     if result_status(output) != "complete":
         return False
@@ -195,15 +195,15 @@ def _run_one(
 
     from astropy.table import Table
 
-    from .graph import run_pair
-    from .store import open_input
+    from .io.zarr.store import open_input
+    from .pipeline.dask.driver import run_pair
 
     if stop.is_set():
         return
     started = time.perf_counter()
     print_ = fingerprint(spec, config)
     if _is_current(spec.output, print_):
-        from .results import open_result
+        from .io.zarr.results import open_result
 
         verdict = open_result(spec.output).quality.get("verdict")
         book.update(status, state="skipped", fingerprint=print_, seconds=0.0, quality=verdict)
@@ -272,7 +272,7 @@ def run_batch(
         One configuration for every pair; default
         :meth:`~diffkernel.config.MakeKernelConfig.default_subtraction`.
     client, scheduler, n_workers
-        Where to run (see :func:`diffkernel.graph.connect`).
+        Where to run (see :func:`diffkernel.pipeline.dask.driver.connect`).
     concurrent : int
         Pairs in flight at once (their tasks share the cluster).
     chunks : int
@@ -283,7 +283,7 @@ def run_batch(
     list of PairStatus
         One per manifest row. Failed pairs carry their error; the batch goes on.
     """
-    from .graph import connect
+    from .pipeline.dask.driver import connect
 
     cfg = MakeKernelConfig.default_subtraction() if config is None else config
     cfg.validate()

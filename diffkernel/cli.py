@@ -42,11 +42,11 @@ def _float32(exposure):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .fitsio import write_exposure
-    from .graph import run_pair
     from .image import Exposure
+    from .io.fits import write_exposure
+    from .io.zarr.store import write_image
+    from .pipeline.dask.driver import run_pair
     from .simulate import make_pair
-    from .store import write_image
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,8 +73,8 @@ def _demo(args: argparse.Namespace) -> int:
         out / "difference.fits", Exposure(diff, wcs=result.difference.wcs), overwrite=True
     )
     result.candidates.write(out / "candidates.ecsv", overwrite=True)
+    from .io.zarr.store import ZarrImage
     from .plots import write_plots
-    from .store import ZarrImage
 
     plots = write_plots(
         result,
@@ -112,7 +112,7 @@ def _load_config(path: str | None):
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from .store import ingest
+    from .io.zarr.store import ingest
 
     image = ingest(args.input, args.output, chunks=args.chunks, overwrite=args.overwrite)
     print(
@@ -128,10 +128,10 @@ def _subtract(args: argparse.Namespace) -> int:
 
     from astropy.table import Table
 
-    from .fitsio import write_exposure
-    from .graph import run_pair
     from .image import Exposure
-    from .store import open_input
+    from .io.fits import write_exposure
+    from .io.zarr.store import open_input
+    from .pipeline.dask.driver import run_pair
 
     cfg = _load_config(args.config)
     out = Path(args.out)
@@ -180,7 +180,7 @@ def _subtract(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .results import open_result, result_status
+    from .io.zarr.results import open_result, result_status
 
     status = result_status(args.store)
     if status != "complete":

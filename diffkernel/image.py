@@ -460,5 +460,5 @@ def as_exposure(data: MaskedImage | Exposure, name: str) -> Exposure:
         return Exposure(data)
     raise InputError(
         f"{name} must be a diffkernel Exposure or MaskedImage, got {type(data).__name__}; "
-        "use diffkernel.fitsio.read_exposure or MaskedImage.from_image to build one"
+        "use diffkernel.io.fits.read_exposure or MaskedImage.from_image to build one"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from .spatial import SpatialSolution
+from .kernel.spatial import SpatialSolution
 
 __all__ = [
     "plot_candidates",
@@ -223,7 +223,7 @@ def write_plots(
     Parameters
     ----------
     result : ResultStore
-        A published result (:func:`diffkernel.results.open_result`).
+        A published result (:func:`diffkernel.io.zarr.results.open_result`).
     out_dir : path
         Folder for the PNGs (created).
     template, science : ZarrImage, optional
@@ -258,7 +258,7 @@ def write_plots(
         ),  # fmt: skip
     }
     try:
-        from .store import ZarrImage
+        from .io.zarr.store import ZarrImage
 
         template = ZarrImage.open(result.path, "aligned_template")
     except Exception:  # no alignment was done: the input template is the one

@@ -15,7 +15,7 @@ The checks, each a function below, and what they catch:
   but the stars' local skies show one. The kernel sum then absorbs the ratio of the
   skies instead of the stars' flux ratio (raw frames with their sky still in).
 * ``kernel_sum``: the fitted kernel sum at the candidates disagrees with the flux
-  ratio the stars themselves show (:mod:`diffkernel.photometry`), which does not
+  ratio the stars themselves show (:mod:`diffkernel.kernel.photometry`), which does not
   depend on the fit.
 * ``rejections``: most fitted candidates were rejected by the clipping stages.
 * ``candidate_residuals``: the good candidates' residuals (in sigma of the
@@ -460,7 +460,7 @@ def assess(
     Parameters
     ----------
     table : astropy.table.Table
-        The candidate table (:func:`diffkernel.cells.candidate_table`).
+        The candidate table (:func:`diffkernel.kernel.cells.candidate_table`).
     metadata : dict
         The solve's metadata (rejections per stage, notes, orders used).
     solution : SpatialSolution

@@ -1,4 +1,4 @@
-"""Tests of diffkernel.align: tiled warping equals one whole-image reproject."""
+"""Tests of diffkernel.prep.align: tiled warping equals one whole-image reproject."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from reproject import reproject_interp
 
-from diffkernel import align
 from diffkernel.config import WarpingConfig
 from diffkernel.errors import InputError
 from diffkernel.image import Exposure, MaskedImage
+from diffkernel.prep import align
 from diffkernel.simulate import make_pair
 
 

@@ -1,13 +1,13 @@
-"""Tests of diffkernel.background: the mesh background under stars."""
+"""Tests of diffkernel.prep.background: the mesh background under stars."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diffkernel.background import mesh_background
 from diffkernel.config import AfwBackgroundConfig
 from diffkernel.image import MaskedImage
+from diffkernel.prep.background import mesh_background
 
 NY, NX = 192, 256
 

@@ -20,7 +20,6 @@ import zarr
 from astropy.table import Table
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
-from diffkernel.align import warp_exposure
 from diffkernel.cli import main
 from diffkernel.config import WarpingConfig
 from diffkernel.errors import (
@@ -31,12 +30,13 @@ from diffkernel.errors import (
     SpatialFitError,
     StoreError,
 )
-from diffkernel.fitsio import from_nddata, read_exposure, write_exposure
-from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.results import ResultWriter, result_status
+from diffkernel.io.fits import from_nddata, read_exposure, write_exposure
+from diffkernel.io.zarr.results import ResultWriter, result_status
+from diffkernel.io.zarr.store import ZarrImage, ingest, write_image
+from diffkernel.pipeline.dask.driver import run_pair
+from diffkernel.prep.align import warp_exposure
 from diffkernel.simulate import make_pair
-from diffkernel.store import ZarrImage, ingest, write_image
 
 SHAPE = (192, 192)
 
@@ -732,7 +732,7 @@ def test_run_pair_refuses_bad_pixels_everywhere(
 ):
     """The check stage, adding up the counts of its tiles, refuses what MakeKernelTask does."""
     # Nine check tiles per image (the driver draws the grid), NO_DATA in only three of them.
-    monkeypatch.setattr("diffkernel.graph.CHECK_TILE", 64)
+    monkeypatch.setattr("diffkernel.pipeline.dask.driver.CHECK_TILE", 64)
     inputs = {"template": pair.template, "science": pair.science}
     inputs[which] = spoiled(pair, which, spoil)
     for name, exposure in inputs.items():

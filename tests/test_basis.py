@@ -1,11 +1,14 @@
-"""Tests of diffkernel.basis: Alard-Lupton and delta-function bases, regularization, sizing."""
+"""Tests of diffkernel.kernel.basis: Alard-Lupton and delta-function bases,
+regularization, sizing."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diffkernel.basis import (
+from diffkernel.config import PsfMatchConfigAL, PsfMatchConfigDF
+from diffkernel.errors import ConfigError
+from diffkernel.kernel.basis import (
     SIGMA_TO_FWHM,
     al_sigmas_for_fwhm,
     alard_lupton_basis,
@@ -15,8 +18,6 @@ from diffkernel.basis import (
     regularization_matrix,
     renormalize,
 )
-from diffkernel.config import PsfMatchConfigAL, PsfMatchConfigDF
-from diffkernel.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 from diffkernel import MakeKernelConfig
 from diffkernel.batch import STATUS_FILE, read_manifest, run_batch
 from diffkernel.errors import InputError
-from diffkernel.fitsio import write_exposure
-from diffkernel.results import open_result, result_status
+from diffkernel.io.fits import write_exposure
+from diffkernel.io.zarr.results import open_result, result_status
 from diffkernel.simulate import make_pair
 
 distributed = pytest.importorskip("distributed")

@@ -1,4 +1,4 @@
-"""Tests of diffkernel.candidate: stamp convolutions and sufficient statistics."""
+"""Tests of diffkernel.kernel.candidate: stamp convolutions and sufficient statistics."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from scipy.signal import convolve2d
 
-from diffkernel.basis import (
+from diffkernel.image import MaskedImage
+from diffkernel.kernel.basis import (
     KernelBasis,
     alard_lupton_basis,
     delta_function_basis,
     derive_basis,
 )
-from diffkernel.candidate import (
+from diffkernel.kernel.candidate import (
     CandidateStats,
     StampBatch,
     compute_stats,
@@ -22,7 +23,6 @@ from diffkernel.candidate import (
     cut_stamps,
     local_background_columns,
 )
-from diffkernel.image import MaskedImage
 
 K = 7
 S = 9

@@ -1,4 +1,4 @@
-"""Tests of diffkernel.cells: merging cell results does not change the reduction."""
+"""Tests of diffkernel.kernel.cells: merging cell results does not change the reduction."""
 
 from __future__ import annotations
 
@@ -6,10 +6,16 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from diffkernel import MakeKernelConfig
-from diffkernel.basis import basis_from_config
-from diffkernel.cells import CellResult, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
+from diffkernel.kernel.basis import basis_from_config
+from diffkernel.kernel.cells import (
+    CellResult,
+    InMemoryPair,
+    SourcePlacement,
+    fit_cell,
+    reduce_cells,
+)
+from diffkernel.pipeline.serial import make_cell_plan
 from diffkernel.simulate import make_pair
-from diffkernel.task import make_cell_plan
 
 
 def _fitted_cells(seed: int, **kernel):
@@ -63,7 +69,7 @@ def test_single_fits_made_per_cell_equal_those_of_the_whole_set():
     """The cells' single-kernel fits are those solve makes on all candidates at once."""
     import dataclasses
 
-    from diffkernel.solve import CandidateSet, solve
+    from diffkernel.kernel.solve import CandidateSet, solve
 
     plan, placement, basis, shape, per_cell = _fitted_cells(8, calculateKernelUncertainty=True)
     kcfg = plan.kernel_config

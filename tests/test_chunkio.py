@@ -1,4 +1,4 @@
-"""Direct chunk decoding and encoding (diffkernel.chunkio) against zarr's own."""
+"""Direct chunk decoding and encoding (diffkernel.io.zarr.chunkio) against zarr's own."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, TransposeCodec, ZstdCodec
 
-from diffkernel.chunkio import direct_chunks
 from diffkernel.errors import StoreError
-from diffkernel.store import clear_chunk_cache
+from diffkernel.io.zarr.chunkio import direct_chunks
+from diffkernel.io.zarr.store import clear_chunk_cache
 
 
 def _array(tmp_path, values, name="a", chunks=(16, 16), fill_value=0, **kwargs):
@@ -181,8 +181,8 @@ def test_damaged_chunk_is_an_error_naming_it(tmp_path, damage, compressors):
 
 def test_zarr_image_reads_through_it(tmp_path):
     """ZarrImage's direct and cached reads use the chunk reader and equal zarr's values."""
+    from diffkernel.io.zarr.store import write_image
     from diffkernel.simulate import make_pair
-    from diffkernel.store import write_image
 
     pair = make_pair((70, 90), seed=3, n_stars=5)
     image = write_image(tmp_path / "img.zarr", pair.science, chunks=32)
@@ -201,8 +201,8 @@ def test_rewritten_group_is_read_afresh(tmp_path):
     """Opened arrays are kept per process by the group's uid: a rewrite is not read stale."""
     import pickle
 
+    from diffkernel.io.zarr.store import ZarrImage, write_image
     from diffkernel.simulate import make_pair
-    from diffkernel.store import ZarrImage, write_image
 
     first = make_pair((64, 64), seed=1, n_stars=3).science
     second = make_pair((48, 80), seed=2, n_stars=3).science

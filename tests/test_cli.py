@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from diffkernel.cli import main
-from diffkernel.results import open_result
+from diffkernel.io.zarr.results import open_result
 
 
 def test_demo_writes_a_zarr_result_and_summary(tmp_path, capsys):
@@ -34,7 +34,7 @@ def test_demo_writes_a_zarr_result_and_summary(tmp_path, capsys):
 
 
 def _fits_pair(tmp_path):
-    from diffkernel.fitsio import write_exposure
+    from diffkernel.io.fits import write_exposure
     from diffkernel.simulate import make_pair
 
     pair = make_pair((256, 256), seed=12, template_depth=4, wcs=True)
@@ -48,7 +48,7 @@ def _fits_pair(tmp_path):
 
 def test_ingest_subtract_inspect(tmp_path, capsys):
     """FITS and Zarr inputs, a config file, FITS output, and the inspect summary."""
-    from diffkernel.fitsio import read_exposure
+    from diffkernel.io.fits import read_exposure
 
     science, template, sources = _fits_pair(tmp_path)
     assert main(["ingest", str(template), str(tmp_path / "t.zarr"), "--chunks", "64"]) == 0
@@ -89,7 +89,7 @@ def test_inspect_reports_an_incomplete_store(tmp_path, capsys):
     """A store whose run never finished is reported INCOMPLETE with exit status 1."""
     import shutil
 
-    from diffkernel.results import ResultWriter
+    from diffkernel.io.zarr.results import ResultWriter
 
     writer = ResultWriter(tmp_path / "out.zarr")
     shutil.move(writer.partial_path, tmp_path / "out.zarr")  # as a crash mid-rename would
@@ -132,8 +132,8 @@ def test_gpu_device_without_cupy_is_one_clear_line(tmp_path, capsys):
 
 def test_plots_of_a_result(tmp_path):
     """write_plots draws every debug display of a demo result as a non-empty PNG."""
+    from diffkernel.io.zarr.store import ZarrImage
     from diffkernel.plots import write_plots
-    from diffkernel.store import ZarrImage
 
     out = tmp_path / "demo"
     assert main(["demo", "--size", "320", "--out", str(out), "--workers", "1", "--quiet"]) == 0
@@ -154,7 +154,7 @@ def test_plots_of_a_result(tmp_path):
 
 def _raw_sky_fits_pair(tmp_path):
     """FITS files of a pair whose frames hold different skies (1000 and 1300 ADU)."""
-    from diffkernel.fitsio import write_exposure
+    from diffkernel.io.fits import write_exposure
     from diffkernel.simulate import make_pair
 
     pair = make_pair(
@@ -169,7 +169,7 @@ def _raw_sky_fits_pair(tmp_path):
 def test_subtract_defaults_are_right_and_a_failed_verdict_exits_3(tmp_path, capsys):
     """No config: a fitted background and a pass. fitForBackground off: exit 3, the
     result still written and marked fail, in the store and the FITS header."""
-    from diffkernel.fitsio import read_exposure
+    from diffkernel.io.fits import read_exposure
 
     science, template = _raw_sky_fits_pair(tmp_path)
     common = ["--workers", "1", "--quiet"]

@@ -1,11 +1,11 @@
-"""Tests of diffkernel.clipping: robust statistics and the candidate rejection rules."""
+"""Tests of diffkernel.kernel.clipping: robust statistics and the candidate rejection rules."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diffkernel.clipping import clipped_mean_std, kernel_sum_outliers, residual_failures
+from diffkernel.kernel.clipping import clipped_mean_std, kernel_sum_outliers, residual_failures
 
 
 def test_clipped_mean_std_clean_data():

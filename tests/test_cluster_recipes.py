@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from diffkernel.fitsio import write_exposure
-from diffkernel.results import open_result
+from diffkernel.io.fits import write_exposure
+from diffkernel.io.zarr.results import open_result
 from diffkernel.simulate import make_pair
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""Tests of diffkernel.convolve: FFT convolutions, mask spreading, spatially varying kernels."""
+"""Tests of diffkernel.kernel.convolve: FFT convolutions, mask spreading, spatially
+varying kernels."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.signal import convolve2d
 
-from diffkernel.basis import alard_lupton_basis
-from diffkernel.convolve import (
+from diffkernel.kernel.basis import alard_lupton_basis
+from diffkernel.kernel.convolve import (
     convolve_region,
     convolve_valid,
     spatial_term_kernels,
@@ -15,7 +16,7 @@ from diffkernel.convolve import (
     variance_model,
     window,
 )
-from diffkernel.spatial import SpatialFunctions, SpatialSolution
+from diffkernel.kernel.spatial import SpatialFunctions, SpatialSolution
 
 
 @pytest.mark.parametrize("shape, k", [((30, 41), 5), ((17, 17), 7), ((64, 33), 3)])
@@ -274,7 +275,7 @@ def test_variance_at_a_star_follows_a_strongly_varying_kernel():
 
 def test_blocked_convolution_equals_one_block(scene, monkeypatch):
     """Convolving a region in blocks (FFT_BLOCK) gives what one FFT over it gives."""
-    import diffkernel.convolve as convolve
+    import diffkernel.kernel.convolve as convolve
 
     image, variance, mask = scene
     sol = random_solution(seed=59)

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
-from diffkernel.basis import alard_lupton_basis
-from diffkernel.convolve import convolve_region, window
-from diffkernel.device import array_backend
 from diffkernel.errors import ConfigError
+from diffkernel.kernel.basis import alard_lupton_basis
+from diffkernel.kernel.convolve import convolve_region, window
+from diffkernel.kernel.device import array_backend
+from diffkernel.kernel.spatial import SpatialFunctions, SpatialSolution
 from diffkernel.simulate import make_pair
-from diffkernel.spatial import SpatialFunctions, SpatialSolution
 
 
 class DeviceArray(np.ndarray):
@@ -54,7 +54,7 @@ def _host_only(values):
 
 
 def fake_cupy(device_count: int = 1) -> types.ModuleType:
-    """A module with the part of CuPy's interface diffkernel.device uses."""
+    """A module with the part of CuPy's interface diffkernel.kernel.device uses."""
     module = types.ModuleType("cupy")
     module.asarray = lambda values: _device(np.array(values))
     module.asnumpy = lambda values: np.array(_host_only(values))
@@ -190,8 +190,8 @@ def test_real_cupy_matches_the_cpu():  # pragma: no cover - needs a CUDA GPU
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
 def test_run_pair_on_a_missing_gpu_fails_before_any_output(tmp_path, client):
     """run_pair(device='gpu') asks every worker first and writes nothing without a GPU."""
-    from diffkernel.graph import run_pair
-    from diffkernel.store import write_image
+    from diffkernel.io.zarr.store import write_image
+    from diffkernel.pipeline.dask.driver import run_pair
 
     pair = make_pair((128, 128), seed=66)
     store = tmp_path / "pair.zarr"

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from diffkernel import MakeKernelConfig
-from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.results import open_result, result_status
+from diffkernel.io.zarr.results import open_result, result_status
+from diffkernel.io.zarr.store import write_image
+from diffkernel.pipeline.dask.driver import run_pair
 from diffkernel.simulate import make_pair
-from diffkernel.store import write_image
 
 distributed = pytest.importorskip("distributed")
 
@@ -152,7 +152,7 @@ CHILD = textwrap.dedent(
     from astropy.table import Table
     from distributed import Client, LocalCluster
     from diffkernel import MakeKernelConfig
-    from diffkernel.graph import run_pair
+    from diffkernel.pipeline.dask.driver import run_pair
 
     store, out, sources = sys.argv[1], sys.argv[2], Table.read(sys.argv[3])
     cfg = MakeKernelConfig()

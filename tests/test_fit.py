@@ -1,4 +1,5 @@
-"""Tests of diffkernel.fit: single-kernel solves, conditioning and regularization strength."""
+"""Tests of diffkernel.kernel.fit: single-kernel solves, conditioning and
+regularization strength."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 from scipy.signal import convolve2d
 
-from diffkernel.basis import alard_lupton_basis, delta_function_basis, regularization_matrix
-from diffkernel.candidate import compute_stats, convolve_stamps
 from diffkernel.config import PsfMatchConfigAL, PsfMatchConfigDF
-from diffkernel.fit import condition_numbers, fit_single_kernels, lambda_grid, solve_spd
+from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis, regularization_matrix
+from diffkernel.kernel.candidate import compute_stats, convolve_stamps
+from diffkernel.kernel.fit import condition_numbers, fit_single_kernels, lambda_grid, solve_spd
 
 K = 11
 S = 21

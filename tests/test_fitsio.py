@@ -1,4 +1,4 @@
-"""Tests of diffkernel.fitsio: FITS round trips, atomic writes, errors, NDData, real files."""
+"""Tests of diffkernel.io.fits: FITS round trips, atomic writes, errors, NDData, real files."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from astropy.wcs import WCS
 from scipy import ndimage
 
 from diffkernel.errors import InputError, StoreError
-from diffkernel.fitsio import (
+from diffkernel.image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
+from diffkernel.io.fits import (
     estimate_variance,
     from_nddata,
     read_exposure,
@@ -29,7 +30,6 @@ from diffkernel.fitsio import (
     to_nddata,
     write_exposure,
 )
-from diffkernel.image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
 
 REAL = Path("/work/shared/data/real")
 DECAM = REAL / "decam-sfft-mini" / "DEC-OBS04a.mini.fits"

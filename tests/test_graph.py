@@ -20,11 +20,11 @@ import pytest
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
 from diffkernel.errors import ConfigError, InputError, NoCandidatesError, StoreError
-from diffkernel.graph import run_pair
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.results import result_status
+from diffkernel.io.zarr.results import result_status
+from diffkernel.io.zarr.store import ZarrImage, json_safe, write_image
+from diffkernel.pipeline.dask.driver import run_pair
 from diffkernel.simulate import make_pair
-from diffkernel.store import ZarrImage, json_safe, write_image
 
 distributed = pytest.importorskip("distributed")
 
@@ -142,7 +142,7 @@ def test_distributed_equals_serial(pair, client, tmp_path):
 
 
 def _task_process_state() -> tuple[bool, str | None]:
-    from diffkernel import taskproc
+    from diffkernel.pipeline.dask import taskproc
 
     return taskproc._PREPARED, os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
@@ -416,7 +416,7 @@ def test_identical_runs_at_once_on_one_client(pair, client, tmp_path):
 
 def test_default_tile_size():
     """Chunk multiples up to 1024, smaller when the image would get fewer than 4 tiles."""
-    from diffkernel.graph import default_tile_size
+    from diffkernel.pipeline.dask.driver import default_tile_size
 
     assert default_tile_size((512, 512)) == 1024
     assert default_tile_size((512, 512), (4096, 4096)) == 1024
@@ -431,7 +431,7 @@ def test_check_tile_digests_are_sha256_of_the_stored_values(tmp_path):
     """Each plane's tile digest is SHA-256 of its dtype string and bytes, an empty mask too."""
     import hashlib
 
-    from diffkernel.graph import _check_tile
+    from diffkernel.pipeline.dask.driver import _check_tile
 
     sim = make_pair((96, 80), seed=5, n_stars=4)
     exposure = as_float32(sim.science)
@@ -451,8 +451,8 @@ def test_check_tile_digests_are_sha256_of_the_stored_values(tmp_path):
 
 def test_check_result_lost_while_fetched_is_checked_again(pair, client, tmp_path):
     """A check future cancelled under the driver (a worker lost mid-gather) is run again."""
-    from diffkernel.graph import _Run
-    from diffkernel.results import ResultWriter
+    from diffkernel.io.zarr.results import ResultWriter
+    from diffkernel.pipeline.dask.driver import _Run
 
     science = ZarrImage.open(pair["store"], "science")
     template = ZarrImage.open(pair["store"], "template")
@@ -477,8 +477,8 @@ def test_cancelled_result_is_made_again(client, tmp_path):
     """A future cancelled under the driver is made again, at most twice more."""
     from distributed.client import FutureCancelledError
 
-    from diffkernel.graph import _Run
-    from diffkernel.results import ResultWriter
+    from diffkernel.io.zarr.results import ResultWriter
+    from diffkernel.pipeline.dask.driver import _Run
 
     writer = ResultWriter(tmp_path / "r.zarr")
     try:

@@ -8,8 +8,8 @@ import pytest
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
 from diffkernel.errors import ConfigError, InputError
 from diffkernel.image import Exposure, MaskedImage
+from diffkernel.pipeline.serial import choose_mode
 from diffkernel.simulate import make_pair
-from diffkernel.task import choose_mode
 
 distributed = pytest.importorskip("distributed")
 
@@ -92,8 +92,8 @@ def test_choose_mode_rules():
 
 def test_distributed_auto_mode_equals_serial(reversed_pair, tmp_path):
     """run_pair in auto mode makes the same choice and kernel as MakeKernelTask."""
-    from diffkernel.graph import run_pair
-    from diffkernel.store import write_image
+    from diffkernel.io.zarr.store import write_image
+    from diffkernel.pipeline.dask.driver import run_pair
 
     template, science, sources = reversed_pair
     store = tmp_path / "pair.zarr"

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
-from diffkernel.basis import alard_lupton_basis
-from diffkernel.convolve import convolve_region, window
 from diffkernel.errors import ConfigError
 from diffkernel.image import Exposure
+from diffkernel.kernel.basis import alard_lupton_basis
+from diffkernel.kernel.convolve import convolve_region, window
+from diffkernel.kernel.spatial import SpatialFunctions, SpatialSolution
 from diffkernel.simulate import make_pair
-from diffkernel.spatial import SpatialFunctions, SpatialSolution
 
 # --- Alard-Lupton basis: the kernel sum is coefficient 0 ------------------------------
 

@@ -1,13 +1,13 @@
-"""Tests of diffkernel.psf: PSF widths from models and from star stamps."""
+"""Tests of diffkernel.prep.psf: PSF widths from models and from star stamps."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diffkernel.basis import SIGMA_TO_FWHM
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.psf import exposure_fwhm, measure_fwhm
+from diffkernel.kernel.basis import SIGMA_TO_FWHM
+from diffkernel.prep.psf import exposure_fwhm, measure_fwhm
 
 
 def gaussian_stamps(sigmas, size=31, sky=100.0, peak=1000.0):

@@ -16,7 +16,7 @@ import pytest
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, MaskedImage, subtract_images
 from diffkernel.image import Exposure
-from diffkernel.photometry import stamp_photometry
+from diffkernel.kernel.photometry import stamp_photometry
 from diffkernel.quality import (
     CHECKS,
     Z_BINS,

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
-from diffkernel.fitsio import read_exposure
 from diffkernel.image import Exposure
+from diffkernel.io.fits import read_exposure
 from diffkernel.simulate import make_pair
 
 
@@ -133,8 +133,8 @@ def test_eso_pair_with_the_subtraction_defaults():
 def test_misaligned_exposures_without_sources():
     """A template on a grid shifted by a few pixels and rotated 0.5 degree, no source
     list: warped, detected, fitted and subtracted to the engine's statistical thresholds."""
-    from diffkernel.align import warp_exposure
     from diffkernel.config import WarpingConfig
+    from diffkernel.prep.align import warp_exposure
 
     sim = make_pair((512, 512), seed=29, template_depth=4, wcs=True)
     science = sim.science

@@ -1,4 +1,4 @@
-"""Tests of diffkernel.selection: candidate placement, vetting, ranking and cells."""
+"""Tests of diffkernel.prep.selection: candidate placement, vetting, ranking and cells."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from astropy.table import Table
 
 from diffkernel.errors import InputError
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.selection import (
+from diffkernel.prep.selection import (
     _flat_rows,
     aperture_flux_snr,
     assign_cells,
@@ -238,7 +238,7 @@ def test_source_positions_missing_columns(wcs_pair):
 @pytest.mark.parametrize("storage", [np.float32, np.float64])
 def test_row_medians_equal_numpy_median(width, storage):
     """The fast ring median is numpy's median, for float32-exact pixels and others."""
-    from diffkernel.selection import _row_medians
+    from diffkernel.prep.selection import _row_medians
 
     rng = np.random.default_rng(width)
     values = rng.normal(1000.0, 30.0, size=(40, width)).astype(storage).astype(np.float64)

@@ -1,4 +1,4 @@
-"""Tests of diffkernel.sources: detection of kernel candidates with sep."""
+"""Tests of diffkernel.prep.sources: detection of kernel candidates with sep."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from scipy.spatial import cKDTree
 from diffkernel.config import SelectDetectionConfig, SelectMeasurementConfig
 from diffkernel.errors import NoCandidatesError
 from diffkernel.image import MaskedImage
+from diffkernel.prep.sources import detect_sources
 from diffkernel.simulate import make_pair
-from diffkernel.sources import detect_sources
 
 ISOLATION = 15.0
 

@@ -1,14 +1,14 @@
-"""Tests of diffkernel.spatial: spatial functions and the global spatial fit."""
+"""Tests of diffkernel.kernel.spatial: spatial functions and the global spatial fit."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from diffkernel.basis import alard_lupton_basis, delta_function_basis
-from diffkernel.candidate import CandidateStats
 from diffkernel.errors import ConfigError, SpatialFitError
-from diffkernel.spatial import (
+from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis
+from diffkernel.kernel.candidate import CandidateStats
+from diffkernel.kernel.spatial import (
     SpatialFunctions,
     background_local_map,
     fit_spatial,
@@ -182,7 +182,7 @@ def test_background_local_map_constant_term_is_centre_value():
     local = background_local_map(bf, x, y, STAMP_HALF, 2) @ theta
     np.testing.assert_allclose(local[:, 0], bf.evaluate(x, y) @ theta, rtol=1e-10)
     # The local polynomial reproduces the global one over the stamp.
-    from diffkernel.candidate import local_background_columns
+    from diffkernel.kernel.candidate import local_background_columns
 
     cols = local_background_columns(2 * STAMP_HALF + 1, 2)
     off = np.arange(-STAMP_HALF, STAMP_HALF + 1)

@@ -1,4 +1,4 @@
-"""Tests of diffkernel.store: image groups, the chunk cache, digests and result stores."""
+"""Tests of diffkernel.io.zarr.store: image groups, the chunk cache, digests and result stores."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ import zarr
 from astropy.table import MaskedColumn, Table
 from astropy.wcs import WCS
 
-from diffkernel import store
-from diffkernel.basis import alard_lupton_basis, delta_function_basis
 from diffkernel.errors import InputError, StoreError
-from diffkernel.fitsio import from_nddata, read_exposure, to_nddata, write_exposure
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.results import ResultWriter, open_result, result_status
-from diffkernel.spatial import SpatialFunctions, SpatialSolution
-from diffkernel.store import (
+from diffkernel.io.fits import from_nddata, read_exposure, to_nddata, write_exposure
+from diffkernel.io.zarr import store
+from diffkernel.io.zarr.results import ResultWriter, open_result, result_status
+from diffkernel.io.zarr.store import (
     ATTR_KEY,
     ZarrImage,
     create_image_arrays,
@@ -29,6 +27,8 @@ from diffkernel.store import (
     write_image,
     write_tile,
 )
+from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis
+from diffkernel.kernel.spatial import SpatialFunctions, SpatialSolution
 
 SHAPE = (100, 130)
 CHUNKS = 32

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from diffkernel.taskproc import MMAP_THRESHOLD, TRIM_THRESHOLD, malloc_settings
+from diffkernel.pipeline.dask.taskproc import MMAP_THRESHOLD, TRIM_THRESHOLD, malloc_settings
 
 RAISED = {"mmap_threshold": MMAP_THRESHOLD, "trim_threshold": TRIM_THRESHOLD}
 
@@ -58,7 +58,7 @@ def test_prepared_process_reuses_freed_arrays():
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_taskproc import reused_allocation_faults
-        from diffkernel.taskproc import prepare_task_process
+        from diffkernel.pipeline.dask.taskproc import prepare_task_process
         before = reused_allocation_faults()
         changed = prepare_task_process()
         again = prepare_task_process()

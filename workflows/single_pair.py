@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from diffkernel import MakeKernelConfig
-from diffkernel.fitsio import write_exposure
-from diffkernel.graph import run_pair
 from diffkernel.image import Exposure
-from diffkernel.store import open_input
+from diffkernel.io.fits import write_exposure
+from diffkernel.io.zarr.store import open_input
+from diffkernel.pipeline.dask.driver import run_pair
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..image import MaskedImage
 from .basis import KernelBasis
-from .image import MaskedImage
 
 __all__ = [
     "StampBatch",

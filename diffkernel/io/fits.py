@@ -115,8 +115,8 @@ from astropy.wcs import WCS, FITSFixedWarning
 from scipy import ndimage
 from scipy.interpolate import RegularGridInterpolator
 
-from .errors import DiffkernelError, InputError, StoreError
-from .image import DEFAULT_MASK_PLANES, Exposure, MaskedImage, as_exposure
+from ..errors import DiffkernelError, InputError, StoreError
+from ..image import DEFAULT_MASK_PLANES, Exposure, MaskedImage, as_exposure
 
 __all__ = [
     "write_exposure",

@@ -18,7 +18,7 @@ UUID on every write: it keys the chunk cache), ``shape``, ``chunks``, ``mask_pla
 ``[x0, y0]``), ``psf_fwhm`` (a constant, or null), ``meta`` (the str/int/float/bool entries of
 ``Exposure.meta``) and ``created`` (ISO UTC time).
 
-Result stores (the published outputs) are in :mod:`diffkernel.results`; they use the
+Result stores (the published outputs) are in :mod:`diffkernel.io.zarr.results`; they use the
 image groups and the helpers here.
 
 JSON attributes cannot hold NaN or infinities: :func:`json_safe` stores them as null,
@@ -49,10 +49,10 @@ from astropy.nddata import NDData
 from astropy.wcs import WCS, FITSFixedWarning
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from ...errors import InputError, StoreError
+from ...image import Exposure, MaskedImage, as_exposure
+from ..fits import _wcs_header, from_nddata, read_exposure
 from .chunkio import DirectChunks, chunk_pieces, direct_chunks, whole_chunks
-from .errors import InputError, StoreError
-from .fitsio import _wcs_header, from_nddata, read_exposure
-from .image import Exposure, MaskedImage, as_exposure
 
 __all__ = [
     "ATTR_KEY",
@@ -554,9 +554,9 @@ def ingest(
     Parameters
     ----------
     source : str, os.PathLike, Exposure, MaskedImage or astropy.nddata.NDData
-        A FITS file (read with :func:`diffkernel.fitsio.read_exposure`, which estimates
+        A FITS file (read with :func:`diffkernel.io.fits.read_exposure`, which estimates
         the variance of a plain image), an exposure, or an NDData/CCDData (converted with
-        :func:`diffkernel.fitsio.from_nddata`).
+        :func:`diffkernel.io.fits.from_nddata`).
     path : str or os.PathLike
         Store directory, written atomically by :func:`write_image`.
     chunks : int or (int, int), optional

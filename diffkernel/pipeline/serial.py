@@ -16,16 +16,16 @@ import numpy as np
 from astropy.table import Table
 from threadpoolctl import threadpool_limits
 
-from .basis import KernelBasis, basis_from_config, regularization_for
-from .cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
-from .config import MakeKernelConfig
-from .errors import ConfigError, InputError, NoCandidatesError
-from .fitsio import SATURATION_KEYS
-from .image import Exposure, MaskedImage, as_exposure
-from .psf import exposure_fwhm, measure_pair_fwhm
-from .quality import assess
-from .selection import source_positions
-from .spatial import SpatialSolution
+from ..config import MakeKernelConfig
+from ..errors import ConfigError, InputError, NoCandidatesError
+from ..image import Exposure, MaskedImage, as_exposure
+from ..io.fits import SATURATION_KEYS
+from ..kernel.basis import KernelBasis, basis_from_config, regularization_for
+from ..kernel.cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
+from ..kernel.spatial import SpatialSolution
+from ..prep.psf import exposure_fwhm, measure_pair_fwhm
+from ..prep.selection import source_positions
+from ..quality import assess
 
 #: Directions of the convolution.
 MODES = ("convolveTemplate", "convolveScience", "auto")
@@ -261,7 +261,7 @@ class MakeKernelTask:
         bad_planes = tuple(kcfg.badMaskPlanes)
         aligned = None
         if _needs_alignment(tmpl, sci, kcfg):
-            from .align import warp_exposure
+            from ..prep.align import warp_exposure
 
             tmpl = warp_exposure(tmpl, sci, kcfg.warpingConfig)
             aligned = tmpl.masked_image
@@ -281,7 +281,7 @@ class MakeKernelTask:
 
         bg_t = bg_s = None
         if kcfg.useAfwBackground:
-            from .background import mesh_background
+            from ..prep.background import mesh_background
 
             bg_t = mesh_background(t_mi, kcfg.afwBackgroundConfig)
             bg_s = mesh_background(s_mi, kcfg.afwBackgroundConfig)
@@ -289,7 +289,7 @@ class MakeKernelTask:
             s_mi = MaskedImage(s_mi.image - bg_s, s_mi.variance, s_mi.mask, s_mi.mask_planes)
 
         if kernelSources is None:
-            from .sources import detect_sources
+            from ..prep.sources import detect_sources
 
             det_on = t_mi if kcfg.detectionConfig.detOnTemplate else s_mi
             guess_half = kcfg.detectionConfig.stamp_half_width(kcfg.kernelSize)

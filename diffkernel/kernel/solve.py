@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import NoCandidatesError, SpatialFitError
 from .basis import KernelBasis, derive_basis, regularization_for, renormalize
 from .candidate import CandidateStats
 from .clipping import kernel_sum_outliers, residual_failures
-from .errors import NoCandidatesError, SpatialFitError
 from .fit import SingleFit, fit_single_kernels, pad_background
 from .spatial import SpatialFunctions, SpatialSolution, fit_spatial, n_terms
 

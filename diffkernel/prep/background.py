@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import sep
 
-from .image import MaskedImage
+from ..image import MaskedImage
 
 __all__ = ["mesh_background"]
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 from reproject import reproject_interp
 
-from .errors import InputError
-from .image import Exposure, MaskedImage, with_mask_planes
+from ..errors import InputError
+from ..image import Exposure, MaskedImage, with_mask_planes
 
 __all__ = [
     "warp_exposure",

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.table import Table
 
+from ..errors import NoCandidatesError
+from ..image import MaskedImage
+from ..prep.selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
 from .basis import KernelBasis
 from .candidate import (
     CandidateStats,
@@ -27,11 +30,8 @@ from .candidate import (
     core_selector,
     cut_stamps,
 )
-from .errors import NoCandidatesError
 from .fit import SingleFit, fit_single_kernels
-from .image import MaskedImage
 from .photometry import StampPhotometry, stamp_photometry
-from .selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
 from .solve import BAD, CandidateSet, SolveOutcome, solve
 
 __all__ = [
@@ -108,7 +108,7 @@ class CellPlan:
         ``selectMeasurement.apertureRadius`` and ``minSnr``.
     regularization : numpy.ndarray or None
         The kernel penalty of the configuration
-        (:func:`~diffkernel.basis.regularization_for`), made once per run.
+        (:func:`~diffkernel.kernel.basis.regularization_for`), made once per run.
     """
 
     basis: KernelBasis
@@ -301,7 +301,7 @@ def candidate_stats(
 
     With ``iterateSingleKernel``, the statistics are made a second time with the
     variance seen through the first fit's kernels. ``regularization`` is
-    :func:`~diffkernel.basis.regularization_for` of ``basis`` and ``kcfg``.
+    :func:`~diffkernel.kernel.basis.regularization_for` of ``basis`` and ``kcfg``.
     """
     conv = convolve_basis(basis, stamps.template)
     selector = (
@@ -468,7 +468,7 @@ def candidate_table(
 
     With ``photometry`` (per source), the columns ``flux_ratio``, ``flux_ratio_err``,
     ``sky_convolved``, ``sky_reference`` and ``sky_noise`` of
-    :class:`~diffkernel.photometry.StampPhotometry` follow (the kernel's frame: the
+    :class:`~diffkernel.kernel.photometry.StampPhotometry` follow (the kernel's frame: the
     convolved image is the template in ``convolveTemplate`` mode, the science image in
     ``convolveScience`` mode).
     """

@@ -83,7 +83,7 @@ class VarianceModel:
         ----------
         fx, fy : numpy.ndarray
             ``(L, W)`` and ``(L, H)`` factors (see
-            :meth:`~diffkernel.spatial.SpatialFunctions.factors`).
+            :meth:`~diffkernel.kernel.spatial.SpatialFunctions.factors`).
 
         Returns
         -------
@@ -340,7 +340,7 @@ def convolve_region(
         (measured on a 4096^2 pair: at most 3e-5 and typically 5e-6 of the pixel's
         noise sigma).
     device : {"cpu", "gpu"}
-        Where the FFTs run (see :mod:`diffkernel.device`); the GPU takes the region
+        Where the FFTs run (see :mod:`diffkernel.kernel.device`); the GPU takes the region
         in one block and needs CuPy. Inputs and outputs are host (numpy) arrays.
 
     Returns

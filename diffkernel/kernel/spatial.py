@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import ConfigError, SpatialFitError
 from .basis import KernelBasis
 from .candidate import CandidateStats
-from .errors import ConfigError, SpatialFitError
 from .fit import condition_numbers, solve_spd
 
 __all__ = ["n_terms", "SpatialFunctions", "SpatialSolution", "fit_spatial"]
@@ -190,7 +190,7 @@ def background_local_map(
 
     The global functions restricted to a stamp are polynomials of degree
     ``functions.order``; when ``local_order`` is at least that, the local monomials
-    (see :func:`~diffkernel.candidate.local_background_columns`) represent them
+    (see :func:`~diffkernel.kernel.candidate.local_background_columns`) represent them
     exactly, and the least-squares projection below is that representation.
 
     Returns

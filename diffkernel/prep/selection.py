@@ -15,8 +15,8 @@ import numpy as np
 from astropy.table import Table
 from numpy.lib.stride_tricks import as_strided
 
-from .errors import InputError
-from .image import Exposure, MaskedImage
+from ..errors import InputError
+from ..image import Exposure, MaskedImage
 
 __all__ = [
     "source_positions",

@@ -12,14 +12,14 @@ the workers (no image goes through the scheduler):
 2. *prepare* (only when needed): warp the template onto the science grid tile by
    tile, mesh backgrounds, coarse detection, star FWHMs;
 3. *cells*: one task per spatial cell vets, ranks and reduces its candidates to
-   sufficient statistics (:func:`diffkernel.cells.fit_cell`);
+   sufficient statistics (:func:`diffkernel.kernel.cells.fit_cell`);
 4. *reduction*: one task clips on kernel sums, fits the spatial model and runs the
-   rejection rounds (:func:`diffkernel.cells.reduce_cells`);
+   rejection rounds (:func:`diffkernel.kernel.cells.reduce_cells`);
 5. *tiles*: one task per output tile (a multiple of the store's chunks) convolves,
    subtracts and writes its difference, variance and mask chunks.
 
 Everything is written into a partial store next to the output, which is renamed
-onto the output path only once complete (:class:`diffkernel.results.ResultWriter`).
+onto the output path only once complete (:class:`diffkernel.io.zarr.results.ResultWriter`).
 The tasks call the same functions as :class:`diffkernel.MakeKernelTask` on the
 same cells and regions, so the result equals the in-memory path's.
 """
@@ -40,15 +40,10 @@ import dask
 import numpy as np
 from astropy.table import Table
 
-from . import __version__
-from .align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
-from .basis import basis_from_config
-from .cells import CellResult, SourcePlacement, fit_cell, reduce_cells
-from .config import MakeKernelConfig
-from .device import array_backend
-from .errors import ConfigError, InputError, NoCandidatesError
-from .fitsio import SATURATION_KEYS
-from .image import (
+from ... import __version__
+from ...config import MakeKernelConfig
+from ...errors import ConfigError, InputError, NoCandidatesError
+from ...image import (
     MaskedImage,
     pixel_validation_counts,
     plane_bits,
@@ -56,13 +51,14 @@ from .image import (
     unusable_planes,
     with_mask_planes,
 )
-from .psf import exposure_fwhm, measure_pair_fwhm
-from .quality import assess, difference_histograms, footprint_radius, histogram_metrics
-from .results import ResultStore, ResultWriter, open_result
-from .selection import source_positions
-from .spatial import SpatialSolution
-from .store import ZarrImage, create_image_arrays, write_tile
-from .subtract import (
+from ...io.fits import SATURATION_KEYS
+from ...io.zarr.results import ResultStore, ResultWriter, open_result
+from ...io.zarr.store import ZarrImage, create_image_arrays, write_tile
+from ...kernel.basis import basis_from_config
+from ...kernel.cells import CellResult, SourcePlacement, fit_cell, reduce_cells
+from ...kernel.device import array_backend
+from ...kernel.spatial import SpatialSolution
+from ...kernel.subtract import (
     SubtractionKernels,
     check_fft_options,
     difference_tile,
@@ -71,7 +67,11 @@ from .subtract import (
     prepare_science,
     prepare_template,
 )
-from .task import MODES, _needs_alignment, choose_mode, make_cell_plan, require_fwhms
+from ...prep.align import WARP_TILE, check_overlap, check_wcs, warp_region, warp_tiles
+from ...prep.psf import exposure_fwhm, measure_pair_fwhm
+from ...prep.selection import source_positions
+from ...quality import assess, difference_histograms, footprint_radius, histogram_metrics
+from ..serial import MODES, _needs_alignment, choose_mode, make_cell_plan, require_fwhms
 from .taskproc import prepare_task_process
 
 __all__ = ["run_pair", "connect", "ZarrPair", "PairRun", "default_tile_size"]
@@ -81,9 +81,9 @@ CHECK_TILE = 1024
 
 #: Environment of LocalCluster workers. It replaces Dask's default, which also sets
 #: MALLOC_TRIM_THRESHOLD_=65536 and with it switches off glibc's adaptive mmap
-#: threshold (tasks undo that anyway, see :mod:`diffkernel.taskproc`). BLAS, OpenMP and
-#: Zarr's codec thread pool stay single-threaded: one task per core, and no worker
-#: borrowing its neighbour's core.
+#: threshold (tasks undo that anyway, see :mod:`diffkernel.pipeline.dask.taskproc`).
+#: BLAS, OpenMP and Zarr's codec thread pool stay single-threaded: one task per core,
+#: and no worker borrowing its neighbour's core.
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": 1,
     "MKL_NUM_THREADS": 1,
@@ -129,7 +129,7 @@ class ZarrPair:
         Read through the per-process chunk cache (for many small regions).
     stored : bool
         Give the pixels in their stored dtype, unchecked
-        (:meth:`~diffkernel.store.ZarrImage.read_stored`): for the cells, which run
+        (:meth:`~diffkernel.io.zarr.store.ZarrImage.read_stored`): for the cells, which run
         alongside the check and convert only the stamps they cut to float64.
     """
 
@@ -174,7 +174,7 @@ class ZarrPair:
 def _in_task_process(fn, *args):
     """``fn(*args)`` in a process made ready for diffkernel's tasks.
 
-    Every task goes through here (:func:`diffkernel.taskproc.prepare_task_process`:
+    Every task goes through here (:func:`diffkernel.pipeline.dask.taskproc.prepare_task_process`:
     single-threaded BLAS, and glibc's memory thresholds where Dask's nanny lowered
     them), whatever started the worker.
     """
@@ -356,7 +356,7 @@ def _warp_task(
 def _background_task(image: ZarrImage, config, out: str, name: str, chunks) -> tuple[str, str]:
     import zarr
 
-    from .background import mesh_background
+    from ...prep.background import mesh_background
 
     ny, nx = image.shape
     background = mesh_background(image.read(0, ny, 0, nx), config)
@@ -369,7 +369,7 @@ def _background_task(image: ZarrImage, config, out: str, name: str, chunks) -> t
 
 
 def _detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, saturation):
-    from .sources import detect_sources
+    from ...prep.sources import detect_sources
 
     kcfg = cfg.kernel.active
     ny, nx = reader.science.shape
@@ -471,7 +471,7 @@ def run_pair(
     Parameters
     ----------
     science, template : ZarrImage, path or (path, group)
-        Image groups (see :mod:`diffkernel.store`); the template is warped onto the
+        Image groups (see :mod:`diffkernel.io.zarr.store`); the template is warped onto the
         science grid when their WCS differ (``warpingConfig.doAlign``).
     out : path
         Result store to publish; refused if it exists unless ``overwrite``.
@@ -499,7 +499,7 @@ def run_pair(
         Precision of the tiles' FFTs (see :func:`diffkernel.subtract_images`); the
         kernel fit is always double precision.
     device : {"cpu", "gpu"}
-        Where the tiles' FFTs run (:mod:`diffkernel.device`). With "gpu" every worker
+        Where the tiles' FFTs run (:mod:`diffkernel.kernel.device`). With "gpu" every worker
         must see a CUDA device and have CuPy (checked on each worker before any
         work; an error otherwise). With several GPUs per node, start one worker per
         GPU (e.g. dask-cuda's LocalCUDACluster) so each sees its own.

@@ -2,8 +2,8 @@
 
 A result store is a Zarr v3 store whose root attribute ``"diffkernel"`` has ``kind``
 ``"result"`` and ``complete``, plus root attributes ``metadata``, ``config`` and
-``provenance``. It holds the image group ``difference`` (see :mod:`diffkernel.store`),
-the group ``solution`` (the arrays of a :class:`~diffkernel.spatial.SpatialSolution`
+``provenance``. It holds the image group ``difference`` (see :mod:`diffkernel.io.zarr.store`),
+the group ``solution`` (the arrays of a :class:`~diffkernel.kernel.spatial.SpatialSolution`
 and its basis, the rest in attributes) and the group ``candidates`` (one array per
 table column). :class:`ResultWriter` writes it in ``<path>.partial-<uuid>``, sets
 ``complete`` last and renames the directory onto ``path``, so ``path`` never holds
@@ -28,9 +28,9 @@ from astropy import units as u
 from astropy.table import Column, MaskedColumn, Table
 from zarr.errors import UnstableSpecificationWarning
 
-from .basis import KernelBasis
-from .errors import InputError, StoreError
-from .spatial import SpatialFunctions, SpatialSolution
+from ...errors import InputError, StoreError
+from ...kernel.basis import KernelBasis
+from ...kernel.spatial import SpatialFunctions, SpatialSolution
 from .store import (
     _STORE_ERRORS,
     ATTR_KEY,

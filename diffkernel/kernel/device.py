@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import fft as scipy_fft
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["DEVICES", "ArrayBackend", "array_backend", "check_device"]
 

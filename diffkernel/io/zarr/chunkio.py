@@ -17,7 +17,7 @@ else (sharding, filters, other stores or codecs, Zarr v2), and the callers then 
 zarr itself. Writing goes the same way: 16 tiles of 1024 x 1024 with three planes
 took 0.42 s through zarr and take 0.2 s here. Chunks are written whole, as zarr's
 local store writes them (results are made atomic by publishing the whole store,
-:mod:`diffkernel.results`), and a chunk that is all fill value is not stored (as
+:mod:`diffkernel.io.zarr.results`), and a chunk that is all fill value is not stored (as
 zarr does). The values read back are the same either way (the tests compare the
 two).
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError
+from ...errors import StoreError
 
 __all__ = ["DirectChunks", "chunk_pieces", "direct_chunks", "whole_chunks"]
 

@@ -12,8 +12,8 @@ import numpy as np
 import sep
 from astropy.table import Table
 
-from .errors import NoCandidatesError
-from .image import MaskedImage
+from ..errors import NoCandidatesError
+from ..image import MaskedImage
 
 __all__ = ["detect_sources"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .basis import SIGMA_TO_FWHM
-from .errors import InputError
-from .image import Exposure
+from ..errors import InputError
+from ..image import Exposure
+from ..kernel.basis import SIGMA_TO_FWHM
 
 __all__ = ["exposure_fwhm", "measure_fwhm", "measure_pair_fwhm"]
 

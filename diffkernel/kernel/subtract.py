@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ConfigError, InputError
+from ..image import Exposure, MaskedImage, as_exposure, with_mask_planes
+from ..quality import Z_NBINS, assess, difference_histograms, footprint_centres, footprint_radius
 from .convolve import (
     PRECISIONS,
     KernelSpectra,
@@ -20,9 +23,6 @@ from .convolve import (
     window,
 )
 from .device import array_backend, check_device
-from .errors import ConfigError, InputError
-from .image import Exposure, MaskedImage, as_exposure, with_mask_planes
-from .quality import Z_NBINS, assess, difference_histograms, footprint_centres, footprint_radius
 
 __all__ = [
     "subtract_images",
@@ -43,8 +43,8 @@ def check_fft_options(precision: str, device: str) -> None:
     Raises
     ------
     ConfigError
-        If either is not one of :data:`~diffkernel.convolve.PRECISIONS` or
-        :data:`~diffkernel.device.DEVICES`.
+        If either is not one of :data:`~diffkernel.kernel.convolve.PRECISIONS` or
+        :data:`~diffkernel.kernel.device.DEVICES`.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -59,9 +59,9 @@ class SubtractionKernels:
     solution : SpatialSolution
         The kernel and background model.
     precision : {"single", "double"}
-        Precision of the tiles' FFTs (see :func:`diffkernel.convolve.convolve_region`).
+        Precision of the tiles' FFTs (see :func:`diffkernel.kernel.convolve.convolve_region`).
     device : {"cpu", "gpu"}
-        Where the tiles' FFTs run (see :mod:`diffkernel.device`). Only the name is
+        Where the tiles' FFTs run (see :mod:`diffkernel.kernel.device`). Only the name is
         kept (and pickled): the GPU is looked for where the tiles are convolved.
     """
 
@@ -250,7 +250,7 @@ def subtract_images(
         fit itself is always double precision.
     device : {"cpu", "gpu"}
         Where the convolution's FFTs run; "gpu" needs CuPy and a CUDA device
-        (:mod:`diffkernel.device`) and is an error without them.
+        (:mod:`diffkernel.kernel.device`) and is an error without them.
 
     Returns
     -------

@@ -1,0 +1,1 @@
+"""Reading and writing: FITS and NDData inputs, Zarr image groups and result stores."""

@@ -1,0 +1,1 @@
+"""Zarr storage: image groups, chunk I/O and caches, and result stores."""

@@ -1,0 +1,1 @@
+"""The Dask executor: cluster connection, worker task functions and the driver."""
