@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         "--fits-out", help="also write the difference as FITS (IMAGE, MASK, VARIANCE)"
     )
     subtract.add_argument("--config", help="TOML or JSON file setting any config field")
-    subtract.add_argument("--plots", help="folder for the debug displays as PNGs")
+    subtract.add_argument(
+        "--plots", help="folder for the debug displays and the quality page (quality.png) as PNGs"
+    )
     subtract.add_argument("--sources", help="table of kernel candidates (x, y or ra, dec)")
     subtract.add_argument("--scheduler", help="address of a running Dask scheduler")
     subtract.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")

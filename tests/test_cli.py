@@ -140,8 +140,11 @@ def test_plots_of_a_result(tmp_path):
     names = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert names == sorted(
         f"{n}.png"
-        for n in ("candidates", "basis", "kernel_mosaic", "spatial_coefficients", "cells", "images")
-    )
+        for n in (
+            "candidates", "basis", "kernel_mosaic", "spatial_coefficients", "cells", "quality",
+            "images",
+        )
+    )  # fmt: skip
     again = write_plots(
         open_result(out / "result.zarr"),
         tmp_path / "again",
