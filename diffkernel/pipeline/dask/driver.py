@@ -71,7 +71,7 @@ from ...prep.align import WARP_TILE, check_overlap, check_wcs, warp_region, warp
 from ...prep.psf import exposure_fwhm, measure_pair_fwhm
 from ...prep.selection import source_positions
 from ...quality import assess, difference_histograms, footprint_radius, histogram_metrics
-from ..serial import MODES, _needs_alignment, choose_mode, make_cell_plan, require_fwhms
+from ..stages import MODES, choose_mode, make_cell_plan, needs_alignment, require_fwhms
 from .taskproc import prepare_task_process
 
 __all__ = ["run_pair", "connect", "ZarrPair", "PairRun", "default_tile_size"]
@@ -619,7 +619,7 @@ class _Run:
         kcfg = self.kcfg
         sci, tmpl = self.science, self.template
         started = time.perf_counter()
-        aligned = _needs_alignment(tmpl, sci, kcfg)
+        aligned = needs_alignment(tmpl, sci, kcfg)
         if not aligned and tmpl.shape != sci.shape:
             raise InputError(
                 f"template shape {tmpl.shape} differs from science shape {sci.shape}; "
