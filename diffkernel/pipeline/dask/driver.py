@@ -243,19 +243,11 @@ class PairDriver:
         checksums = work.validated()  # a bad input stops the run here, cells or not
         self.runner.wait(cells.futures, "cells", cells.started, gather=False)
 
-        t0 = time.perf_counter()
-        reduction = Reduction(self.runner, cells, prepared.placement)
-        if self.runner.progress:
-            print("diffkernel: reduce (1 task)")
-        solution = reduction.solution()
-        self.timings["reduce"] = time.perf_counter() - t0
+        reduction, solution = self.reduce(cells, prepared)
 
         t0 = time.perf_counter()
         tiles = self.submit_tiles(solution, work.reader, planes, prepared)
-        outcome, table, solve_meta = reduction.outcome()
-        self.meta.update(solve_meta)
-        cells.futures.clear()  # the cells' results can go now
-        self.writer.write_fit(outcome.solution, table)  # while the tiles run
+        outcome, table = self.record_fit(reduction, cells)  # while the tiles run
         histograms = np.sum(self.runner.wait(tiles, "tiles", t0), axis=0)
         return self.publish(table, outcome, histograms, cells, len(tiles), checksums, started)
 
@@ -266,6 +258,24 @@ class PairDriver:
         self.meta.update(prepared.metadata)
         self.timings["prepare"] = time.perf_counter() - t0
         return prepared
+
+    def reduce(self, cells: CellTasks, prepared: PreparedFit) -> tuple[Reduction, SpatialSolution]:
+        """Submit the reduction; it and its kernel, as soon as that is back (kilobytes)."""
+        t0 = time.perf_counter()
+        reduction = Reduction(self.runner, cells, prepared.placement)
+        if self.runner.progress:
+            print("diffkernel: reduce (1 task)")
+        solution = reduction.solution()
+        self.timings["reduce"] = time.perf_counter() - t0
+        return reduction, solution
+
+    def record_fit(self, reduction: Reduction, cells: CellTasks) -> tuple[Any, Table]:
+        """The reduction's outcome and candidates, into the metadata and the result store."""
+        outcome, table, solve_meta = reduction.outcome()
+        self.meta.update(solve_meta)
+        cells.futures.clear()  # the cells' results can go now
+        self.writer.write_fit(outcome.solution, table)
+        return outcome, table
 
     def create_difference(self, reader: ZarrPair) -> dict[str, int]:
         """Create the result's empty difference arrays, for the tiles; their mask planes."""
