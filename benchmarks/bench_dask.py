@@ -205,7 +205,8 @@ def measure(path: Path, tmp: Path, sources, repeats: int, device: str = "cpu") -
     """
     from diffkernel import MakeKernelConfig
     from diffkernel.io.zarr.store import clear_chunk_cache
-    from diffkernel.pipeline.dask.driver import connect, run_pair
+    from diffkernel.pipeline.dask.cluster import connect
+    from diffkernel.pipeline.dask.driver import run_pair
 
     cfg = MakeKernelConfig()
     cfg.kernel.active.fitForBackground = True

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     from dask_jobqueue import PBSCluster, SLURMCluster
 
-    from diffkernel.pipeline.dask.driver import WORKER_ENVIRON
+    from diffkernel.pipeline.dask.cluster import WORKER_ENVIRON
 
     cls = SLURMCluster if args.system == "slurm" else PBSCluster
     cluster = cls(

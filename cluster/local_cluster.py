@@ -24,7 +24,7 @@ def main() -> None:
     import dask
     from distributed import LocalCluster
 
-    from diffkernel.pipeline.dask.driver import WORKER_ENVIRON
+    from diffkernel.pipeline.dask.cluster import WORKER_ENVIRON
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)

@@ -21,7 +21,7 @@ import time
 def main() -> None:
     from distributed import SSHCluster
 
-    from diffkernel.pipeline.dask.driver import WORKER_ENVIRON
+    from diffkernel.pipeline.dask.cluster import WORKER_ENVIRON
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("hosts", nargs="+", help="scheduler host, then worker hosts")

@@ -272,7 +272,7 @@ def run_batch(
         One configuration for every pair; default
         :meth:`~diffkernel.config.MakeKernelConfig.default_subtraction`.
     client, scheduler, n_workers
-        Where to run (see :func:`diffkernel.pipeline.dask.driver.connect`).
+        Where to run (see :func:`diffkernel.pipeline.dask.cluster.connect`).
     concurrent : int
         Pairs in flight at once (their tasks share the cluster).
     chunks : int
@@ -283,7 +283,7 @@ def run_batch(
     list of PairStatus
         One per manifest row. Failed pairs carry their error; the batch goes on.
     """
-    from .pipeline.dask.driver import connect
+    from .pipeline.dask.cluster import connect
 
     cfg = MakeKernelConfig.default_subtraction() if config is None else config
     cfg.validate()

@@ -732,7 +732,7 @@ def test_run_pair_refuses_bad_pixels_everywhere(
 ):
     """The check stage, adding up the counts of its tiles, refuses what MakeKernelTask does."""
     # Nine check tiles per image (the driver draws the grid), NO_DATA in only three of them.
-    monkeypatch.setattr("diffkernel.pipeline.dask.driver.CHECK_TILE", 64)
+    monkeypatch.setattr("diffkernel.pipeline.dask.checks.CHECK_TILE", 64)
     inputs = {"template": pair.template, "science": pair.science}
     inputs[which] = spoiled(pair, which, spoil)
     for name, exposure in inputs.items():

@@ -14,7 +14,7 @@ from diffkernel.kernel.cells import (
     fit_cell,
     reduce_cells,
 )
-from diffkernel.pipeline.serial import make_cell_plan
+from diffkernel.pipeline.stages import make_cell_plan
 from diffkernel.simulate import make_pair
 
 

@@ -416,7 +416,7 @@ def test_identical_runs_at_once_on_one_client(pair, client, tmp_path):
 
 def test_default_tile_size():
     """Chunk multiples up to 1024, smaller when the image would get fewer than 4 tiles."""
-    from diffkernel.pipeline.dask.driver import default_tile_size
+    from diffkernel.pipeline.dask.cluster import default_tile_size
 
     assert default_tile_size((512, 512)) == 1024
     assert default_tile_size((512, 512), (4096, 4096)) == 1024
@@ -431,7 +431,7 @@ def test_check_tile_digests_are_sha256_of_the_stored_values(tmp_path):
     """Each plane's tile digest is SHA-256 of its dtype string and bytes, an empty mask too."""
     import hashlib
 
-    from diffkernel.pipeline.dask.driver import _check_tile
+    from diffkernel.pipeline.dask.checks import check_tile
 
     sim = make_pair((96, 80), seed=5, n_stars=4)
     exposure = as_float32(sim.science)
@@ -442,63 +442,56 @@ def test_check_tile_digests_are_sha256_of_the_stored_values(tmp_path):
         planes = MaskedImage(mi.image, mi.variance, mask, mi.mask_planes)
         image = Exposure(planes, exposure.wcs, exposure.psf_fwhm)
         store = write_image(tmp_path / f"m{int(mask.any())}.zarr", image, chunks=32)
-        _, digests = _check_tile(store, 0, 64, 16, 80, ("BAD",))
+        _, digests = check_tile(store, 0, 64, 16, 80, ("BAD",))
         for name, plane in (("image", mi.image), ("variance", mi.variance), ("mask", mask)):
             values = np.ascontiguousarray(plane[0:64, 16:80], dtype=store._array(name).dtype)
             expected = hashlib.sha256(values.dtype.str.encode() + values.tobytes()).hexdigest()
             assert digests[name] == expected, name
 
 
-def test_check_result_lost_while_fetched_is_checked_again(pair, client, tmp_path):
+def test_check_result_lost_while_fetched_is_checked_again(pair, client):
     """A check future cancelled under the driver (a worker lost mid-gather) is run again."""
-    from diffkernel.io.zarr.results import ResultWriter
-    from diffkernel.pipeline.dask.driver import _Run
+    from diffkernel.pipeline.dask.checks import InputCheck
+    from diffkernel.pipeline.dask.runner import TaskRunner
+    from diffkernel.pipeline.stages import exempt_planes
 
     science = ZarrImage.open(pair["store"], "science")
     template = ZarrImage.open(pair["store"], "template")
+    exempt = exempt_planes(config().kernel.active)
 
     def checksums(cancel: bool):
-        writer = ResultWriter(tmp_path / f"c{int(cancel)}.zarr")
-        try:
-            run = _Run(client, config(), science, template, writer, 128, False)
-            run._submit_check(template, science)
-            if cancel:
-                first = next(iter(run._check_futures.values()))
-                client.cancel(first)
-                assert first.cancelled()
-            return run._validated()
-        finally:
-            writer.abort()
+        images = {"template": template, "science": science}
+        check = InputCheck(TaskRunner(client), images, exempt)
+        if cancel:
+            first = next(iter(check.futures.values()))
+            client.cancel(first)
+            assert first.cancelled()
+        return check.validated()
 
     assert checksums(cancel=True) == checksums(cancel=False)
 
 
-def test_cancelled_result_is_made_again(client, tmp_path):
+def test_cancelled_result_is_made_again(client):
     """A future cancelled under the driver is made again, at most twice more."""
     from distributed.client import FutureCancelledError
 
-    from diffkernel.io.zarr.results import ResultWriter
-    from diffkernel.pipeline.dask.driver import _Run
+    from diffkernel.pipeline.dask.runner import TaskRunner
 
-    writer = ResultWriter(tmp_path / "r.zarr")
-    try:
-        run = _Run(client, config(), None, None, writer, 128, False)
-        lost = client.submit(sum, [1, 2], pure=False)
-        client.cancel(lost)
-        redone = []
+    runner = TaskRunner(client)
+    lost = client.submit(sum, [1, 2], pure=False)
+    client.cancel(lost)
+    redone = []
 
-        def redo(attempt):
-            redone.append(attempt)
-            future = client.submit(sum, [1, 2, attempt], pure=False)
-            if attempt == 1:
-                client.cancel(future)  # lost again
-            return future
+    def redo(attempt):
+        redone.append(attempt)
+        future = client.submit(sum, [1, 2, attempt], pure=False)
+        if attempt == 1:
+            client.cancel(future)  # lost again
+        return future
 
-        assert run._gather_redoing(lost, redo) == 5
-        assert redone == [1, 2]
-        always_lost = client.submit(sum, [1], pure=False)
-        client.cancel(always_lost)
-        with pytest.raises(FutureCancelledError):
-            run._gather_redoing(always_lost, lambda attempt: always_lost)
-    finally:
-        writer.abort()
+    assert runner.gather_redoing(lost, redo) == 5
+    assert redone == [1, 2]
+    always_lost = client.submit(sum, [1], pure=False)
+    client.cancel(always_lost)
+    with pytest.raises(FutureCancelledError):
+        runner.gather_redoing(always_lost, lambda attempt: always_lost)

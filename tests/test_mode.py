@@ -8,7 +8,7 @@ import pytest
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
 from diffkernel.errors import ConfigError, InputError
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.pipeline.serial import choose_mode
+from diffkernel.pipeline.stages import choose_mode
 from diffkernel.simulate import make_pair
 
 distributed = pytest.importorskip("distributed")

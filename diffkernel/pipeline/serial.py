@@ -5,40 +5,34 @@ follows ip_diffim's MakeKernelTask: check and (if needed) align the inputs, find
 kernel candidates, vet them, fit them, clip them in three stages, and fit the
 spatially varying kernel and differential background. The result can then be
 passed to :func:`diffkernel.subtract_images`.
+
+The stages before the fit are :func:`diffkernel.pipeline.stages.prepare_fit`, shared
+with the Dask executor; :class:`InMemoryWork` does their pixel work on arrays.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from astropy.table import Table
 from threadpoolctl import threadpool_limits
 
 from ..config import MakeKernelConfig
-from ..errors import ConfigError, InputError, NoCandidatesError
+from ..errors import ConfigError, InputError
 from ..image import Exposure, MaskedImage, as_exposure
-from ..io.fits import SATURATION_KEYS
-from ..kernel.basis import KernelBasis, basis_from_config, regularization_for
 from ..kernel.cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
 from ..kernel.spatial import SpatialSolution
-from ..prep.psf import exposure_fwhm, measure_pair_fwhm
-from ..prep.selection import source_positions
+from ..prep.psf import measure_pair_fwhm
 from ..quality import assess
-
-#: Directions of the convolution.
-MODES = ("convolveTemplate", "convolveScience", "auto")
+from .stages import PixelWork, check_mode, detect_kernel_sources, exempt_planes, prepare_fit
 
 __all__ = [
-    "MODES",
-    "choose_mode",
-    "require_fwhms",
     "MakeKernelTask",
     "MakeKernelResult",
     "SpatialKernel",
     "BackgroundModel",
-    "make_cell_plan",
+    "InMemoryWork",
 ]
 
 
@@ -168,29 +162,93 @@ class MakeKernelResult:
     differenceHistograms: np.ndarray | None = None
 
 
-def _check_pair(template: Exposure, science: Exposure, bad_planes: tuple[str, ...]) -> None:
-    if template.shape != science.shape:
+class InMemoryWork(PixelWork):
+    """The pixel work of the stages before the fit, on exposures in memory.
+
+    Parameters
+    ----------
+    template, science : Exposure
+        The pair as given.
+    config : MakeKernelConfig
+        A validated configuration.
+
+    Attributes
+    ----------
+    reader : InMemoryPair
+        The pair as the kernel convolves it (backgrounds removed, roles swapped for
+        ``convolveScience``); set by :meth:`check`.
+    aligned : MaskedImage or None
+        The warped template, when :meth:`align` ran.
+    template_background, science_background : numpy.ndarray or None
+        The mesh backgrounds removed (``useAfwBackground``).
+    """
+
+    def __init__(self, template: Exposure, science: Exposure, config: MakeKernelConfig) -> None:
+        self.template = template
+        self.science = science
+        self.config = config
+        self.kcfg = config.kernel.active
+        self.reader: InMemoryPair | None = None
+        self.aligned: MaskedImage | None = None
+        self.template_background: np.ndarray | None = None
+        self.science_background: np.ndarray | None = None
+
+    def refuse_grids(self) -> None:
+        tmpl, sci = self.template, self.science
+        if self.kcfg.warpingConfig.doAlign and (tmpl.wcs is None) != (sci.wcs is None):
+            which = "template" if tmpl.wcs is None else "science"
+            raise InputError(
+                f"template shape {tmpl.shape} differs from science shape {sci.shape} and "
+                f"aligning them needs a WCS on both exposures; the {which} has none"
+            )
         raise InputError(
-            f"template shape {template.shape} differs from science shape {science.shape}; "
+            f"template shape {tmpl.shape} differs from science shape {sci.shape}; "
             "warp the template onto the science grid (Exposures with WCS are aligned "
             "automatically when warpingConfig.doAlign is True)"
         )
-    exempt = tuple(dict.fromkeys(("NO_DATA",) + tuple(bad_planes)))
-    template.masked_image.validate("template", exempt)
-    science.masked_image.validate("science", exempt)
 
+    def align(self) -> None:
+        from ..prep.align import warp_exposure
 
-def _needs_alignment(template: Exposure, science: Exposure, cfg) -> bool:
-    if not cfg.warpingConfig.doAlign or template.wcs is None or science.wcs is None:
-        return False
-    if template.shape != science.shape:
-        return True
-    ny, nx = science.shape
-    xs = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2])
-    ys = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2])
-    world = science.wcs.pixel_to_world_values(xs, ys)
-    xt, yt = template.wcs.world_to_pixel_values(*world)
-    return bool(np.max(np.hypot(np.asarray(xt) - xs, np.asarray(yt) - ys)) > 1e-3)
+        self.template = warp_exposure(self.template, self.science, self.kcfg.warpingConfig)
+        self.aligned = self.template.masked_image
+
+    def check(self) -> None:
+        exempt = exempt_planes(self.kcfg)
+        self.template.masked_image.validate("template", exempt)
+        self.science.masked_image.validate("science", exempt)
+        self.reader = InMemoryPair(self.template.masked_image, self.science.masked_image)
+
+    def remove_backgrounds(self) -> None:
+        from ..prep.background import mesh_background
+
+        t_mi, s_mi = self.reader.template, self.reader.science
+        bg_t = mesh_background(t_mi, self.kcfg.afwBackgroundConfig)
+        bg_s = mesh_background(s_mi, self.kcfg.afwBackgroundConfig)
+        self.reader = InMemoryPair(
+            MaskedImage(t_mi.image - bg_t, t_mi.variance, t_mi.mask, t_mi.mask_planes),
+            MaskedImage(s_mi.image - bg_s, s_mi.variance, s_mi.mask, s_mi.mask_planes),
+        )
+        self.template_background, self.science_background = bg_t, bg_s
+
+    def detect(self, on_template: bool, saturation: float | None) -> Table:
+        image = self.reader.template if on_template else self.reader.science
+        return detect_kernel_sources(image, self.config, saturation)
+
+    def measure_fwhms(
+        self, x: np.ndarray, y: np.ndarray, which: tuple[bool, bool]
+    ) -> tuple[float | None, float | None]:
+        return measure_pair_fwhm(
+            self.reader,
+            x,
+            y,
+            self.reader.science.shape,
+            tuple(self.kcfg.badMaskPlanes),
+            which,
+        )
+
+    def swap_roles(self) -> None:
+        self.reader = InMemoryPair(self.reader.science, self.reader.template)
 
 
 class MakeKernelTask:
@@ -251,109 +309,16 @@ class MakeKernelTask:
         -------
         MakeKernelResult
         """
-        if mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         cfg = self.config
         cfg.validate()
-        kcfg = cfg.kernel.active
-        tmpl = as_exposure(template, "template")
-        sci = as_exposure(science, "science")
-        bad_planes = tuple(kcfg.badMaskPlanes)
-        aligned = None
-        if _needs_alignment(tmpl, sci, kcfg):
-            from ..prep.align import warp_exposure
-
-            tmpl = warp_exposure(tmpl, sci, kcfg.warpingConfig)
-            aligned = tmpl.masked_image
-        elif (
-            tmpl.shape != sci.shape
-            and kcfg.warpingConfig.doAlign
-            and (tmpl.wcs is None) != (sci.wcs is None)
-        ):
-            which = "template" if tmpl.wcs is None else "science"
-            raise InputError(
-                f"template shape {tmpl.shape} differs from science shape {sci.shape} and "
-                f"aligning them needs a WCS on both exposures; the {which} has none"
-            )
-        _check_pair(tmpl, sci, bad_planes)
-        t_mi, s_mi = tmpl.masked_image, sci.masked_image
-        meta: dict[str, Any] = {"aligned": aligned is not None, "preconvolved": bool(preconvolved)}
-
-        bg_t = bg_s = None
-        if kcfg.useAfwBackground:
-            from ..prep.background import mesh_background
-
-            bg_t = mesh_background(t_mi, kcfg.afwBackgroundConfig)
-            bg_s = mesh_background(s_mi, kcfg.afwBackgroundConfig)
-            t_mi = MaskedImage(t_mi.image - bg_t, t_mi.variance, t_mi.mask, t_mi.mask_planes)
-            s_mi = MaskedImage(s_mi.image - bg_s, s_mi.variance, s_mi.mask, s_mi.mask_planes)
-
-        if kernelSources is None:
-            from ..prep.sources import detect_sources
-
-            det_on = t_mi if kcfg.detectionConfig.detOnTemplate else s_mi
-            guess_half = kcfg.detectionConfig.stamp_half_width(kcfg.kernelSize)
-            det_exp = tmpl if kcfg.detectionConfig.detOnTemplate else sci
-            saturation = next(
-                (float(det_exp.meta[k]) for k in SATURATION_KEYS if k in det_exp.meta),
-                None,
-            )
-            kernelSources = detect_sources(
-                det_on,
-                cfg.selectDetection,
-                cfg.selectMeasurement,
-                bad_planes,
-                guess_half,
-                kcfg.detectionConfig,
-                saturation,
-            )
-            meta["detected_sources"] = len(kernelSources)
-        elif not isinstance(kernelSources, Table):
-            raise InputError(
-                f"kernelSources must be an astropy Table, got {type(kernelSources).__name__}"
-            )
-        if len(kernelSources) == 0:
-            raise NoCandidatesError("kernelSources is empty: no stars to fit a kernel on")
-        x, y = source_positions(kernelSources, sci)
-        ids = (
-            np.asarray(kernelSources["id"])
-            if "id" in kernelSources.colnames
-            else np.arange(len(kernelSources))
-        )
-
-        # Stars are measured in id order, so the FWHM does not depend on the list order.
-        by_id = np.argsort(ids, kind="stable")
-        fwhm_t, fwhm_s = self._fwhms(tmpl, sci, t_mi, s_mi, x[by_id], y[by_id], bad_planes, kcfg)
-        if preconvolved and fwhm_s is not None:
-            fwhm_s *= np.sqrt(2.0)
-        meta["template_fwhm"], meta["science_fwhm"] = fwhm_t, fwhm_s
-        require_fwhms(kcfg, fwhm_t, fwhm_s)
-        mode = choose_mode(mode, fwhm_t, fwhm_s)
-        meta["mode"] = mode
-        if mode == "convolveScience":
-            # The kernel now matches the science image to the template.
-            t_mi, s_mi = s_mi, t_mi
-            fwhm_t, fwhm_s = fwhm_s, fwhm_t
-        basis = basis_from_config(kcfg, fwhm_t, fwhm_s)
-        meta["basis"] = {
-            "kind": basis.kind,
-            "size": basis.size,
-            "kernel_size": basis.kernel_size,
-            **basis.description,
-        }
-
-        plan = make_cell_plan(cfg, basis, s_mi.shape)
-        placement = SourcePlacement.from_positions(ids, x, y, plan)
-        read = InMemoryPair(t_mi, s_mi)
-        # Single-threaded BLAS, as in the Dask workers: bit-identical results.
-        with threadpool_limits(1, user_api="blas"):
-            results = [
-                fit_cell(plan, cell, idx, placement.xc[idx], placement.yc[idx], read)
-                for cell, idx in placement.cells()
-            ]
-            outcome, table, solve_meta = reduce_cells(plan, placement, results)
+        work = InMemoryWork(as_exposure(template, "template"), as_exposure(science, "science"), cfg)
+        prepared = prepare_fit(work, cfg, kernelSources, preconvolved, mode)
+        meta, mode = prepared.metadata, prepared.mode
+        outcome, table, solve_meta = _fit_cells(prepared.plan, prepared.placement, work.reader)
         meta.update(solve_meta)
-        quality = assess(table, meta, outcome.solution, kcfg)
+        quality = assess(table, meta, outcome.solution, cfg.kernel.active)
+        bg_t, bg_s = work.template_background, work.science_background
         return MakeKernelResult(
             SpatialKernel(outcome.solution),
             BackgroundModel(
@@ -363,7 +328,7 @@ class MakeKernelTask:
             table,
             outcome.solution,
             meta,
-            aligned,
+            work.aligned,
             bg_s,
             bg_t,
             mode,
@@ -371,81 +336,13 @@ class MakeKernelTask:
             cfg.copy(),
         )
 
-    @staticmethod
-    def _fwhms(tmpl, sci, t_mi, s_mi, x, y, bad_planes, kcfg) -> tuple[float | None, float | None]:
-        """PSF FWHMs: from the exposures' PSF models, else measured on the sources."""
-        fwhm_t = exposure_fwhm(tmpl, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
-        fwhm_s = exposure_fwhm(sci, kcfg.fwhmExposureGrid, kcfg.fwhmExposureBuffer)
-        if not kcfg.scaleByFwhm or (fwhm_t is not None and fwhm_s is not None):
-            return fwhm_t, fwhm_s
-        mt, ms = measure_pair_fwhm(
-            InMemoryPair(t_mi, s_mi),
-            x,
-            y,
-            s_mi.shape,
-            bad_planes,
-            (fwhm_t is None, fwhm_s is None),
-        )
-        return (mt if fwhm_t is None else fwhm_t), (ms if fwhm_s is None else fwhm_s)
 
-
-def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, int]) -> CellPlan:
-    """Run-wide constants of the candidate stage, checked against the basis."""
-    kcfg = cfg.kernel.active
-    half_s = kcfg.detectionConfig.stamp_half_width(basis.kernel_size)
-    if 2 * half_s + 1 < basis.kernel_size:
-        raise ConfigError(
-            f"stamp of {2 * half_s + 1} px is smaller than the {basis.kernel_size} px kernel; "
-            "raise detectionConfig.fpGrowPix/fpGrowMin or lower kernelSize"
-        )
-    return CellPlan(
-        basis,
-        kcfg,
-        tuple(shape),
-        int(half_s),
-        basis.kernel_size // 2,
-        float(cfg.selectMeasurement.apertureRadius),
-        float(cfg.selectMeasurement.minSnr),
-        regularization_for(basis, kcfg),
-    )
-
-
-def require_fwhms(kcfg, fwhm_template: float | None, fwhm_science: float | None) -> None:
-    """Refuse to size the basis by FWHM (``scaleByFwhm``) without both FWHMs.
-
-    Raises
-    ------
-    InputError
-        Naming the image whose FWHM has no PSF model and could not be measured.
-    """
-    if not kcfg.scaleByFwhm or (fwhm_template is not None and fwhm_science is not None):
-        return
-    which = "template" if fwhm_template is None else "science"
-    raise InputError(
-        f"the {which} PSF FWHM could not be measured (no PSF model, and fewer than 3 "
-        "stars gave a width); give the exposure a psf_fwhm, provide kernelSources with "
-        "isolated stars, or set scaleByFwhm=False to use the configured basis as is"
-    )
-
-
-def choose_mode(mode: str, fwhm_template: float | None, fwhm_science: float | None) -> str:
-    """The direction of the convolution: ``mode`` itself, or for ``"auto"`` by FWHM.
-
-    ``"auto"`` convolves the template unless its PSF is wider than the science
-    image's, when matching it would need a deconvolution.
-
-    Raises
-    ------
-    InputError
-        In ``"auto"`` mode when either FWHM is unknown.
-    """
-    if mode != "auto":
-        return mode
-    if fwhm_template is None or fwhm_science is None:
-        which = "template" if fwhm_template is None else "science"
-        raise InputError(
-            f"mode='auto' needs both PSF widths, but the {which} FWHM could not be "
-            "measured (no PSF model and too few usable stars); give the exposures a "
-            "psf_fwhm or choose mode='convolveTemplate' or 'convolveScience'"
-        )
-    return "convolveScience" if fwhm_template > fwhm_science else "convolveTemplate"
+def _fit_cells(plan: CellPlan, placement: SourcePlacement, read: InMemoryPair):
+    """Fit every cell in turn and reduce them: ``(outcome, candidates, metadata)``."""
+    # Single-threaded BLAS, as in the Dask workers: bit-identical results.
+    with threadpool_limits(1, user_api="blas"):
+        results = [
+            fit_cell(plan, cell, idx, placement.xc[idx], placement.yc[idx], read)
+            for cell, idx in placement.cells()
+        ]
+        return reduce_cells(plan, placement, results)

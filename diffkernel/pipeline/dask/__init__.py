@@ -1,1 +1,1 @@
-"""The Dask executor: cluster connection, worker task functions and the driver."""
+"""The Dask executor: cluster, runner, tasks, checks, pre-fit work, fitting, provenance, driver."""

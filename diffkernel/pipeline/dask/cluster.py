@@ -1,0 +1,94 @@
+"""Where a pair runs: the Dask client, its workers' environment and the tile size."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+
+from ...errors import InputError
+
+__all__ = ["WORKER_ENVIRON", "connect", "default_tile_size"]
+
+#: Environment of LocalCluster workers. It replaces Dask's default, which also sets
+#: MALLOC_TRIM_THRESHOLD_=65536 and with it switches off glibc's adaptive mmap
+#: threshold (tasks undo that anyway, see :mod:`diffkernel.pipeline.dask.taskproc`).
+#: BLAS, OpenMP and Zarr's codec thread pool stay single-threaded: one task per core,
+#: and no worker borrowing its neighbour's core.
+WORKER_ENVIRON = {
+    "OMP_NUM_THREADS": 1,
+    "MKL_NUM_THREADS": 1,
+    "OPENBLAS_NUM_THREADS": 1,
+    "ZARR_THREADING__MAX_WORKERS": 1,
+}
+
+
+def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = None) -> int:
+    """Subtraction tile side: a multiple of the chunk side, at most 1024.
+
+    The largest such tile, unless the image would then have fewer than four tiles
+    (too few to keep two workers busy), when the largest one that gives four is taken.
+    """
+    c = max(int(chunks[0]), int(chunks[1]))
+    tile = c * max(1, 1024 // c)
+    if shape is not None:
+        while tile > c and -(-shape[0] // tile) * -(-shape[1] // tile) < 4:
+            tile -= c
+    return tile
+
+
+@contextlib.contextmanager
+def connect(
+    client=None,
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    progress: bool = False,
+) -> Iterator[Any]:
+    """A ``distributed.Client``: the one given, one to ``scheduler``, or a LocalCluster.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Used as is (not closed).
+    scheduler : str, optional
+        Address such as ``tcp://host:8786`` of a running scheduler.
+    n_workers : int, optional
+        Worker processes of the LocalCluster started when neither is given
+        (default: one per core), each single-threaded.
+    progress : bool
+        Print the dashboard link.
+    """
+    from distributed import Client, LocalCluster
+
+    if client is not None:
+        yield client
+        return
+    if scheduler is not None:
+        try:
+            own = Client(scheduler, timeout="20s")
+        except OSError as err:
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
+        try:
+            if progress:
+                print(f"diffkernel: scheduler {scheduler}, dashboard {own.dashboard_link}")
+            yield own
+        finally:
+            own.close()
+        return
+    workers = n_workers or os.cpu_count() or 1
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}),
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+        ) as cluster,
+        Client(cluster) as own,
+    ):
+        if progress:
+            print(f"diffkernel: LocalCluster of {workers} workers, dashboard {own.dashboard_link}")
+        yield own

@@ -1,0 +1,230 @@
+"""The Dask tasks of a pair: module-level functions that run in the workers.
+
+Each reads what it needs from Zarr itself (no image goes through the scheduler) and
+calls the same function as :class:`diffkernel.MakeKernelTask` on the same region,
+so the result equals the in-memory path's. The validation and hashing tasks are in
+:mod:`diffkernel.pipeline.dask.checks`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...config import MakeKernelConfig
+from ...image import MaskedImage
+from ...io.zarr.store import ZarrImage, write_tile
+from ...kernel.cells import CellResult, fit_cell, reduce_cells
+from ...kernel.device import array_backend
+from ...kernel.spatial import SpatialSolution
+from ...kernel.subtract import (
+    SubtractionKernels,
+    difference_tile,
+    padded_template,
+    prepare_science,
+    prepare_template,
+)
+from ...prep.align import warp_region
+from ...quality import difference_histograms
+from ..stages import detect_kernel_sources
+from .taskproc import prepare_task_process
+
+__all__ = [
+    "ZarrPair",
+    "in_task_process",
+    "read_array",
+    "warp_task",
+    "background_task",
+    "detect_task",
+    "cells_task",
+    "reduce_task",
+    "device_ready",
+    "solution_of",
+    "tile_task",
+]
+
+
+class ZarrPair:
+    """Region reader over a template and a science image in Zarr (picklable).
+
+    Parameters
+    ----------
+    template, science : ZarrImage
+        Aligned images of the same shape.
+    template_background, science_background : tuple of (path, array name), optional
+        Mesh backgrounds to remove, stored as 2-D arrays.
+    cached : bool
+        Read through the per-process chunk cache (for many small regions).
+    stored : bool
+        Give the pixels in their stored dtype, unchecked
+        (:meth:`~diffkernel.io.zarr.store.ZarrImage.read_stored`): for the cells, which run
+        alongside the check and convert only the stamps they cut to float64.
+    """
+
+    def __init__(
+        self,
+        template: ZarrImage,
+        science: ZarrImage,
+        template_background: tuple[str, str] | None = None,
+        science_background: tuple[str, str] | None = None,
+        cached: bool = True,
+        stored: bool = False,
+    ) -> None:
+        self.template = template
+        self.science = science
+        self.template_background = template_background
+        self.science_background = science_background
+        self.cached = cached
+        self.stored = stored
+
+    def reading(self, *, cached: bool | None = None, stored: bool | None = None) -> ZarrPair:
+        """The same images and backgrounds, read another way (None: as this one)."""
+        return ZarrPair(
+            self.template,
+            self.science,
+            self.template_background,
+            self.science_background,
+            self.cached if cached is None else cached,
+            self.stored if stored is None else stored,
+        )
+
+    def swapped(self) -> ZarrPair:
+        """The science image (and its background) as the template, and the other way."""
+        return ZarrPair(
+            self.science,
+            self.template,
+            self.science_background,
+            self.template_background,
+            self.cached,
+            self.stored,
+        )
+
+    def __call__(self, y0: int, y1: int, x0: int, x1: int) -> tuple[MaskedImage, MaskedImage]:
+        read = "read_stored" if self.stored else "read"
+        t = getattr(self.template, read)(y0, y1, x0, x1, cached=self.cached)
+        s = getattr(self.science, read)(y0, y1, x0, x1, cached=self.cached)
+        if self.template_background is not None:
+            t.image = t.image - read_array(self.template_background, y0, y1, x0, x1)
+        if self.science_background is not None:
+            s.image = s.image - read_array(self.science_background, y0, y1, x0, x1)
+        return t, s
+
+
+def in_task_process(fn, *args):
+    """``fn(*args)`` in a process made ready for diffkernel's tasks.
+
+    Every task goes through here (:func:`diffkernel.pipeline.dask.taskproc.prepare_task_process`:
+    single-threaded BLAS, and glibc's memory thresholds where Dask's nanny lowered
+    them), whatever started the worker.
+    """
+    prepare_task_process()
+    return fn(*args)
+
+
+def read_array(ref: tuple[str, str], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """A region of a 2-D float array ``(store path, array name)``, as float64."""
+    import zarr
+
+    path, name = ref
+    return np.asarray(zarr.open_array(path, path=name, mode="r")[y0:y1, x0:x1], dtype=np.float64)
+
+
+def warp_task(
+    template: ZarrImage, science_wcs, out: str, y0: int, y1: int, x0: int, x1: int, config
+) -> bool:
+    """Warp one tile of the template onto the science grid and write it; whether it is covered."""
+    tile, covered = warp_region(
+        lambda a, b, c, d: template.read(a, b, c, d),
+        template.wcs,
+        template.shape,
+        template.mask_planes,
+        science_wcs,
+        y0,
+        y1,
+        x0,
+        x1,
+        config,
+    )
+    write_tile(out, "aligned_template", y0, x0, tile.image, tile.variance, tile.mask)
+    return covered
+
+
+def background_task(image: ZarrImage, config, out: str, name: str, chunks) -> tuple[str, str]:
+    """Write the mesh background of an image into ``out``; its ``(path, array name)``."""
+    import zarr
+
+    from ...prep.background import mesh_background
+
+    ny, nx = image.shape
+    background = mesh_background(image.read(0, ny, 0, nx), config)
+    root = zarr.open_group(out, mode="r+")
+    array = root.create_array(
+        f"backgrounds/{name}", shape=background.shape, chunks=chunks, dtype=np.float64
+    )
+    array[:] = background
+    return out, f"backgrounds/{name}"
+
+
+def detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, saturation):
+    """:func:`~diffkernel.pipeline.stages.detect_kernel_sources` on one whole image."""
+    ny, nx = reader.science.shape
+    template, science = reader(0, ny, 0, nx)
+    return detect_kernel_sources(template if on_template else science, cfg, saturation)
+
+
+def cells_task(plan, work, reader) -> CellResult:
+    """The sufficient statistics of a group of cells, ``work`` = (cell, index, xc, yc)."""
+    return CellResult.merge(
+        [fit_cell(plan, cell, index, xc, yc, reader) for cell, index, xc, yc in work]
+    )
+
+
+def reduce_task(plan, placement, *results):
+    """:func:`~diffkernel.kernel.cells.reduce_cells` of every group's statistics."""
+    return reduce_cells(plan, placement, list(results))
+
+
+def device_ready(device: str) -> str:
+    """Raise in a worker that cannot run the convolutions on ``device``."""
+    return array_backend(device).device
+
+
+def solution_of(reduction) -> SpatialSolution:
+    """The kernel and background model of a reduction's outcome."""
+    return reduction[0].solution
+
+
+def tile_task(
+    kernels: SubtractionKernels,
+    reader: ZarrPair,
+    planes: dict[str, int],
+    out: str,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    sign: float = 1.0,
+    footprints: tuple[np.ndarray, np.ndarray, float] | None = None,
+) -> np.ndarray:
+    """Write one tile of the difference; its sky and footprint z histograms.
+
+    ``footprints`` is ``(xc, yc, radius)`` of the candidates near the tile
+    (:func:`diffkernel.quality.difference_histograms`).
+    """
+    ny, nx = reader.science.shape
+    h = kernels.half
+    ty0, ty1, tx0, tx1 = max(y0 - h, 0), min(y1 + h, ny), max(x0 - h, 0), min(x1 + h, nx)
+    # The check stage validated every pixel: read them as stored (no float64 copies).
+    template = reader.template.read_stored(ty0, ty1, tx0, tx1)
+    t_bg = s_bg = None
+    if reader.template_background is not None:
+        t_bg = read_array(reader.template_background, ty0, ty1, tx0, tx1)
+        s_bg = read_array(reader.science_background, y0, y1, x0, x1)
+    template = prepare_template(template, planes, t_bg)
+    science = prepare_science(reader.science.read_stored(y0, y1, x0, x1), planes, s_bg)
+    padded = padded_template(template, y0, y1, x0, x1, h, origin=(ty0, tx0))
+    diff, var, mask = difference_tile(padded, science, kernels, y0, x0, (ny, nx))
+    if sign < 0:  # convolveScience: K * S + b - T, science minus template
+        diff = -diff
+    write_tile(out, "difference", y0, x0, diff, var, mask)
+    xc, yc, radius = footprints if footprints is not None else (np.zeros(0, int),) * 2 + (0.0,)
+    return difference_histograms(diff, var, mask, (y0, x0), xc, yc, radius)
