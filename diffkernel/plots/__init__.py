@@ -106,11 +106,12 @@ def write_plots(
             (int(active.get("sizeCellX", 128)), int(active.get("sizeCellY", 128))),
         ),
     }
-    try:
-        from .io.zarr.store import ZarrImage
+    from ..errors import StoreError
+    from ..io.zarr.store import ZarrImage
 
+    try:
         template = ZarrImage.open(result.path, "aligned_template")
-    except Exception:  # no alignment was done: the input template is the one
+    except StoreError:  # no alignment was done: the input template is the one
         pass
     if template is not None and science is not None:
         figures["images"] = plot_images(
