@@ -31,7 +31,8 @@ from diffkernel.errors import (
     StoreError,
 )
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.io.fits import from_nddata, read_exposure, write_exposure
+from diffkernel.io.fits import read_exposure, write_exposure
+from diffkernel.io.nddata import from_nddata
 from diffkernel.io.zarr.results import ResultWriter, result_status
 from diffkernel.io.zarr.store import ZarrImage, ingest, write_image
 from diffkernel.pipeline.dask.driver import run_pair

@@ -15,7 +15,8 @@ from astropy.wcs import WCS
 
 from diffkernel.errors import InputError, StoreError
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.io.fits import from_nddata, read_exposure, to_nddata, write_exposure
+from diffkernel.io.fits import read_exposure, write_exposure
+from diffkernel.io.nddata import from_nddata, to_nddata
 from diffkernel.io.zarr import store
 from diffkernel.io.zarr.results import ResultWriter, open_result, result_status
 from diffkernel.io.zarr.store import (

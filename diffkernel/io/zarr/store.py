@@ -51,7 +51,9 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from ...errors import InputError, StoreError
 from ...image import Exposure, MaskedImage, as_exposure
-from ..fits import _wcs_header, from_nddata, read_exposure
+from ..fits import read_exposure
+from ..header import wcs_header
+from ..nddata import from_nddata
 from .chunkio import DirectChunks, chunk_pieces, direct_chunks, whole_chunks
 
 __all__ = [
@@ -347,7 +349,7 @@ def _wcs_cards(wcs: Any) -> dict[str, Any] | None:
     """A WCS, a FITS header or a mapping of cards as a JSON-safe dict of cards."""
     if wcs is None:
         return None
-    header = wcs if isinstance(wcs, fits.Header | Mapping) else _wcs_header(wcs)
+    header = wcs if isinstance(wcs, fits.Header | Mapping) else wcs_header(wcs)
     cards = {}
     for key, value in header.items():
         if key and key.upper() not in ("COMMENT", "HISTORY"):
@@ -556,7 +558,7 @@ def ingest(
     source : str, os.PathLike, Exposure, MaskedImage or astropy.nddata.NDData
         A FITS file (read with :func:`diffkernel.io.fits.read_exposure`, which estimates
         the variance of a plain image), an exposure, or an NDData/CCDData (converted with
-        :func:`diffkernel.io.fits.from_nddata`).
+        :func:`diffkernel.io.nddata.from_nddata`).
     path : str or os.PathLike
         Store directory, written atomically by :func:`write_image`.
     chunks : int or (int, int), optional
