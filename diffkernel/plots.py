@@ -258,7 +258,7 @@ def write_plots(
         ),  # fmt: skip
     }
     try:
-        from .io.zarr.store import ZarrImage
+        from .io.zarr.image import ZarrImage
 
         template = ZarrImage.open(result.path, "aligned_template")
     except Exception:  # no alignment was done: the input template is the one

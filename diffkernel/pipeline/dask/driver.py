@@ -52,8 +52,8 @@ from ...image import (
     with_mask_planes,
 )
 from ...io.fits import SATURATION_KEYS
+from ...io.zarr import ZarrImage, create_image_arrays, write_tile
 from ...io.zarr.results import ResultStore, ResultWriter, open_result
-from ...io.zarr.store import ZarrImage, create_image_arrays, write_tile
 from ...kernel.basis import basis_from_config
 from ...kernel.cells import CellResult, SourcePlacement, fit_cell, reduce_cells
 from ...kernel.device import array_backend
