@@ -2,13 +2,14 @@
 
 Everything downstream weights pixels by ``1 / variance`` and judges a difference image by
 ``difference / sqrt(variance)``, so the estimated plane must be honest: on blank sky,
-``(image - background) / sqrt(variance)`` must have unit scatter. The reader measures
+``(image - background) / sqrt(variance)`` must have unit scatter. The model measures
 
 * the sky level: the sigma-clipped median of the good pixels;
-* the sky noise: the sigma-clipped MAD standard deviation of the good pixels *after removing
-  a coarse background map* (clipped medians in 64-pixel boxes, median-filtered over 3x3
-  boxes, interpolated bilinearly). Without that step a sky gradient or an extended galaxy
-  widens the pixel histogram and inflates the noise;
+* the sky noise: the sigma-clipped MAD standard deviation of the good pixels *about the
+  mesh sky* of :func:`diffkernel.prep.background.sky_mesh`, the package's one sky model
+  (medians in 64-pixel boxes, at most half the image, median-filtered over 3x3 boxes,
+  interpolated bilinearly). Without that step a sky gradient or an extended galaxy widens
+  the pixel histogram and inflates the noise;
 
 and then takes one of four paths, recorded in ``exposure.meta["variance_model"]``:
 
@@ -63,11 +64,9 @@ from typing import Any
 
 import numpy as np
 from astropy.stats import sigma_clipped_stats
-from astropy.utils.exceptions import AstropyUserWarning
-from scipy import ndimage
-from scipy.interpolate import RegularGridInterpolator
 
 from ..errors import InputError
+from .background import sky_mesh
 
 __all__ = ["estimate_variance"]
 
@@ -77,8 +76,13 @@ _POISSON_TOLERANCE = 1.25
 _RESAMPLING_RANGE = (1.0 / 3.0, 1.5)
 #: The sky counts as not subtracted when its level exceeds this many sky sigmas.
 _PEDESTAL_SIGMAS = 5.0
-#: Box size (pixels) of the coarse background map used to measure the sky noise.
-_BACKGROUND_BOX = 64
+#: The sky about which the noise is measured: the mesh sky of prep.background, medians in
+#: boxes of this side (pixels) median-filtered over this many boxes. Medians rather than
+#: sep's clipped means (the subtraction's default), because sep drops every box that is
+#: more than half masked and returns a zero sky when all are; a median needs one pixel.
+_SKY_BOX = 64
+_SKY_FILTER = 3
+_SKY_STATISTIC = "MEDIAN"
 
 
 def estimate_variance(
@@ -174,45 +178,26 @@ def estimate_variance(
 
 
 def _sky_statistics(image: np.ndarray, good: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """Return the sky level, the sky noise about a coarse background map, and that map."""
+    """Return the sky level, the sky noise about the mesh sky, and that sky."""
     _, level, _ = sigma_clipped_stats(image, mask=~good, sigma=3.0, maxiters=10)
-    background = _background_map(image, good, float(level))
+    box = _sky_box(image.shape)
+    if box is None:
+        background = np.full(image.shape, float(level))
+    else:
+        background = sky_mesh(
+            image, ~good, bin_size=box, filter_size=_SKY_FILTER, statistic=_SKY_STATISTIC
+        )
     _, _, noise = sigma_clipped_stats(
         image - background, mask=~good, sigma=3.0, maxiters=10, stdfunc="mad_std"
     )
     return float(level), float(noise), background
 
 
-def _background_map(image: np.ndarray, good: np.ndarray, level: float) -> np.ndarray:
-    """Clipped medians in boxes, median-filtered over 3x3 boxes, interpolated bilinearly.
+def _sky_box(shape: tuple[int, int]) -> int | None:
+    """Mesh box side for an image: at most half the image, so that a gradient is followed.
 
-    The interpolation extrapolates linearly beyond the outer box centres, so a sky gradient
-    is followed up to the image edges.
+    None when that leaves boxes under 8 pixels, whose medians would be so noisy that
+    subtracting them would take real noise out of the measurement: the sky is then flat.
     """
-    ny, nx = image.shape
-    box = _BACKGROUND_BOX
-    if min(ny, nx) < 2 * box:
-        box = min(ny, nx) // 2
-    if box < 8:
-        return np.full(image.shape, level)
-    my, mx = -(-ny // box), -(-nx // box)
-    padded = np.full((my * box, mx * box), np.nan)
-    padded[:ny, :nx] = np.where(good, image, np.nan)
-    tiles = padded.reshape(my, box, mx, box).transpose(0, 2, 1, 3).reshape(my, mx, box * box)
-    valid = np.isfinite(tiles)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AstropyUserWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _, medians, _ = sigma_clipped_stats(tiles, mask=~valid, sigma=3.0, maxiters=5, axis=2)
-    medians = np.asarray(np.ma.filled(medians, np.nan), dtype=np.float64)
-    medians[valid.sum(axis=2) < 0.25 * box * box] = np.nan
-    medians = np.where(np.isfinite(medians), medians, level)
-    medians = ndimage.median_filter(medians, size=3, mode="nearest")
-    if my < 2 or mx < 2:
-        return np.full(image.shape, float(np.median(medians)))
-    # Centres of the boxes; the last box in each direction may be cut short by the edge.
-    cy = np.minimum(np.arange(my) * box + (box - 1) / 2, (np.arange(my) * box + ny - 1) / 2)
-    cx = np.minimum(np.arange(mx) * box + (box - 1) / 2, (np.arange(mx) * box + nx - 1) / 2)
-    interp = RegularGridInterpolator((cy, cx), medians, bounds_error=False, fill_value=None)
-    yy, xx = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
-    return interp((yy, xx))
+    box = min(_SKY_BOX, min(shape) // 2)
+    return box if box >= 8 else None
