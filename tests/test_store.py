@@ -16,7 +16,7 @@ from astropy.wcs import WCS
 from diffkernel.errors import InputError, StoreError
 from diffkernel.image import Exposure, MaskedImage
 from diffkernel.io.fits import read_exposure, write_exposure
-from diffkernel.io.inputs import ingest
+from diffkernel.io.inputs import ingest, open_input
 from diffkernel.io.nddata import from_nddata, to_nddata
 from diffkernel.io.zarr import cache as chunk_caches
 from diffkernel.io.zarr import write as image_writing
@@ -191,6 +191,24 @@ def test_ingest_refuses_other_types(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="does not exist"):
         ingest(tmp_path / "missing.fits", tmp_path / "x.zarr")
     assert _siblings(tmp_path) == []
+
+
+def test_open_input_takes_every_kind(tmp_path: Path, exposure: Exposure) -> None:
+    """Zarr groups open in place; FITS files and in-memory images are stored in ``work``."""
+    work = tmp_path / "work"
+    exposure.meta = {"OBJECT": "field-1"}
+    write_exposure(tmp_path / "in.fits", exposure)
+    stored = write_image(tmp_path / "pair.zarr", exposure, group="science", chunks=CHUNKS)
+    opened = open_input(f"{tmp_path / 'pair.zarr'}#science", work, "unused")
+    assert (opened.path, opened.group, opened.uid) == (stored.path, "science", stored.uid)
+    assert open_input(opened, work, "unused") is opened
+    sources = {"fits": tmp_path / "in.fits", "nd": to_nddata(exposure), "exp": exposure}
+    for name, source in sources.items():
+        image = open_input(source, work, name, chunks=CHUNKS)
+        assert image.path == work / f"{name}.zarr" and image.chunks == (CHUNKS, CHUNKS)
+    assert sorted(p.name for p in work.iterdir()) == ["exp.zarr", "fits.zarr", "nd.zarr"]
+    with pytest.raises(InputError, match="source must be .* got ndarray"):
+        open_input(np.zeros((4, 4)), work, "bad")
 
 
 # ---------------------------------------------------------------- reading regions

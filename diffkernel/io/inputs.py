@@ -16,8 +16,8 @@ an Exposure or MaskedImage                stored
 ========================================  ===============================================
 
 :func:`ingest` stores one input as a new store; :func:`open_input` is what the command
-line and the batch runner call: a Zarr input is opened in place, a FITS file is stored in
-a work folder first.
+line and the batch runner call: a Zarr input is opened in place, anything else is stored
+in a work folder first.
 """
 
 from __future__ import annotations
@@ -81,31 +81,45 @@ def ingest(
 
 
 def open_input(
-    spec: str | os.PathLike, work: PathLike, name: str, chunks: Chunks = DEFAULT_CHUNKS
+    spec: Source | ZarrImage, work: PathLike, name: str, chunks: Chunks = DEFAULT_CHUNKS
 ) -> ZarrImage:
-    """An input image as a Zarr image group: a FITS file is ingested into ``work``.
+    """An input image as a Zarr image group; what is not one yet is stored in ``work``.
 
     Parameters
     ----------
-    spec : str or os.PathLike
-        A FITS file, a Zarr image store, or a group of one as ``store.zarr#group``.
+    spec : str, os.PathLike, ZarrImage, Exposure, MaskedImage or astropy.nddata.NDData
+        A Zarr image store, or a group of one as ``store.zarr#group`` (opened in place);
+        an opened :class:`~diffkernel.io.zarr.image.ZarrImage` (returned as it is); a FITS
+        file or an in-memory image (stored with :func:`ingest`).
     work : str or os.PathLike
-        Folder for ingested FITS inputs (created when needed).
+        Folder for stored inputs (created when needed).
     name : str
-        Name of the ingested store (``work/<name>.zarr``).
+        Name of a stored input (``work/<name>.zarr``).
     chunks : int or (int, int), optional
-        Tile side of an ingested store.
+        Tile side of a stored input.
 
     Returns
     -------
     ZarrImage
+
+    Raises
+    ------
+    InputError
+        If ``spec`` is of another type or unreadable as an image.
+    StoreError
+        If a Zarr input is not a diffkernel image group, or ``work/<name>.zarr`` exists.
     """
-    location, _, group = os.fspath(spec).partition("#")
-    source = Path(location)
-    if source.is_file():
-        Path(work).mkdir(parents=True, exist_ok=True)
-        return ingest(source, Path(work) / f"{name}.zarr", chunks=chunks)
-    return ZarrImage.open(source, group or None)
+    if isinstance(spec, ZarrImage):
+        return spec
+    if isinstance(spec, str | os.PathLike):
+        location, _, group = os.fspath(spec).partition("#")
+        source = Path(location)
+        if not source.is_file():
+            return ZarrImage.open(source, group or None)
+        spec = source
+    data = _in_memory(spec)
+    Path(work).mkdir(parents=True, exist_ok=True)
+    return write_image(Path(work) / f"{name}.zarr", data, chunks=chunks)
 
 
 def _in_memory(source: Source) -> Exposure | MaskedImage:
