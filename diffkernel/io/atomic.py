@@ -1,10 +1,11 @@
 """Atomic publishing of files and directories: a path holds the whole new output or nothing.
 
-Every output of diffkernel (a FITS file, a Zarr image store, a result store) is written
-under a *partial* name beside its target, ``<name>.partial-<uuid>``, and renamed onto the
-target only once complete, so an interrupted run never leaves half an output under the
-name a reader looks for. The partial lives in the target's directory because a rename is
-atomic only within one file system.
+Every whole output of diffkernel (a FITS file, a Zarr image store, a result store) is
+written under a *partial* name beside its target, ``<name>.partial-<uuid>``, and renamed
+onto the target only once complete, so an interrupted run never leaves half an output
+under the name a reader looks for. The partial lives in the target's directory because a
+rename is atomic only within one file system. (A sub-group written into an existing store
+is written in place; see :func:`diffkernel.io.zarr.write.write_image`.)
 
 Publishing differs by kind, since POSIX renames a file onto an existing file atomically
 but never a directory onto a non-empty one:
