@@ -65,7 +65,7 @@ def peak_rss_gb() -> float:
 
 def make_store(n: int, path: Path):
     from diffkernel.image import Exposure, MaskedImage
-    from diffkernel.io.zarr.store import write_image
+    from diffkernel.io.zarr.write import write_image
     from diffkernel.simulate import make_pair
 
     pair = make_pair((n, n), seed=42, template_depth=4)
@@ -204,7 +204,7 @@ def measure(path: Path, tmp: Path, sources, repeats: int, device: str = "cpu") -
     the run with the median wall and the workers' peak memory.
     """
     from diffkernel import MakeKernelConfig
-    from diffkernel.io.zarr.store import clear_chunk_cache
+    from diffkernel.io.zarr.cache import clear_chunk_cache
     from diffkernel.pipeline.dask.cluster import connect
     from diffkernel.pipeline.dask.driver import run_pair
 

@@ -195,7 +195,7 @@ def _run_one(
 
     from astropy.table import Table
 
-    from .io.zarr.store import open_input
+    from .io.inputs import open_input
     from .pipeline.dask.driver import run_pair
 
     if stop.is_set():

@@ -44,7 +44,7 @@ def _float32(exposure):
 def _demo(args: argparse.Namespace) -> int:
     from .image import Exposure
     from .io.fits import write_exposure
-    from .io.zarr.store import write_image
+    from .io.zarr.write import write_image
     from .pipeline.dask.driver import run_pair
     from .simulate import make_pair
 
@@ -73,7 +73,7 @@ def _demo(args: argparse.Namespace) -> int:
         out / "difference.fits", Exposure(diff, wcs=result.difference.wcs), overwrite=True
     )
     result.candidates.write(out / "candidates.ecsv", overwrite=True)
-    from .io.zarr.store import ZarrImage
+    from .io.zarr.image import ZarrImage
     from .plots import write_plots
 
     plots = write_plots(
@@ -112,7 +112,7 @@ def _load_config(path: str | None):
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from .io.zarr.store import ingest
+    from .io.inputs import ingest
 
     image = ingest(args.input, args.output, chunks=args.chunks, overwrite=args.overwrite)
     print(
@@ -130,7 +130,7 @@ def _subtract(args: argparse.Namespace) -> int:
 
     from .image import Exposure
     from .io.fits import write_exposure
-    from .io.zarr.store import open_input
+    from .io.inputs import open_input
     from .pipeline.dask.driver import run_pair
 
     cfg = _load_config(args.config)

@@ -7,7 +7,7 @@ import pytest
 
 from diffkernel.config import AfwBackgroundConfig
 from diffkernel.image import MaskedImage
-from diffkernel.prep.background import mesh_background
+from diffkernel.prep.background import mesh_background, sky_mesh
 
 NY, NX = 192, 256
 
@@ -117,3 +117,15 @@ def test_mesh_background_everything_masked_is_zero():
     mi.set_plane("BAD", np.ones((NY, NX), bool))
     bkg = mesh_background(mi, AfwBackgroundConfig(binSize=64, statistic="MEDIAN"))
     np.testing.assert_array_equal(bkg, 0.0)
+
+
+@pytest.mark.parametrize("statistic", ["MEANCLIP", "MEDIAN", "MEAN"])
+def test_sky_mesh_is_the_mesh_background(starry, statistic):
+    """sky_mesh, on arrays, is the background mesh_background computes from a config."""
+    mi, star_pix = starry
+    mi = mi.copy()
+    mi.set_plane("DETECTED", star_pix)
+    cfg = AfwBackgroundConfig(binSize=32, statistic=statistic, filterSize=3)
+    ignore = (mi.mask & mi.bitmask(cfg.ignoredPixelMask)) != 0
+    sky = sky_mesh(mi.image, ignore, bin_size=32, filter_size=3, statistic=statistic)
+    np.testing.assert_array_equal(sky, mesh_background(mi, cfg))

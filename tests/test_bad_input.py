@@ -31,9 +31,12 @@ from diffkernel.errors import (
     StoreError,
 )
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.io.fits import from_nddata, read_exposure, write_exposure
+from diffkernel.io.fits import read_exposure, write_exposure
+from diffkernel.io.inputs import ingest
+from diffkernel.io.nddata import from_nddata
+from diffkernel.io.zarr.image import ZarrImage
 from diffkernel.io.zarr.results import ResultWriter, result_status
-from diffkernel.io.zarr.store import ZarrImage, ingest, write_image
+from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.dask.driver import run_pair
 from diffkernel.prep.align import warp_exposure
 from diffkernel.simulate import make_pair

@@ -8,8 +8,8 @@ import zarr
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec, TransposeCodec, ZstdCodec
 
 from diffkernel.errors import StoreError
+from diffkernel.io.zarr.cache import clear_chunk_cache
 from diffkernel.io.zarr.chunkio import direct_chunks
-from diffkernel.io.zarr.store import clear_chunk_cache
 
 
 def _array(tmp_path, values, name="a", chunks=(16, 16), fill_value=0, **kwargs):
@@ -181,7 +181,7 @@ def test_damaged_chunk_is_an_error_naming_it(tmp_path, damage, compressors):
 
 def test_zarr_image_reads_through_it(tmp_path):
     """ZarrImage's direct and cached reads use the chunk reader and equal zarr's values."""
-    from diffkernel.io.zarr.store import write_image
+    from diffkernel.io.zarr.write import write_image
     from diffkernel.simulate import make_pair
 
     pair = make_pair((70, 90), seed=3, n_stars=5)
@@ -201,7 +201,8 @@ def test_rewritten_group_is_read_afresh(tmp_path):
     """Opened arrays are kept per process by the group's uid: a rewrite is not read stale."""
     import pickle
 
-    from diffkernel.io.zarr.store import ZarrImage, write_image
+    from diffkernel.io.zarr.image import ZarrImage
+    from diffkernel.io.zarr.write import write_image
     from diffkernel.simulate import make_pair
 
     first = make_pair((64, 64), seed=1, n_stars=3).science

@@ -132,7 +132,7 @@ def test_gpu_device_without_cupy_is_one_clear_line(tmp_path, capsys):
 
 def test_plots_of_a_result(tmp_path):
     """write_plots draws every debug display of a demo result as a non-empty PNG."""
-    from diffkernel.io.zarr.store import ZarrImage
+    from diffkernel.io.zarr.image import ZarrImage
     from diffkernel.plots import write_plots
 
     out = tmp_path / "demo"

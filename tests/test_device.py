@@ -190,7 +190,7 @@ def test_real_cupy_matches_the_cpu():  # pragma: no cover - needs a CUDA GPU
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
 def test_run_pair_on_a_missing_gpu_fails_before_any_output(tmp_path, client):
     """run_pair(device='gpu') asks every worker first and writes nothing without a GPU."""
-    from diffkernel.io.zarr.store import write_image
+    from diffkernel.io.zarr.write import write_image
     from diffkernel.pipeline.dask.driver import run_pair
 
     pair = make_pair((128, 128), seed=66)

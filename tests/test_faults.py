@@ -22,7 +22,7 @@ import pytest
 from diffkernel import MakeKernelConfig
 from diffkernel.image import Exposure, MaskedImage
 from diffkernel.io.zarr.results import open_result, result_status
-from diffkernel.io.zarr.store import write_image
+from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.dask.driver import run_pair
 from diffkernel.simulate import make_pair
 

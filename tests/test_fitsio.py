@@ -1,4 +1,5 @@
-"""Tests of diffkernel.io.fits: FITS round trips, atomic writes, errors, NDData, real files."""
+"""Tests of diffkernel.io.fits, .nddata and prep.variance: FITS round trips, atomic writes,
+errors, NDData, the variance of plain images, real files."""
 
 from __future__ import annotations
 
@@ -22,14 +23,9 @@ from scipy import ndimage
 
 from diffkernel.errors import InputError, StoreError
 from diffkernel.image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
-from diffkernel.io.fits import (
-    estimate_variance,
-    from_nddata,
-    read_exposure,
-    read_masked_image,
-    to_nddata,
-    write_exposure,
-)
+from diffkernel.io.fits import read_exposure, read_masked_image, write_exposure
+from diffkernel.io.nddata import from_nddata, to_nddata
+from diffkernel.prep.variance import estimate_variance
 
 REAL = Path("/work/shared/data/real")
 DECAM = REAL / "decam-sfft-mini" / "DEC-OBS04a.mini.fits"

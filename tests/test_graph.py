@@ -21,8 +21,10 @@ import pytest
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
 from diffkernel.errors import ConfigError, InputError, NoCandidatesError, StoreError
 from diffkernel.image import Exposure, MaskedImage
+from diffkernel.io.zarr.image import ZarrImage
+from diffkernel.io.zarr.layout import json_safe
 from diffkernel.io.zarr.results import result_status
-from diffkernel.io.zarr.store import ZarrImage, json_safe, write_image
+from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.dask.driver import run_pair
 from diffkernel.simulate import make_pair
 

@@ -92,7 +92,7 @@ def test_choose_mode_rules():
 
 def test_distributed_auto_mode_equals_serial(reversed_pair, tmp_path):
     """run_pair in auto mode makes the same choice and kernel as MakeKernelTask."""
-    from diffkernel.io.zarr.store import write_image
+    from diffkernel.io.zarr.write import write_image
     from diffkernel.pipeline.dask.driver import run_pair
 
     template, science, sources = reversed_pair

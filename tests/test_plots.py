@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
+from diffkernel.io.zarr import ZarrImage, write_image
 from diffkernel.io.zarr.results import ResultStore
-from diffkernel.io.zarr.store import ZarrImage, write_image
 from diffkernel.plots import plot_quality, write_plots
 from diffkernel.simulate import make_pair
 

@@ -16,7 +16,7 @@ from astropy.table import Table
 from diffkernel import MakeKernelConfig, MakeKernelTask
 from diffkernel.errors import InputError, NoCandidatesError
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.io.zarr.store import write_image
+from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.stages import PixelWork, basis_metadata, prepare_fit
 from diffkernel.simulate import make_pair
 

@@ -1,4 +1,4 @@
-"""Tests of diffkernel.io.zarr.store: image groups, the chunk cache, digests and result stores."""
+"""Tests of diffkernel.io.zarr: image groups, the chunk cache, digests, ingest and result stores."""
 
 from __future__ import annotations
 
@@ -15,18 +15,15 @@ from astropy.wcs import WCS
 
 from diffkernel.errors import InputError, StoreError
 from diffkernel.image import Exposure, MaskedImage
-from diffkernel.io.fits import from_nddata, read_exposure, to_nddata, write_exposure
-from diffkernel.io.zarr import store
+from diffkernel.io.fits import read_exposure, write_exposure
+from diffkernel.io.inputs import ingest, open_input
+from diffkernel.io.nddata import from_nddata, to_nddata
+from diffkernel.io.zarr import cache as chunk_caches
+from diffkernel.io.zarr import write as image_writing
+from diffkernel.io.zarr.image import ZarrImage
+from diffkernel.io.zarr.layout import ATTR_KEY, json_safe
 from diffkernel.io.zarr.results import ResultWriter, open_result, result_status
-from diffkernel.io.zarr.store import (
-    ATTR_KEY,
-    ZarrImage,
-    create_image_arrays,
-    ingest,
-    json_safe,
-    write_image,
-    write_tile,
-)
+from diffkernel.io.zarr.write import create_image_arrays, write_image, write_tile
 from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis
 from diffkernel.kernel.spatial import SpatialFunctions, SpatialSolution
 
@@ -76,10 +73,10 @@ def image(tmp_path: Path, exposure: Exposure) -> ZarrImage:
 
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(store.CACHE_ENV_VAR, raising=False)
-    store.clear_chunk_cache()
+    monkeypatch.delenv(chunk_caches.CACHE_ENV_VAR, raising=False)
+    chunk_caches.clear_chunk_cache()
     yield
-    store.clear_chunk_cache()
+    chunk_caches.clear_chunk_cache()
 
 
 def _assert_same_pixels(a: MaskedImage, b: MaskedImage) -> None:
@@ -196,6 +193,24 @@ def test_ingest_refuses_other_types(tmp_path: Path) -> None:
     assert _siblings(tmp_path) == []
 
 
+def test_open_input_takes_every_kind(tmp_path: Path, exposure: Exposure) -> None:
+    """Zarr groups open in place; FITS files and in-memory images are stored in ``work``."""
+    work = tmp_path / "work"
+    exposure.meta = {"OBJECT": "field-1"}
+    write_exposure(tmp_path / "in.fits", exposure)
+    stored = write_image(tmp_path / "pair.zarr", exposure, group="science", chunks=CHUNKS)
+    opened = open_input(f"{tmp_path / 'pair.zarr'}#science", work, "unused")
+    assert (opened.path, opened.group, opened.uid) == (stored.path, "science", stored.uid)
+    assert open_input(opened, work, "unused") is opened
+    sources = {"fits": tmp_path / "in.fits", "nd": to_nddata(exposure), "exp": exposure}
+    for name, source in sources.items():
+        image = open_input(source, work, name, chunks=CHUNKS)
+        assert image.path == work / f"{name}.zarr" and image.chunks == (CHUNKS, CHUNKS)
+    assert sorted(p.name for p in work.iterdir()) == ["exp.zarr", "fits.zarr", "nd.zarr"]
+    with pytest.raises(InputError, match="source must be .* got ndarray"):
+        open_input(np.zeros((4, 4)), work, "bad")
+
+
 # ---------------------------------------------------------------- reading regions
 
 
@@ -240,19 +255,19 @@ def test_read_outside_the_image_raises(image: ZarrImage, region) -> None:
 def test_chunk_cache_is_bounded(image: ZarrImage, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a budget of three float64 tiles, reads stay correct and the cache small."""
     budget_mb = 3 * CHUNKS * CHUNKS * 8 / 2**20
-    monkeypatch.setenv(store.CACHE_ENV_VAR, str(budget_mb))
-    store.clear_chunk_cache()
+    monkeypatch.setenv(chunk_caches.CACHE_ENV_VAR, str(budget_mb))
+    chunk_caches.clear_chunk_cache()
     whole = image.read(0, 100, 0, 130)
     for region in REGIONS:
         _assert_same_pixels(image.read(*region, cached=True), image.read(*region))
-    cache = store._chunk_cache()
+    cache = chunk_caches.chunk_cache()
     assert 0 < cache.nbytes <= cache.max_bytes == int(budget_mb * 2**20)
-    monkeypatch.setenv(store.CACHE_ENV_VAR, "0")
-    store.clear_chunk_cache()
+    monkeypatch.setenv(chunk_caches.CACHE_ENV_VAR, "0")
+    chunk_caches.clear_chunk_cache()
     _assert_same_pixels(image.read(0, 100, 0, 130, cached=True), whole)
-    assert len(store._chunk_cache()) == 0
-    monkeypatch.setenv(store.CACHE_ENV_VAR, "lots")
-    store.clear_chunk_cache()
+    assert len(chunk_caches.chunk_cache()) == 0
+    monkeypatch.setenv(chunk_caches.CACHE_ENV_VAR, "lots")
+    chunk_caches.clear_chunk_cache()
     with pytest.raises(InputError, match="DIFFKERNEL_CHUNK_CACHE_MB .* got 'lots'"):
         image.read(0, 1, 0, 1, cached=True)
 
@@ -390,7 +405,7 @@ def test_failed_write_leaves_nothing(
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "_fill_image_group", boom)
+    monkeypatch.setattr(image_writing, "_fill_image_group", boom)
     with pytest.raises(StoreError, match="failed to write .*disk full"):
         write_image(tmp_path / "a.zarr", exposure)
     assert _siblings(tmp_path) == []

@@ -19,7 +19,7 @@ from pathlib import Path
 from diffkernel import MakeKernelConfig
 from diffkernel.image import Exposure
 from diffkernel.io.fits import write_exposure
-from diffkernel.io.zarr.store import open_input
+from diffkernel.io.inputs import open_input
 from diffkernel.pipeline.dask.driver import run_pair
 
 

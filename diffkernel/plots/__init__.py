@@ -107,7 +107,7 @@ def write_plots(
         ),
     }
     from ..errors import StoreError
-    from ..io.zarr.store import ZarrImage
+    from ..io.zarr.image import ZarrImage
 
     try:
         template = ZarrImage.open(result.path, "aligned_template")

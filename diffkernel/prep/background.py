@@ -3,6 +3,11 @@
 ``sep`` (the C core of Source Extractor) computes a clipped statistic in each mesh
 box, median-filters the mesh and interpolates it with a bicubic spline; it is
 several times faster than pure-Python mesh estimators on large images.
+
+This is the one sky model of the package: the subtraction's background
+(:func:`mesh_background`, from an :class:`~diffkernel.config.AfwBackgroundConfig`) and
+the sky about which the noise of an image without a variance plane is measured
+(:mod:`diffkernel.prep.variance`) are both :func:`sky_mesh`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import sep
 
 from ..image import MaskedImage
 
-__all__ = ["mesh_background"]
+__all__ = ["mesh_background", "sky_mesh"]
 
 
 def mesh_background(masked_image: MaskedImage, config) -> np.ndarray:
@@ -24,27 +29,65 @@ def mesh_background(masked_image: MaskedImage, config) -> np.ndarray:
         Pixels to model; pixels in ``config.ignoredPixelMask`` planes are ignored.
     config : AfwBackgroundConfig
         ``binSize`` (mesh box in pixels), ``filterSize`` (median filter of the mesh)
-        and ``statistic``. ``MEANCLIP`` uses sep's clipped mode estimate
-        (``2.5 median - 1.5 mean`` when the distribution is crowded, else the clipped
-        median), ``MEDIAN`` and ``MEAN`` the plain statistics of each box.
+        and ``statistic``; see :func:`sky_mesh`.
 
     Returns
     -------
     numpy.ndarray
         The background, same shape as the image.
     """
-    image = np.ascontiguousarray(masked_image.image, dtype=np.float64)
     ignore = (masked_image.mask & masked_image.bitmask(config.ignoredPixelMask)) != 0
-    ignore |= ~np.isfinite(image)
+    return sky_mesh(
+        masked_image.image,
+        ignore,
+        bin_size=config.binSize,
+        filter_size=config.filterSize,
+        statistic=config.statistic,
+    )
+
+
+def sky_mesh(
+    image: np.ndarray,
+    ignore: np.ndarray,
+    *,
+    bin_size: int,
+    filter_size: int,
+    statistic: str = "MEANCLIP",
+) -> np.ndarray:
+    """Smooth sky of an image: a statistic in mesh boxes, median-filtered, interpolated.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        2-D pixel values.
+    ignore : numpy.ndarray of bool
+        Pixels left out of the estimate; non-finite pixels are left out too.
+    bin_size : int
+        Mesh box side in pixels (clipped to the image).
+    filter_size : int
+        Side of the median filter run over the mesh (odd; 1: none).
+    statistic : {"MEANCLIP", "MEDIAN", "MEAN"}, optional
+        ``MEANCLIP`` uses sep's clipped mode estimate (``2.5 median - 1.5 mean`` when
+        the distribution is crowded, else the clipped median) and a bicubic spline;
+        ``MEDIAN`` and ``MEAN`` the plain statistics of each box, interpolated linearly
+        between box centres.
+
+    Returns
+    -------
+    numpy.ndarray
+        The sky, float64, same shape as the image.
+    """
+    image = np.ascontiguousarray(image, dtype=np.float64)
+    ignore = np.asarray(ignore, dtype=bool) | ~np.isfinite(image)
     data = np.where(ignore, 0.0, image)
-    if config.statistic == "MEANCLIP":
+    if statistic == "MEANCLIP":
         bkg = sep.Background(
             data,
             mask=ignore,
-            bw=min(int(config.binSize), image.shape[1]),
-            bh=min(int(config.binSize), image.shape[0]),
-            fw=config.filterSize,
-            fh=config.filterSize,
+            bw=min(int(bin_size), image.shape[1]),
+            bh=min(int(bin_size), image.shape[0]),
+            fw=filter_size,
+            fh=filter_size,
         )
         return np.asarray(bkg.back(), dtype=np.float64)
     # Plain statistic per box, median-filtered, then interpolated linearly between box
@@ -54,7 +97,7 @@ def mesh_background(masked_image: MaskedImage, config) -> np.ndarray:
     from scipy.ndimage import median_filter
 
     ny, nx = image.shape
-    by, bx = min(int(config.binSize), ny), min(int(config.binSize), nx)
+    by, bx = min(int(bin_size), ny), min(int(bin_size), nx)
     y_edges = np.append(np.arange(0, ny, by), ny)
     x_edges = np.append(np.arange(0, nx, bx), nx)
     mesh = np.full((len(y_edges) - 1, len(x_edges) - 1), np.nan)
@@ -63,12 +106,12 @@ def mesh_background(masked_image: MaskedImage, config) -> np.ndarray:
             sl = (slice(y_edges[j], y_edges[j + 1]), slice(x_edges[i], x_edges[i + 1]))
             good = image[sl][~ignore[sl]]
             if good.size:
-                mesh[j, i] = np.median(good) if config.statistic == "MEDIAN" else good.mean()
+                mesh[j, i] = np.median(good) if statistic == "MEDIAN" else good.mean()
     if np.isnan(mesh).all():
         return np.zeros_like(image)
     mesh = np.where(np.isnan(mesh), np.nanmedian(mesh), mesh)
-    if config.filterSize > 1:
-        mesh = median_filter(mesh, size=config.filterSize, mode="nearest")
+    if filter_size > 1:
+        mesh = median_filter(mesh, size=filter_size, mode="nearest")
     yc = (y_edges[:-1] + y_edges[1:] - 1) / 2.0
     xc = (x_edges[:-1] + x_edges[1:] - 1) / 2.0
     if len(yc) == 1:

@@ -2,7 +2,7 @@
 
 A result store is a Zarr v3 store whose root attribute ``"diffkernel"`` has ``kind``
 ``"result"`` and ``complete``, plus root attributes ``metadata``, ``config`` and
-``provenance``. It holds the image group ``difference`` (see :mod:`diffkernel.io.zarr.store`),
+``provenance``. It holds the image group ``difference`` (see :mod:`diffkernel.io.zarr.layout`),
 the group ``solution`` (the arrays of a :class:`~diffkernel.kernel.spatial.SpatialSolution`
 and its basis, the rest in attributes) and the group ``candidates`` (one array per
 table column). :class:`ResultWriter` writes it in ``<path>.partial-<uuid>``, sets
@@ -31,28 +31,25 @@ from zarr.errors import UnstableSpecificationWarning
 from ...errors import InputError, StoreError
 from ...kernel.basis import KernelBasis
 from ...kernel.spatial import SpatialFunctions, SpatialSolution
-from .store import (
-    _STORE_ERRORS,
+from ..atomic import check_parent, publish, remove, sibling
+from .image import ZarrImage
+from .layout import (
     ATTR_KEY,
     LAYOUT_VERSION,
+    STORE_ERRORS,
     Chunks,
     PathLike,
-    ZarrImage,
-    _check_parent,
-    _decode_float,
-    _encode_float,
-    _group_info,
-    _member_array,
-    _now,
-    _open_root,
-    _publish,
-    _remove,
-    _require,
-    _sibling,
-    _sub_group,
-    create_image_arrays,
+    decode_float,
+    encode_float,
+    group_info,
     json_safe,
+    member_array,
+    open_root,
+    require_attr,
+    sub_group,
+    utc_now,
 )
+from .write import create_image_arrays
 
 __all__ = ["ResultStore", "ResultWriter", "open_result", "result_status"]
 
@@ -85,7 +82,7 @@ def _root_info_or_none(location: Path) -> dict[str, Any] | None:
     try:
         root = zarr.open_group(store=str(location), mode="r", zarr_format=3)
         info = root.attrs.asdict().get(ATTR_KEY)
-    except _STORE_ERRORS:
+    except STORE_ERRORS:
         return None
     return info if isinstance(info, dict) else None
 
@@ -120,15 +117,15 @@ class ResultWriter:
         self._path = Path(path).absolute()
         self._overwrite = bool(overwrite)
         _check_result_target(self._path, self._overwrite)
-        _check_parent(self._path)
-        self._partial = _sibling(self._path, "partial")
+        check_parent(self._path)
+        self._partial = sibling(self._path, "partial")
         root = zarr.open_group(store=str(self._partial), mode="w-", zarr_format=3)
         root.attrs[ATTR_KEY] = {
             "layout": LAYOUT_VERSION,
             "kind": "result",
             "complete": False,
             "uid": uuid.uuid4().hex,
-            "created": _now(),
+            "created": utc_now(),
         }
         self._state = "open"
 
@@ -154,7 +151,7 @@ class ResultWriter:
             raise StoreError(
                 f"cannot {action}: the writer of {str(self._path)!r} was already {self._state}"
             )
-        return _open_root(self._partial, mode="r+")
+        return open_root(self._partial, mode="r+")
 
     def create_difference(
         self,
@@ -270,10 +267,10 @@ class ResultWriter:
             }
         )
         info = dict(root.attrs[ATTR_KEY])
-        info.update(complete=True, finished=_now())
+        info.update(complete=True, finished=utc_now())
         root.attrs[ATTR_KEY] = info  # the last write: the store is complete from here on
         try:
-            _publish(self._partial, self._path, self._overwrite)
+            publish(self._partial, self._path, self._overwrite)
         except StoreError as exc:
             raise StoreError(
                 f"{exc}; the finished result is left at {str(self._partial)!r}"
@@ -285,7 +282,7 @@ class ResultWriter:
         """Remove the partial directory; the writer can no longer be used."""
         if self._state == "open":
             self._state = "aborted"
-        _remove(self._partial)
+        remove(self._partial)
 
 
 def _check_result_target(path: Path, overwrite: bool) -> None:
@@ -319,7 +316,7 @@ def _functions_attrs(functions: SpatialFunctions | None) -> dict[str, Any] | Non
     return {
         "model_type": functions.model_type,
         "order": int(functions.order),
-        "bbox": [_encode_float(v) for v in functions.bbox],
+        "bbox": [encode_float(v) for v in functions.bbox],
     }
 
 
@@ -349,7 +346,7 @@ def _write_solution(node: zarr.Group, solution: SpatialSolution) -> None:
         },
         "kernel_functions": _functions_attrs(solution.kernel_functions),
         "background_functions": _functions_attrs(solution.background_functions),
-        "condition": _encode_float(solution.condition),
+        "condition": encode_float(solution.condition),
         "notes": [str(note) for note in solution.notes],
     }
 
@@ -458,14 +455,14 @@ def open_result(path: PathLike) -> ResultStore:
         raise StoreError(f"{str(location)!r} is not a diffkernel result store")
     if status == "incomplete":
         raise StoreError(f"{str(location)!r} is incomplete: the run that wrote it did not finish")
-    root = _open_root(location)
-    _group_info(root, f"result store {str(location)!r}", "result")
+    root = open_root(location)
+    group_info(root, f"result store {str(location)!r}", "result")
     attrs = root.attrs.asdict()
     return ResultStore(
         path=location,
         difference=ZarrImage.open(location, "difference"),
-        solution=_read_solution(_sub_group(root, "solution", location), location),
-        candidates=_read_candidates(_sub_group(root, "candidates", location), location),
+        solution=_read_solution(sub_group(root, "solution", location), location),
+        candidates=_read_candidates(sub_group(root, "candidates", location), location),
         metadata=attrs.get("metadata") or {},
         config=attrs.get("config") or {},
         provenance=attrs.get("provenance") or {},
@@ -485,7 +482,7 @@ def _functions_from_attrs(attrs: Mapping[str, Any] | None, where: str) -> Spatia
     if attrs is None:
         return None
     try:
-        bbox = tuple(_decode_float(v) for v in attrs["bbox"])
+        bbox = tuple(decode_float(v) for v in attrs["bbox"])
         return SpatialFunctions(str(attrs["model_type"]), int(attrs["order"]), bbox)
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{where}: spatial functions {attrs!r} are invalid: {exc}") from exc
@@ -493,14 +490,14 @@ def _functions_from_attrs(attrs: Mapping[str, Any] | None, where: str) -> Spatia
 
 def _read_solution(node: zarr.Group, location: Path) -> SpatialSolution:
     where = f"group 'solution' of store {str(location)!r}"
-    info = _group_info(node, where, "solution")
+    info = group_info(node, where, "solution")
 
     def array(name: str, optional: bool = False) -> np.ndarray | None:
         if optional and name not in node:
             return None
-        return _member_array(node, name, where)[...]
+        return member_array(node, name, where)[...]
 
-    basis_info = _require(info, "basis", where)
+    basis_info = require_attr(info, "basis", where)
     separable = None
     if "separable_x" in node or "separable_y" in node:
         separable = (array("separable_x"), array("separable_y"))
@@ -514,7 +511,7 @@ def _read_solution(node: zarr.Group, location: Path) -> SpatialSolution:
         groups=tuple(int(g) for g in basis_info["groups"]),
         description=dict(basis_info.get("description") or {}),
     )
-    kernel_functions = _functions_from_attrs(_require(info, "kernel_functions", where), where)
+    kernel_functions = _functions_from_attrs(require_attr(info, "kernel_functions", where), where)
     if kernel_functions is None:
         raise StoreError(f"{where}: attribute {ATTR_KEY}.kernel_functions is null")
     return SpatialSolution(
@@ -523,7 +520,7 @@ def _read_solution(node: zarr.Group, location: Path) -> SpatialSolution:
         kernel_coeffs=array("kernel_coeffs"),
         background_functions=_functions_from_attrs(info.get("background_functions"), where),
         background_coeffs=array("background_coeffs"),
-        condition=_decode_float(_require(info, "condition", where)),
+        condition=decode_float(require_attr(info, "condition", where)),
         covariance=array("covariance", optional=True),
         notes=[str(note) for note in info.get("notes", [])],
     )
@@ -531,15 +528,15 @@ def _read_solution(node: zarr.Group, location: Path) -> SpatialSolution:
 
 def _read_candidates(node: zarr.Group, location: Path) -> Table:
     where = f"group 'candidates' of store {str(location)!r}"
-    info = _group_info(node, where, "candidates")
+    info = group_info(node, where, "candidates")
     columns = []
-    for spec in _require(info, "columns", where):
+    for spec in require_attr(info, "columns", where):
         name = spec["name"]
-        values = _member_array(node, name, where)[...]
+        values = member_array(node, name, where)[...]
         unit = None if spec.get("unit") is None else u.Unit(spec["unit"], parse_strict="silent")
         kwargs = {"name": name, "unit": unit, "description": spec.get("description")}
         if spec.get("masked"):
-            mask = _member_array(node, name + _MASK_SUFFIX, where)[...]
+            mask = member_array(node, name + _MASK_SUFFIX, where)[...]
             columns.append(MaskedColumn(values, mask=mask, **kwargs))
         else:
             columns.append(Column(values, **kwargs))

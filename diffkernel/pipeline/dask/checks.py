@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...image import pixel_validation_counts, plane_bits, report_validation, unusable_planes
-from ...io.zarr.store import ZarrImage
+from ...io.zarr.image import ZarrImage
 from .runner import TaskRunner
 
 __all__ = [

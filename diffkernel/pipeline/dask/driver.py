@@ -39,8 +39,8 @@ from astropy.table import Table
 
 from ...config import MakeKernelConfig
 from ...errors import ConfigError, InputError
+from ...io.zarr.image import ZarrImage
 from ...io.zarr.results import ResultStore, ResultWriter, open_result
-from ...io.zarr.store import ZarrImage
 from ...kernel.cells import SourcePlacement
 from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import SubtractionKernels, check_fft_options, merged_mask_planes
@@ -105,7 +105,7 @@ def run_pair(
     Parameters
     ----------
     science, template : ZarrImage, path or (path, group)
-        Image groups (see :mod:`diffkernel.io.zarr.store`); the template is warped onto the
+        Image groups (see :mod:`diffkernel.io.zarr.image`); the template is warped onto the
         science grid when their WCS differ (``warpingConfig.doAlign``).
     out : path
         Result store to publish; refused if it exists unless ``overwrite``.

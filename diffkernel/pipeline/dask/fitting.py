@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import NoCandidatesError
-from ...io.zarr.store import ZarrImage
+from ...io.zarr.image import ZarrImage
 from ...kernel.cells import SourcePlacement
 from ...kernel.spatial import SpatialSolution
 from ..stages import PreparedFit

@@ -17,7 +17,8 @@ from astropy.table import Table
 from ...config import MakeKernelConfig
 from ...errors import InputError
 from ...image import with_mask_planes
-from ...io.zarr.store import ZarrImage, create_image_arrays
+from ...io.zarr.image import ZarrImage
+from ...io.zarr.write import create_image_arrays
 from ...prep.align import WARP_TILE, check_overlap, check_wcs, warp_tiles
 from ...prep.psf import measure_pair_fwhm
 from ..stages import PixelWork, exempt_planes

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
-from ...io.zarr.store import ZarrImage
+from ...io.zarr.image import ZarrImage
 
 __all__ = ["provenance"]
 

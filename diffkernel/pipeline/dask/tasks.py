@@ -12,7 +12,8 @@ import numpy as np
 
 from ...config import MakeKernelConfig
 from ...image import MaskedImage
-from ...io.zarr.store import ZarrImage, write_tile
+from ...io.zarr.image import ZarrImage
+from ...io.zarr.write import write_tile
 from ...kernel.cells import CellResult, fit_cell, reduce_cells
 from ...kernel.device import array_backend
 from ...kernel.spatial import SpatialSolution
@@ -56,7 +57,7 @@ class ZarrPair:
         Read through the per-process chunk cache (for many small regions).
     stored : bool
         Give the pixels in their stored dtype, unchecked
-        (:meth:`~diffkernel.io.zarr.store.ZarrImage.read_stored`): for the cells, which run
+        (:meth:`~diffkernel.io.zarr.image.ZarrImage.read_stored`): for the cells, which run
         alongside the check and convert only the stamps they cut to float64.
     """
 
