@@ -41,6 +41,7 @@ from ...config import MakeKernelConfig
 from ...errors import ConfigError, InputError
 from ...io.zarr.image import ZarrImage
 from ...io.zarr.results import ResultStore, ResultWriter, open_result
+from ...io.zarr.workspace import ZarrWorkspace
 from ...kernel.cells import SourcePlacement
 from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import SubtractionKernels, check_fft_options, merged_mask_planes
@@ -224,7 +225,7 @@ class PairDriver:
         self.science = science
         self.template = template
         self.writer = writer
-        self.partial = str(writer.partial_path)
+        self.workspace = ZarrWorkspace(str(writer.partial_path))
         self.tile = tile
         self.runner = TaskRunner(client, progress)
         self.timings = self.runner.timings
@@ -234,7 +235,7 @@ class PairDriver:
     def execute(self, sources: Table | None, preconvolved: bool):
         """Run the stages; the published path, the timings and the summary."""
         started = time.perf_counter()
-        work = ClusterWork(self.runner, self.cfg, self.template, self.science, self.partial)
+        work = ClusterWork(self.runner, self.cfg, self.template, self.science, self.workspace)
         prepared = self.prepare(work, sources, preconvolved)
         cells = submit_cells(
             self.runner, prepared, work.reader, self.science, self.tile, self.cells_per_task
@@ -315,7 +316,7 @@ class PairDriver:
                 kernels,
                 tile_reader,
                 planes,
-                self.partial,
+                self.workspace,
                 *box,
                 sign,
                 near(*box),

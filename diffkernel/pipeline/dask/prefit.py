@@ -18,12 +18,12 @@ from ...config import MakeKernelConfig
 from ...errors import InputError
 from ...image import with_mask_planes
 from ...io.zarr.image import ZarrImage
-from ...io.zarr.write import create_image_arrays
 from ...prep.align import WARP_TILE, check_overlap, check_wcs, warp_tiles
 from ...prep.psf import measure_pair_fwhm
 from ..stages import PixelWork, exempt_planes
 from .checks import InputCheck
 from .runner import TaskRunner
+from .storage import Workspace
 from .tasks import ZarrPair, background_task, detect_task, warp_task
 
 __all__ = ["ClusterWork"]
@@ -40,8 +40,8 @@ class ClusterWork(PixelWork):
         A validated configuration.
     template, science : ZarrImage
         The inputs as stored.
-    partial : str
-        The run's partial result store: the warped template and the mesh backgrounds
+    workspace : Workspace
+        The run's working store (:mod:`.storage`): the warped template and the mesh backgrounds
         are written there.
 
     Attributes
@@ -59,7 +59,7 @@ class ClusterWork(PixelWork):
         config: MakeKernelConfig,
         template: ZarrImage,
         science: ZarrImage,
-        partial: str,
+        workspace: Workspace,
     ) -> None:
         self.runner = runner
         self.config = config
@@ -67,7 +67,7 @@ class ClusterWork(PixelWork):
         self.inputs = (template, science)
         self.template = template
         self.science = science
-        self.partial = partial
+        self.workspace = workspace
         self.reader = ZarrPair(template, science)
         self.input_check: InputCheck | None = None
 
@@ -101,7 +101,7 @@ class ClusterWork(PixelWork):
                 warp_task,
                 tmpl,
                 sci.wcs,
-                self.partial,
+                self.workspace,
                 y0,
                 y1,
                 x0,
@@ -112,27 +112,15 @@ class ClusterWork(PixelWork):
             for y0, y1, x0, x1 in warp_tiles(sci.shape)
         ]
         check_overlap(self.runner.wait(futures, "align", t0))
-        self.template = ZarrImage.open(self.partial, "aligned_template")
+        self.template = self.workspace.open_image("aligned_template")
         self.reader = ZarrPair(self.template, sci)
 
     def create_aligned_arrays(self) -> None:
         """The empty ``aligned_template`` group on the science grid, for the warp tasks."""
-        import zarr
-
         tmpl, sci = self.template, self.science
         planes = with_mask_planes(tmpl.mask_planes, ("NO_DATA", "EDGE"))
         chunk = sci.chunks[0] if WARP_TILE % sci.chunks[0] == 0 else 256
-        create_image_arrays(
-            zarr.open_group(self.partial, mode="r+"),
-            "aligned_template",
-            sci.shape,
-            (chunk, chunk),
-            planes,
-            wcs_header=sci.wcs,
-            origin=sci.origin,
-            dtype=np.float64,
-            meta=tmpl.meta,
-        )
+        self.workspace.create_image("aligned_template", sci, (chunk, chunk), planes, tmpl.meta)
 
     def remove_backgrounds(self) -> None:
         self.validated()
@@ -142,7 +130,7 @@ class ClusterWork(PixelWork):
                 background_task,
                 image,
                 self.kcfg.afwBackgroundConfig,
-                self.partial,
+                self.workspace,
                 who,
                 image.chunks,
                 name=f"background-{who}",
@@ -150,7 +138,7 @@ class ClusterWork(PixelWork):
             for who, image in (("template", self.template), ("science", self.science))
         ]
         t_ref, s_ref = self.runner.wait(refs, "background", t0)
-        self.reader = ZarrPair(self.template, self.science, tuple(t_ref), tuple(s_ref))
+        self.reader = ZarrPair(self.template, self.science, t_ref, s_ref)
 
     def detect(self, on_template: bool, saturation: float | None) -> Table:
         self.validated()

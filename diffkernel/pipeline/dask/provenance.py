@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,6 @@ def provenance(science: ZarrImage, template: ZarrImage, checksums: dict) -> dict
     import dask
     import distributed
     import scipy
-    import zarr
 
     def describe(who: str, image: ZarrImage) -> dict[str, Any]:
         return {
@@ -52,7 +52,7 @@ def provenance(science: ZarrImage, template: ZarrImage, checksums: dict) -> dict
         "scipy": scipy.__version__,
         "dask": dask.__version__,
         "distributed": distributed.__version__,
-        "zarr": zarr.__version__,
+        "zarr": version("zarr"),
         "host": platform.node(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": {

@@ -13,7 +13,6 @@ import numpy as np
 from ...config import MakeKernelConfig
 from ...image import MaskedImage
 from ...io.zarr.image import ZarrImage
-from ...io.zarr.write import write_tile
 from ...kernel.cells import CellResult, fit_cell, reduce_cells
 from ...kernel.device import array_backend
 from ...kernel.spatial import SpatialSolution
@@ -27,12 +26,12 @@ from ...kernel.subtract import (
 from ...prep.align import warp_region
 from ...quality import difference_histograms
 from ..stages import detect_kernel_sources
+from .storage import Plane, Workspace
 from .taskproc import prepare_task_process
 
 __all__ = [
     "ZarrPair",
     "in_task_process",
-    "read_array",
     "warp_task",
     "background_task",
     "detect_task",
@@ -51,7 +50,7 @@ class ZarrPair:
     ----------
     template, science : ZarrImage
         Aligned images of the same shape.
-    template_background, science_background : tuple of (path, array name), optional
+    template_background, science_background : Plane, optional
         Mesh backgrounds to remove, stored as 2-D arrays.
     cached : bool
         Read through the per-process chunk cache (for many small regions).
@@ -65,8 +64,8 @@ class ZarrPair:
         self,
         template: ZarrImage,
         science: ZarrImage,
-        template_background: tuple[str, str] | None = None,
-        science_background: tuple[str, str] | None = None,
+        template_background: Plane | None = None,
+        science_background: Plane | None = None,
         cached: bool = True,
         stored: bool = False,
     ) -> None:
@@ -104,9 +103,9 @@ class ZarrPair:
         t = getattr(self.template, read)(y0, y1, x0, x1, cached=self.cached)
         s = getattr(self.science, read)(y0, y1, x0, x1, cached=self.cached)
         if self.template_background is not None:
-            t.image = t.image - read_array(self.template_background, y0, y1, x0, x1)
+            t.image = t.image - self.template_background.read(y0, y1, x0, x1)
         if self.science_background is not None:
-            s.image = s.image - read_array(self.science_background, y0, y1, x0, x1)
+            s.image = s.image - self.science_background.read(y0, y1, x0, x1)
         return t, s
 
 
@@ -121,16 +120,15 @@ def in_task_process(fn, *args):
     return fn(*args)
 
 
-def read_array(ref: tuple[str, str], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """A region of a 2-D float array ``(store path, array name)``, as float64."""
-    import zarr
-
-    path, name = ref
-    return np.asarray(zarr.open_array(path, path=name, mode="r")[y0:y1, x0:x1], dtype=np.float64)
-
-
 def warp_task(
-    template: ZarrImage, science_wcs, out: str, y0: int, y1: int, x0: int, x1: int, config
+    template: ZarrImage,
+    science_wcs,
+    workspace: Workspace,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    config,
 ) -> bool:
     """Warp one tile of the template onto the science grid and write it; whether it is covered."""
     tile, covered = warp_region(
@@ -145,24 +143,21 @@ def warp_task(
         x1,
         config,
     )
-    write_tile(out, "aligned_template", y0, x0, tile.image, tile.variance, tile.mask)
+    workspace.write_image_tile(
+        "aligned_template", y0, x0, tile.image, tile.variance, tile.mask
+    )
     return covered
 
 
-def background_task(image: ZarrImage, config, out: str, name: str, chunks) -> tuple[str, str]:
-    """Write the mesh background of an image into ``out``; its ``(path, array name)``."""
-    import zarr
-
+def background_task(
+    image: ZarrImage, config, workspace: Workspace, name: str, chunks
+) -> Plane:
+    """Write the mesh background of an image into the workspace; a reference to it."""
     from ...prep.background import mesh_background
 
     ny, nx = image.shape
     background = mesh_background(image.read(0, ny, 0, nx), config)
-    root = zarr.open_group(out, mode="r+")
-    array = root.create_array(
-        f"backgrounds/{name}", shape=background.shape, chunks=chunks, dtype=np.float64
-    )
-    array[:] = background
-    return out, f"backgrounds/{name}"
+    return workspace.write_plane(f"backgrounds/{name}", background, chunks)
 
 
 def detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, saturation):
@@ -198,7 +193,7 @@ def tile_task(
     kernels: SubtractionKernels,
     reader: ZarrPair,
     planes: dict[str, int],
-    out: str,
+    workspace: Workspace,
     y0: int,
     y1: int,
     x0: int,
@@ -218,14 +213,14 @@ def tile_task(
     template = reader.template.read_stored(ty0, ty1, tx0, tx1)
     t_bg = s_bg = None
     if reader.template_background is not None:
-        t_bg = read_array(reader.template_background, ty0, ty1, tx0, tx1)
-        s_bg = read_array(reader.science_background, y0, y1, x0, x1)
+        t_bg = reader.template_background.read(ty0, ty1, tx0, tx1)
+        s_bg = reader.science_background.read(y0, y1, x0, x1)
     template = prepare_template(template, planes, t_bg)
     science = prepare_science(reader.science.read_stored(y0, y1, x0, x1), planes, s_bg)
     padded = padded_template(template, y0, y1, x0, x1, h, origin=(ty0, tx0))
     diff, var, mask = difference_tile(padded, science, kernels, y0, x0, (ny, nx))
     if sign < 0:  # convolveScience: K * S + b - T, science minus template
         diff = -diff
-    write_tile(out, "difference", y0, x0, diff, var, mask)
+    workspace.write_image_tile("difference", y0, x0, diff, var, mask)
     xc, yc, radius = footprints if footprints is not None else (np.zeros(0, int),) * 2 + (0.0,)
     return difference_histograms(diff, var, mask, (y0, x0), xc, yc, radius)

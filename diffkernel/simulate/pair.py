@@ -1,37 +1,4 @@
-"""Simulated template/science pairs with an exactly known matching kernel.
-
-:func:`make_pair` draws a star field, renders it as a *template* with a Gaussian PSF and
-as a *science* image made by convolving the same scene with a spatially varying matching
-kernel and adding a differential background. Everything the fit should recover is
-returned in a :class:`PairTruth`, so tests can compare a fitted kernel and background to
-the truth, not to another estimate.
-
-Truth model
------------
-Let ``h = kernel_size // 2`` and ``(ny, nx) = shape``. Pixel ``(x, y)`` is column ``x``,
-row ``y`` (0-based) and the normalized coordinates are ``xn = 2 x / (nx - 1) - 1``,
-``yn = 2 y / (ny - 1) - 1``.
-
-* The true template scene ``T0`` is the sky ``template_sky`` plus stars whose circular
-  Gaussian PSF (FWHM ``template_fwhm``) is integrated over each pixel. It is rendered on
-  a canvas padded by ``h`` on every side, so the science image has no edge effects.
-* The matching kernel at output pixel ``(x, y)`` is
-  ``K_xy = flux_scale * (w(x, y) G_a + (1 - w(x, y)) G_b)``, where ``G_a`` and ``G_b``
-  are circular Gaussians of widths ``kernel_sigmas`` *sampled* at the integer offsets of
-  a ``kernel_size`` square grid centred on ``[h, h]`` and each normalized to sum 1 on
-  it, and ``w`` is a polynomial in ``(xn, yn)`` with coefficients ``kernel_weight``.
-  The kernel sum is ``flux_scale`` everywhere.
-* The science model is
-  ``S[y, x] = sum_{j, i} K_xy[j, i] T[y - (j - h), x - (i - h)] + b(x, y)``
-  (ordinary convolution, kernel evaluated at the output pixel), where ``T`` is ``T0``
-  plus the extra science-only flux of variable and saturating stars, and ``b`` is the
-  differential background polynomial with coefficients ``background``.
-* Polynomials take 1, 3 or 6 coefficients, for the terms
-  ``1, xn, yn, xn**2, xn*yn, yn**2`` in that order.
-* Noise is Poisson in electrons (``image * gain``) plus Gaussian read noise, drawn
-  independently for each image; the variance plane is the honest variance of the
-  noise-free model, ``model / gain + (read_noise / gain)**2``.
-"""
+"""The simulated pair and its truth (see :mod:`diffkernel.simulate` for the model)."""
 
 from __future__ import annotations
 
@@ -41,138 +8,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.table import Table
-from astropy.wcs import WCS
-from scipy import optimize, signal, special
+from scipy import optimize, signal
 
-from .errors import ConfigError
-from .image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
+from ..errors import ConfigError
+from ..image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
+from .render import (
+    FWHM_PER_SIGMA,
+    STAMP_SIGMAS,
+    add_stars,
+    check_coeffs,
+    draw_fluxes,
+    integrated_profiles,
+    noisy,
+    poly_eval,
+    sampled_gaussian,
+    simple_wcs,
+)
 
-__all__ = ["PairTruth", "SimulatedPair", "make_pair", "sampled_gaussian"]
-
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-#: Half-width of a star stamp in template PSF sigmas; the flux beyond it is < 1e-8.
-_STAMP_SIGMAS = 6.0
-#: Stars rendered per batch, to bound the memory of the vectorized stamps.
-_STAR_BATCH = 8192
-#: Pixel scale of the optional WCS, arcsec per pixel, and its tangent point (deg).
-_PIXEL_SCALE_ARCSEC = 0.26
-_WCS_CENTER_DEG = (150.1, 2.2)
-
-
-def _poly_terms(xn: np.ndarray, yn: np.ndarray, n_terms: int) -> list:
-    """Return the first ``n_terms`` of ``1, xn, yn, xn**2, xn*yn, yn**2``.
-
-    Terms are left unbroadcast (``xn`` of shape ``(1, nx)`` and ``yn`` of shape
-    ``(ny, 1)`` stay small), so evaluating on a full grid costs one output array.
-    """
-    xn = np.asarray(xn, dtype=float)
-    yn = np.asarray(yn, dtype=float)
-    terms = [1.0, xn, yn, xn * xn, xn * yn, yn * yn]
-    return terms[:n_terms]
-
-
-def _poly_eval(coeffs: np.ndarray, xn: np.ndarray, yn: np.ndarray) -> np.ndarray:
-    """Evaluate the polynomial of ``coeffs`` (see :func:`_poly_terms`) at ``(xn, yn)``."""
-    xn = np.asarray(xn, dtype=float)
-    yn = np.asarray(yn, dtype=float)
-    out = np.zeros(np.broadcast_shapes(xn.shape, yn.shape))
-    for c, t in zip(coeffs, _poly_terms(xn, yn, len(coeffs)), strict=True):
-        out += c * t
-    return out
-
-
-def _check_coeffs(name: str, coeffs: Sequence[float]) -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(coeffs, dtype=float))
-    if arr.ndim != 1 or arr.size not in (1, 3, 6) or not np.all(np.isfinite(arr)):
-        raise ConfigError(
-            f"{name} must be 1, 3 or 6 finite coefficients (terms 1, xn, yn, xn^2, xn*yn, "
-            f"yn^2), got {coeffs!r}"
-        )
-    return arr
-
-
-def sampled_gaussian(size: int, sigma: float) -> np.ndarray:
-    """Circular Gaussian sampled at integer offsets, normalized to sum 1.
-
-    Parameters
-    ----------
-    size : int
-        Odd side of the square grid; the centre is ``[size // 2, size // 2]``.
-    sigma : float
-        Gaussian width in pixels.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(size, size)`` array summing to 1 (to rounding).
-    """
-    h = size // 2
-    g = np.exp(-0.5 * (np.arange(-h, h + 1, dtype=float) / sigma) ** 2)
-    g /= g.sum()
-    return np.outer(g, g)
-
-
-def _integrated_profiles(centres: np.ndarray, first: np.ndarray, n: int, sigma: float):
-    """1-D pixel-integrated unit Gaussians: ``(len(centres), n)``.
-
-    Pixel ``first + k`` covers ``[first + k - 0.5, first + k + 0.5]``.
-    """
-    edges = first[:, None] + np.arange(n + 1, dtype=float)[None, :] - 0.5
-    cdf = special.ndtr((edges - centres[:, None]) / sigma)
-    return np.diff(cdf, axis=1)
-
-
-def _add_stars(
-    canvas: np.ndarray, x: np.ndarray, y: np.ndarray, flux: np.ndarray, sigma: float
-) -> None:
-    """Add pixel-integrated Gaussian stars at canvas coordinates ``(x, y)`` in place."""
-    radius = int(math.ceil(_STAMP_SIGMAS * sigma)) + 1
-    n = 2 * radius + 1
-    ny, nx = canvas.shape
-    flat = canvas.reshape(-1)
-    offs = np.arange(n)
-    for start in range(0, len(x), _STAR_BATCH):
-        sl = slice(start, start + _STAR_BATCH)
-        x0 = np.rint(x[sl]) - radius
-        y0 = np.rint(y[sl]) - radius
-        px = _integrated_profiles(x[sl], x0, n, sigma)
-        py = _integrated_profiles(y[sl], y0, n, sigma) * flux[sl, None]
-        stamps = py[:, :, None] * px[:, None, :]
-        cols = x0.astype(np.int64)[:, None] + offs[None, :]
-        rows = y0.astype(np.int64)[:, None] + offs[None, :]
-        inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-        idx = rows[:, :, None] * nx + cols[:, None, :]
-        flat += np.bincount(idx[inside], weights=stamps[inside], minlength=flat.size)
-
-
-def _draw_fluxes(rng: np.random.Generator, n: int, lo: float, hi: float, slope: float):
-    """Bounded power law with ``N(>F) ~ F**-slope`` between ``lo`` and ``hi``."""
-    u = rng.random(n)
-    a, b = lo**-slope, hi**-slope
-    return (a - u * (a - b)) ** (-1.0 / slope)
-
-
-def _noisy(
-    rng: np.random.Generator, model: np.ndarray, gain: float, read_noise: float
-) -> np.ndarray:
-    electrons = rng.poisson(model * gain).astype(np.float64)
-    if read_noise > 0:
-        electrons += rng.normal(0.0, read_noise, size=model.shape)
-    return electrons / gain
-
-
-def _simple_wcs(shape: tuple[int, int]) -> WCS:
-    ny, nx = shape
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = list(_WCS_CENTER_DEG)
-    wcs.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]
-    scale = _PIXEL_SCALE_ARCSEC / 3600.0
-    wcs.wcs.cdelt = [-scale, scale]
-    wcs.wcs.cunit = ["deg", "deg"]
-    wcs.wcs.radesys = "ICRS"
-    wcs.pixel_shape = (nx, ny)
-    return wcs
+__all__ = ["PairTruth", "SimulatedPair", "make_pair"]
 
 
 @dataclass
@@ -262,7 +115,7 @@ class PairTruth:
 
     def weight(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Weight ``w(x, y)`` of ``G_a`` in the kernel (vectorized)."""
-        return _poly_eval(self.weight_coeffs, *self.normalized(x, y))
+        return poly_eval(self.weight_coeffs, *self.normalized(x, y))
 
     def kernel_at(self, x: float, y: float) -> np.ndarray:
         """The exact matching kernel ``K_xy`` at pixel ``(x, y)``.
@@ -287,7 +140,7 @@ class PairTruth:
 
     def background(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Differential background ``b(x, y)`` of the science image (vectorized)."""
-        return _poly_eval(self.background_coeffs, *self.normalized(x, y))
+        return poly_eval(self.background_coeffs, *self.normalized(x, y))
 
     def science_fwhm_at(self, x: float, y: float) -> float:
         """FWHM of the science PSF at ``(x, y)``, pixels.
@@ -299,7 +152,7 @@ class PairTruth:
         """
         kernel = self.kernel_at(x, y)
         h = self.half_size
-        sigma_t = self.template_fwhm / _FWHM_PER_SIGMA
+        sigma_t = self.template_fwhm / FWHM_PER_SIGMA
         offs = np.arange(-h, h + 1, dtype=float)
 
         def profile(r: float) -> float:
@@ -461,8 +314,8 @@ def make_pair(
         variable_amplitude,
         kernel_size,
     )
-    weight_coeffs = _check_coeffs("kernel_weight", kernel_weight)
-    bg_coeffs = _check_coeffs("background", background)
+    weight_coeffs = check_coeffs("kernel_weight", kernel_weight)
+    bg_coeffs = check_coeffs("background", background)
     if n_stars is None:
         n_stars = int(round(star_density * ny * nx))
     if n_saturated + n_variable > n_stars:
@@ -472,13 +325,13 @@ def make_pair(
     rng_stars, rng_pick, rng_tmpl, rng_sci = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
     )
-    sigma_t = template_fwhm / _FWHM_PER_SIGMA
+    sigma_t = template_fwhm / FWHM_PER_SIGMA
 
     # Star centres keep h + 2 px from every edge so whole stamps land in both images.
     margin = h + 2
     x = rng_stars.uniform(margin, nx - 1 - margin, n_stars)
     y = rng_stars.uniform(margin, ny - 1 - margin, n_stars)
-    flux_t = _draw_fluxes(rng_stars, n_stars, flux_range[0], flux_range[1], flux_slope)
+    flux_t = draw_fluxes(rng_stars, n_stars, flux_range[0], flux_range[1], flux_slope)
     picked = rng_pick.choice(n_stars, n_saturated + n_variable, replace=False)
     sat_idx = np.sort(picked[:n_saturated])
     var_idx = np.sort(picked[n_saturated:])
@@ -508,11 +361,11 @@ def make_pair(
     # Render on the padded canvas: image pixel (x, y) is canvas pixel (x + h, y + h).
     canvas_shape = (ny + 2 * h, nx + 2 * h)
     template_padded = np.full(canvas_shape, float(template_sky))
-    _add_stars(template_padded, x + h, y + h, flux_t, sigma_t)
+    add_stars(template_padded, x + h, y + h, flux_t, sigma_t)
     if np.any(extra != 0):
         scene = template_padded.copy()
         has = extra != 0
-        _add_stars(scene, x[has] + h, y[has] + h, extra[has], sigma_t)
+        add_stars(scene, x[has] + h, y[has] + h, extra[has], sigma_t)
     else:
         scene = template_padded
 
@@ -521,11 +374,11 @@ def make_pair(
     conv_a = signal.fftconvolve(scene, g_a, mode="valid")
     conv_b = signal.fftconvolve(scene, g_b, mode="valid")
     xn, yn = truth.normalized(np.arange(nx)[None, :], np.arange(ny)[:, None])
-    w = _poly_eval(weight_coeffs, xn, yn)
+    w = poly_eval(weight_coeffs, xn, yn)
     science_model = conv_b
     science_model += w * (conv_a - conv_b)
     science_model *= flux_scale
-    science_model += _poly_eval(bg_coeffs, xn, yn)
+    science_model += poly_eval(bg_coeffs, xn, yn)
     del conv_a, w
 
     truth.template_padded = template_padded
@@ -557,7 +410,7 @@ def make_pair(
                 f"the {name} variance is zero where its model is 0; set read_noise > 0 "
                 "or raise template_sky"
             )
-        pixels = _noisy(rng, model, g, rn) if noise else model.copy()
+        pixels = noisy(rng, model, g, rn) if noise else model.copy()
         sat = np.zeros(model.shape, dtype=bool)
         if saturation is not None:
             sat = pixels >= saturation
@@ -579,7 +432,7 @@ def make_pair(
         }
     )
 
-    the_wcs = _simple_wcs((ny, nx)) if wcs else None
+    the_wcs = simple_wcs((ny, nx)) if wcs else None
     meta = {"GAIN": float(gain), "RDNOISE": float(read_noise), "SIMULATED": True}
     if saturation is not None:
         meta["SATURATE"] = float(saturation)
@@ -607,15 +460,15 @@ def _saturating_fluxes(
         raise ConfigError(
             f"saturation {sat:g} is not above the template sky {sky_t:g}; raise saturation"
         )
-    radius = int(math.ceil(_STAMP_SIGMAS * sigma_t)) + 1
+    radius = int(math.ceil(STAMP_SIGMAS * sigma_t)) + 1
     n = 2 * radius + 1
     flux_t = np.empty(len(x))
     extra = np.empty(len(x))
     for k in range(len(x)):
         x0 = np.array([np.rint(x[k]) - radius])
         y0 = np.array([np.rint(y[k]) - radius])
-        px = _integrated_profiles(np.array([x[k]]), x0, n, sigma_t)[0]
-        py = _integrated_profiles(np.array([y[k]]), y0, n, sigma_t)[0]
+        px = integrated_profiles(np.array([x[k]]), x0, n, sigma_t)[0]
+        py = integrated_profiles(np.array([y[k]]), y0, n, sigma_t)[0]
         stamp = np.outer(py, px)
         peak_t = stamp.max()
         peak_s = signal.fftconvolve(stamp, truth.kernel_at(x[k], y[k]), mode="full").max()
