@@ -460,7 +460,7 @@ def assess(
     Parameters
     ----------
     table : astropy.table.Table
-        The candidate table (:func:`diffkernel.kernel.cells.candidate_table`).
+        The candidate table (:func:`diffkernel.pipeline.cells.candidate_table`).
     metadata : dict
         The solve's metadata (rejections per stage, notes, orders used).
     solution : SpatialSolution

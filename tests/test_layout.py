@@ -106,3 +106,46 @@ def test_zarr_workspace_round_trip(tmp_path):
     np.testing.assert_array_equal(
         plane.read(1, 3, 2, 5), np.arange(64.0 * 64).reshape(64, 64)[1:3, 2:5]
     )
+
+
+#: The layers, lowest first: a module imports from its own layer and the ones before.
+LAYERS = [
+    {"errors", "image", "quality"},
+    {"config"},
+    {"kernel"},
+    {"prep"},
+    {"io"},
+    {"pipeline"},
+    {"plots", "simulate", "batch", "cli", "__init__"},
+]
+
+
+def _layer(top: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def _imported_tops(path: Path) -> set[str]:
+    """The top-level names under diffkernel that a module imports from."""
+    package = _name(path).split(".")[:-1]
+    if path.name == "__init__.py":
+        package = _name(path).split(".")[:-1]
+    tops = set()
+    for node in _imports(path):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = package[: len(package) - node.level + 1]
+            parts = base + (node.module.split(".") if node.module else [])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffkernel"):
+            parts = node.module.split(".")
+        else:
+            continue
+        if len(parts) > 1:
+            tops.add(parts[1])
+    return tops
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_layers_import_only_downwards(path):
+    parts = _name(path).split(".")
+    own = _layer(parts[1] if len(parts) > 1 else "__init__")
+    above = {top for top in _imported_tops(path) if _layer(top) > own}
+    assert not above, f"{_name(path)} imports from a higher layer: {sorted(above)}"

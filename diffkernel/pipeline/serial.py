@@ -21,10 +21,10 @@ from threadpoolctl import threadpool_limits
 from ..config import MakeKernelConfig
 from ..errors import ConfigError, InputError
 from ..image import Exposure, MaskedImage, as_exposure
-from ..kernel.cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
 from ..kernel.spatial import SpatialSolution
 from ..prep.psf import measure_pair_fwhm
 from ..quality import assess
+from .cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
 from .stages import PixelWork, check_mode, detect_kernel_sources, exempt_planes, prepare_fit
 
 __all__ = [

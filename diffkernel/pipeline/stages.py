@@ -41,9 +41,9 @@ from ..errors import ConfigError, InputError, NoCandidatesError
 from ..image import MaskedImage
 from ..io.fits import SATURATION_KEYS
 from ..kernel.basis import KernelBasis, basis_from_config, regularization_for
-from ..kernel.cells import CellPlan, SourcePlacement
 from ..prep.psf import exposure_fwhm
 from ..prep.selection import source_positions
+from .cells import CellPlan, SourcePlacement
 
 #: Directions of the convolution.
 MODES = ("convolveTemplate", "convolveScience", "auto")

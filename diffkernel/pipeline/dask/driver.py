@@ -14,9 +14,9 @@ the workers (no image goes through the scheduler):
    template onto the science grid tile by tile, mesh backgrounds, coarse detection,
    star FWHMs) runs as tasks only when needed (:mod:`diffkernel.pipeline.dask.prefit`);
 3. *cells*: one task per group of spatial cells vets, ranks and reduces their
-   candidates to sufficient statistics (:func:`diffkernel.kernel.cells.fit_cell`);
+   candidates to sufficient statistics (:func:`diffkernel.pipeline.cells.fit_cell`);
 4. *reduction*: one task clips on kernel sums, fits the spatial model and runs the
-   rejection rounds (:func:`diffkernel.kernel.cells.reduce_cells`);
+   rejection rounds (:func:`diffkernel.pipeline.cells.reduce_cells`);
 5. *tiles*: one task per output tile (a multiple of the store's chunks) convolves,
    subtracts and writes its difference, variance and mask chunks.
 
@@ -42,10 +42,10 @@ from ...errors import ConfigError, InputError
 from ...io.zarr.image import ZarrImage
 from ...io.zarr.results import ResultStore, ResultWriter, open_result
 from ...io.zarr.workspace import ZarrWorkspace
-from ...kernel.cells import SourcePlacement
 from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import SubtractionKernels, check_fft_options, merged_mask_planes
 from ...quality import assess, footprint_radius, histogram_metrics
+from ..cells import SourcePlacement
 from ..stages import PreparedFit, check_mode, prepare_fit
 from .cluster import connect, default_tile_size
 from .fitting import CellTasks, Reduction, submit_cells

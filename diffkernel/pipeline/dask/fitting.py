@@ -3,7 +3,7 @@
 The cells are grouped by the block of the image they start in (a worker's chunk
 cache then stays warm) and the largest groups go first; none of that changes the
 result, since every cell is fitted on its own and the reduction puts candidates
-back in cell order (:func:`diffkernel.kernel.cells.reduce_cells`).
+back in cell order (:func:`diffkernel.pipeline.cells.reduce_cells`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from ...errors import NoCandidatesError
 from ...io.zarr.image import ZarrImage
-from ...kernel.cells import SourcePlacement
 from ...kernel.spatial import SpatialSolution
+from ..cells import SourcePlacement
 from ..stages import PreparedFit
 from .runner import TaskRunner
 from .tasks import ZarrPair, cells_task, reduce_task, solution_of
@@ -34,7 +34,7 @@ class CellTasks:
     Attributes
     ----------
     plan : Future
-        The scattered :class:`~diffkernel.kernel.cells.CellPlan`.
+        The scattered :class:`~diffkernel.pipeline.cells.CellPlan`.
     futures : list
         One task per group of cells.
     started : float
@@ -152,7 +152,7 @@ class Reduction:
         )
 
     def outcome(self):
-        """``(outcome, candidates, metadata)`` of :func:`~diffkernel.kernel.cells.reduce_cells`."""
+        """``(outcome, candidates, metadata)``: :func:`~diffkernel.pipeline.cells.reduce_cells`."""
         result = self.runner.gather_redoing(self.futures[-1], self.again)
         self.futures, self.args = [], ()  # the cells' results can go now
         return result

@@ -6,7 +6,7 @@ dask-jobqueue, Kubernetes).
 
 Two settings matter for speed:
 
-- BLAS runs single-threaded (:func:`diffkernel.kernel.cells.single_threaded_blas`): one
+- BLAS runs single-threaded (:func:`diffkernel.pipeline.cells.single_threaded_blas`): one
   task per core, and bit-identical candidate statistics on every machine;
 - glibc keeps freed memory for reuse. Dask's nanny starts workers with
   ``MALLOC_TRIM_THRESHOLD_=65536``, and glibc then switches off its adaptive mmap
@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from ...kernel.cells import single_threaded_blas
+from ..cells import single_threaded_blas
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "malloc_settings", "prepare_task_process"]
 

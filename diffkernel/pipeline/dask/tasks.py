@@ -13,7 +13,6 @@ import numpy as np
 from ...config import MakeKernelConfig
 from ...image import MaskedImage
 from ...io.zarr.image import ZarrImage
-from ...kernel.cells import CellResult, fit_cell, reduce_cells
 from ...kernel.device import array_backend
 from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import (
@@ -25,6 +24,7 @@ from ...kernel.subtract import (
 )
 from ...prep.align import warp_region
 from ...quality import difference_histograms
+from ..cells import CellResult, fit_cell, reduce_cells
 from ..stages import detect_kernel_sources
 from .storage import Plane, Workspace
 from .taskproc import prepare_task_process
@@ -175,7 +175,7 @@ def cells_task(plan, work, reader) -> CellResult:
 
 
 def reduce_task(plan, placement, *results):
-    """:func:`~diffkernel.kernel.cells.reduce_cells` of every group's statistics."""
+    """:func:`~diffkernel.pipeline.cells.reduce_cells` of every group's statistics."""
     return reduce_cells(plan, placement, list(results))
 
 

@@ -19,9 +19,8 @@ from astropy.table import Table
 
 from ..errors import NoCandidatesError
 from ..image import MaskedImage
-from ..prep.selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
-from .basis import KernelBasis
-from .candidate import (
+from ..kernel.basis import KernelBasis
+from ..kernel.candidate import (
     CandidateStats,
     StampBatch,
     compute_stats,
@@ -30,9 +29,10 @@ from .candidate import (
     core_selector,
     cut_stamps,
 )
-from .fit import SingleFit, fit_single_kernels
-from .photometry import StampPhotometry, stamp_photometry
-from .solve import BAD, CandidateSet, SolveOutcome, solve
+from ..kernel.fit import SingleFit, fit_single_kernels
+from ..kernel.photometry import StampPhotometry, stamp_photometry
+from ..kernel.solve import BAD, CandidateSet, SolveOutcome, solve
+from ..prep.selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
 
 __all__ = [
     "single_threaded_blas",

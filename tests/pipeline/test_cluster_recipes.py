@@ -15,7 +15,7 @@ from diffkernel.io.fits import write_exposure
 from diffkernel.io.zarr.results import open_result
 from diffkernel.simulate import make_pair
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

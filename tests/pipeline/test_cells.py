@@ -1,4 +1,4 @@
-"""Tests of diffkernel.kernel.cells: merging cell results does not change the reduction."""
+"""Tests of diffkernel.pipeline.cells: merging cell results does not change the reduction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from threadpoolctl import threadpool_limits
 
 from diffkernel import MakeKernelConfig
 from diffkernel.kernel.basis import basis_from_config
-from diffkernel.kernel.cells import (
+from diffkernel.pipeline.cells import (
     CellResult,
     InMemoryPair,
     SourcePlacement,
