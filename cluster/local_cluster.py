@@ -24,7 +24,7 @@ def main() -> None:
     import dask
     from distributed import LocalCluster
 
-    from diffkernel.pipeline.dask.cluster import WORKER_ENVIRON
+    from diffkernel.pipeline.dask.cluster import SCHEDULER_CONFIG, WORKER_ENVIRON
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -33,7 +33,9 @@ def main() -> None:
     parser.add_argument("--scheduler-file", default="scheduler.json")
     args = parser.parse_args()
     with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}),
+        dask.config.set(
+            {"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON, **SCHEDULER_CONFIG}
+        ),
         LocalCluster(
             n_workers=args.workers,
             threads_per_worker=1,

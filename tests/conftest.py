@@ -9,7 +9,12 @@ import pytest
 def client():
     """A client of a LocalCluster of two single-threaded worker processes (per module)."""
     distributed = pytest.importorskip("distributed")
+    import dask
+
+    from diffkernel.pipeline.dask.cluster import SCHEDULER_CONFIG
+
     with (
+        dask.config.set(SCHEDULER_CONFIG),
         distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,

@@ -497,3 +497,16 @@ def test_cancelled_result_is_made_again(client):
     client.cancel(always_lost)
     with pytest.raises(FutureCancelledError):
         runner.gather_redoing(always_lost, lambda attempt: always_lost)
+
+
+def test_own_cluster_keeps_broadcast_copies():
+    """The LocalCluster diffkernel starts runs without the active memory manager, which
+    would drop the broadcast copies of shared objects to one (lost with its worker)."""
+    from diffkernel.pipeline.dask.cluster import connect
+
+    def amm_running(dask_scheduler):
+        amm = dask_scheduler.extensions.get("amm")
+        return bool(amm and amm.running)
+
+    with connect(n_workers=1) as client:
+        assert client.run_on_scheduler(amm_running) is False

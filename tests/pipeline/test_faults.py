@@ -54,10 +54,18 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    # A nanny per worker restarts a killed worker, as on a real deployment.
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cl:
+    # A nanny per worker restarts a killed worker, as on a real deployment; the
+    # scheduler keeps the broadcast copies (SCHEDULER_CONFIG), as recommended.
+    import dask
+
+    from diffkernel.pipeline.dask.cluster import SCHEDULER_CONFIG
+
+    with (
+        dask.config.set(SCHEDULER_CONFIG),
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cl,
+    ):
         yield cl
 
 

@@ -26,6 +26,14 @@ WORKER_ENVIRON = {
 }
 
 
+#: Scheduler settings of the clusters diffkernel starts, and of the ones it recommends.
+#: The run broadcasts small shared objects (cell plan, readers, kernels) to every
+#: worker; Dask's active memory manager, on by default, soon drops those copies to
+#: one, and a worker lost while holding the only copy takes data with it that can't
+#: be recomputed: the run then fails instead of recovering.
+SCHEDULER_CONFIG = {"distributed.scheduler.active-memory-manager.start": False}
+
+
 def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = None) -> int:
     """Subtraction tile side: a multiple of the chunk side, at most 1024.
 
@@ -80,7 +88,9 @@ def connect(
         return
     workers = n_workers or os.cpu_count() or 1
     with (
-        dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}),
+        dask.config.set(
+            {"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON, **SCHEDULER_CONFIG}
+        ),
         LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
