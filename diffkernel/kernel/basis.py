@@ -414,14 +414,19 @@ def al_sigmas_for_fwhm(
 ) -> tuple[list[float], float]:
     """Gaussian widths for an AL basis sized from the two PSF widths.
 
-    The matching kernel of two Gaussian PSFs has ``sigma_k^2 = |s_sci^2 - s_tmpl^2|``.
-    The ladder puts ``sigma_k / beta`` (when above ``min_sigma``) and ``sigma_k``
-    first, then multiplies by ``beta`` up to ``n_gauss`` widths, as ip_diffim does.
+    The matching kernel of two Gaussian PSFs has ``sigma_k^2 = |s_sci^2 - s_tmpl^2|``
+    (floored at ``min_sigma``). With several Gaussians the ladder starts at
+    ``max(min_sigma, sigma_k / beta)`` and multiplies by ``beta``, so that it is centred
+    on ``sigma_k`` where it can be; a single Gaussian is ``sigma_k`` itself. This is
+    ip_diffim's rule since 2026 (``_calculateBasisSigmas``): the earlier rule started
+    at ``sigma_k`` whenever ``sigma_k / beta <= min_sigma``, so every width jumped by a
+    factor ``beta`` as ``sigma_k`` fell below ``beta * min_sigma``, and the kernels of
+    PSFs on either side of that point were unstable.
 
     Returns
     -------
     sigmas : list of float
-        Increasing widths.
+        Increasing widths, continuous in both FWHMs.
     sigma_k : float
         The matching-kernel width (floored at ``min_sigma``).
     """
@@ -429,14 +434,11 @@ def al_sigmas_for_fwhm(
     s_s = science_fwhm / SIGMA_TO_FWHM
     sigma_k = max(float(np.sqrt(abs(s_s**2 - s_t**2))), min_sigma)
     if n_gauss == 1:
-        sigmas = [sigma_k]
-    elif sigma_k / beta > min_sigma:
-        sigmas = [sigma_k / beta, sigma_k]
-    else:
-        sigmas = [sigma_k]
+        return [sigma_k], sigma_k
+    sigmas = [max(min_sigma, sigma_k / beta)]
     while len(sigmas) < n_gauss:
         sigmas.append(sigmas[-1] * beta)
-    return sigmas[:n_gauss], sigma_k
+    return sigmas, sigma_k
 
 
 def _odd_size_clipped(size: float, size_min: int, size_max: int) -> int:
@@ -457,7 +459,7 @@ def basis_from_config(
     science PSF is the narrower (matching would deconvolve), the ``*Deconv``
     fields set the number of Gaussians, their degree and the minimum width. For the
     delta-function basis the size is ``kernelSizeFwhmScaling`` times ``2 sigma_k``
-    (the largest width of the default AL ladder), clipped the same way.
+    (the largest width of the default AL ladder once sigma_k >= 1.4), clipped the same way.
 
     Parameters
     ----------
@@ -479,7 +481,7 @@ def basis_from_config(
         kernel_size = config.kernelSize
         deconvolve = False
         if scale:
-            deconvolve = science_fwhm < template_fwhm
+            deconvolve = bool(science_fwhm < template_fwhm)
             if deconvolve:
                 n_gauss = config.alardNGaussDeconv
                 min_sigma = config.alardMinSigDeconv
