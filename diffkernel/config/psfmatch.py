@@ -207,7 +207,9 @@ class PsfMatchConfig(Config):
     useBicForKernelBasis = Field(
         bool,
         False,
-        "Choose how many basis functions to keep by the Bayesian Information Criterion.",
+        "Keep only the leading basis functions that minimize the Bayesian Information "
+        "Criterion of the candidates' fits (whole Gaussians of an AL basis; principal "
+        "components with usePcaForSpatialKernel).",
     )
     fwhmExposureGrid = Field(
         int, 10, "Grid size (per axis) on which the PSF FWHM is averaged over an exposure."

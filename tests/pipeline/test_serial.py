@@ -335,7 +335,7 @@ def test_kernel_uncertainty_and_core_stats_and_iteration(noisy_pair):
 
 def test_pca_and_bic_for_al(noisy_pair):
     """usePcaForSpatialKernel gives a PCA basis of numPrincipalComponents kernels; BIC
-    picks a size no larger than that."""
+    picks a smaller size when the extra components fit noise."""
     pca = MakeKernelTask(al_config(usePcaForSpatialKernel=True, numPrincipalComponents=4)).run(
         noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources
     )
@@ -344,7 +344,9 @@ def test_pca_and_bic_for_al(noisy_pair):
     bic = MakeKernelTask(
         al_config(usePcaForSpatialKernel=True, numPrincipalComponents=4, useBicForKernelBasis=True)
     ).run(noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources)
-    assert 1 <= bic.metadata["bic_basis_size"] <= 4
+    # On this pair the kernel hardly varies: the components after the mean kernel
+    # mostly fit noise, and the BIC drops them.
+    assert 1 <= bic.metadata["bic_basis_size"] < 4
     assert bic.metadata["basis_size"] == bic.metadata["bic_basis_size"]
 
 
