@@ -202,7 +202,8 @@ class PsfMatchConfig(Config):
         bool,
         False,
         "Compute kernel and background uncertainties of each candidate from the inverse "
-        "normal matrix (unreliable with regularization).",
+        "normal matrix (unreliable with regularization), and the covariance of the spatial "
+        "solution's parameters.",
     )
     useBicForKernelBasis = Field(
         bool,

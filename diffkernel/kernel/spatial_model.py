@@ -305,7 +305,14 @@ def fit_spatial_model(
     kf = SpatialFunctions(cfg.spatialModelType, k_order, bbox)
     bf = SpatialFunctions(cfg.spatialModelType, bg_order, bbox) if has_bg else None
     sol = fit_spatial(
-        fit_stats.take(used), x[used], y[used], fit_basis, kf, bf, cfg.conditionNumberType
+        fit_stats.take(used),
+        x[used],
+        y[used],
+        fit_basis,
+        kf,
+        bf,
+        cfg.conditionNumberType,
+        with_covariance=bool(cfg.calculateKernelUncertainty),
     )
     if cfg.checkConditionNumber and sol.condition > cfg.maxSpatialConditionNumber:
         raise SpatialFitError(

@@ -315,6 +315,10 @@ def test_kernel_uncertainty_and_core_stats_and_iteration(noisy_pair):
     # The scatter of kernel sums is consistent with their errors (a pull of order 1).
     pull = (good["kernel_sum"] - np.median(good["kernel_sum"])) / good["kernel_sum_err"]
     assert 0.5 < 1.4826 * np.median(np.abs(pull)) < 2.0
+    # The spatial solution has its covariance too: the kernel sum at the centre, fitted
+    # on every good candidate, is better known than any one candidate's.
+    ksum_err = np.sqrt(base.psfMatchingKernel.solution.kernel_sum_variance(512.0, 512.0))
+    assert 0 < ksum_err < np.median(good["kernel_sum_err"])
     core = MakeKernelTask(al_config(useCoreStats=True, candidateCoreRadius=4)).run(
         noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources
     )
