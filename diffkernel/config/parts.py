@@ -143,8 +143,9 @@ class WarpingConfig(Config):
     growFullMask = Field(
         tuple,
         ("NO_DATA",),
-        "Mask planes set on every output pixel whose interpolation draws on a pixel that has "
-        "them, so these planes grow to the full warped footprint.",
+        "Mask planes set on every output pixel whose image interpolation "
+        "(warpingKernelName) draws on a template pixel that has them, whatever "
+        "maskWarpingKernelName is: they grow to the full width of the image kernel.",
         item_type=str,
     )
     doAlign = Field(
