@@ -221,7 +221,7 @@ class SelectMeasurementConfig(Config):
     """Measurement and vetting of detected sources before they become kernel candidates."""
 
     apertureRadius = Field(
-        float, 5.0, "Aperture radius in pixels for the S/N and the flux used for ranking."
+        float, 5.0, "Aperture radius in pixels of the S/N that minSnr cuts on."
     )
     minSnr = Field(float, 10.0, "Reject a source whose aperture S/N is below this in either image.")
     maxEllipticity = Field(

@@ -165,8 +165,10 @@ class PsfMatchConfig(Config):
     candidateCoreRadius = Field(
         int,
         3,
-        "Half-width of the stamp core, (2*radius)**2 pixels, used for core statistics and "
-        "for ranking candidates by their core flux.",
+        "Half-width of the stamp core, (2*radius)**2 pixels, used for the core statistics "
+        "(useCoreStats) and to rank candidates by the mean S/N per pixel of the science "
+        "image in this core (local sky subtracted), as ip_diffim does; at most the stamp's "
+        "half-width.",
     )
     maxKsumSigma = Field(
         float,
