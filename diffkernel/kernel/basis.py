@@ -191,7 +191,10 @@ def renormalize(
 
 
 def alard_lupton_basis(
-    kernel_size: int, sigmas: tuple[float, ...], degrees: tuple[int, ...]
+    kernel_size: int,
+    sigmas: tuple[float, ...],
+    degrees: tuple[int, ...],
+    degree_field: str = "alardDegGauss",
 ) -> KernelBasis:
     """Alard-Lupton basis: Gaussians times polynomials, renormalized.
 
@@ -204,36 +207,37 @@ def alard_lupton_basis(
     degrees : tuple of int
         Polynomial degree for each Gaussian; Gaussian ``i`` contributes
         ``(d_i + 1)(d_i + 2) / 2`` functions ``x^p y^q``, ``p + q <= d_i``.
+    degree_field : str
+        The config field the degrees come from, for the error messages.
 
     Returns
     -------
     KernelBasis
         With ``conserves_sum`` True and one group per Gaussian.
+
+    Raises
+    ------
+    ConfigError
+        When a function would be dropped as dependent on the others (a degree beyond
+        what its Gaussian resolves on the kernel's pixels, or Gaussians too alike), or
+        the basis is numerically degenerate.
     """
     kernel_size = _check_kernel_size(kernel_size)
     if len(sigmas) != len(degrees) or not sigmas:
         raise ConfigError(
             f"need one polynomial degree per Gaussian: sigmas {sigmas}, degrees {degrees}"
         )
-    half = kernel_size // 2
-    u = np.arange(-half, half + 1, dtype=np.float64)
-    fx, fy, group_sizes = [], [], []
     for sigma, degree in zip(sigmas, degrees, strict=True):
         if sigma <= 0:
             raise ConfigError(f"Alard-Lupton Gaussian sigmas must be > 0, got {sigma}")
         if degree < 0:
             raise ConfigError(f"Alard-Lupton polynomial degrees must be >= 0, got {degree}")
-        gauss = np.exp(-0.5 * (u / sigma) ** 2)
-        n_before = len(fx)
-        for total in range(degree + 1):
-            for q in range(total + 1):
-                p = total - q
-                fx.append(gauss * (u / half) ** p)
-                fy.append(gauss * (u / half) ** q)
-        group_sizes.append(len(fx) - n_before)
-    fx_arr, fy_arr = np.array(fx), np.array(fy)
+    fx_arr, fy_arr, group_sizes = _al_factors(kernel_size, sigmas, degrees)
     native = fy_arr[:, :, None] * fx_arr[:, None, :]
     transform, kept = renormalize(native, np.eye(len(native)))
+    if len(kept) < len(native):
+        # Dropping them silently would give a smaller basis than the one configured.
+        raise _dropped_error(kernel_size, sigmas, degrees, group_sizes, kept, degree_field)
     sums = native.sum(axis=(1, 2)) @ transform
     drift = float(np.max(np.abs(sums[1:]), initial=0.0))
     if drift > 1e-8 or len(kept) > kernel_size**2:
@@ -244,13 +248,8 @@ def alard_lupton_basis(
             f"{kernel_size}x{kernel_size} kernel is numerically degenerate (its zero-sum "
             f"kernels sum to up to {drift:.1e}, {len(kept)} kernels for {kernel_size**2} "
             "pixels); space the sigmas further apart (alardGaussBeta, alardSigGauss), "
-            "lower alardDegGauss or widen the kernel"
+            f"lower {degree_field} or widen the kernel"
         )
-    kept_set = set(kept)
-    groups, start = [], 0
-    for size in group_sizes:
-        groups.append(sum(1 for k in range(start, start + size) if k in kept_set))
-        start += size
     return KernelBasis(
         "alard-lupton",
         kernel_size,
@@ -258,8 +257,60 @@ def alard_lupton_basis(
         transform,
         True,
         (fx_arr, fy_arr),
-        tuple(g for g in groups if g),
+        tuple(group_sizes),
         {"sigmas": [float(s) for s in sigmas], "degrees": [int(d) for d in degrees]},
+    )
+
+
+def _al_factors(
+    kernel_size: int, sigmas: tuple[float, ...], degrees: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """1-D factors ``g_s(u) u^p`` and ``g_s(v) v^q`` of the native AL functions, and the
+    number of functions of each Gaussian."""
+    half = kernel_size // 2
+    u = np.arange(-half, half + 1, dtype=np.float64)
+    fx, fy, group_sizes = [], [], []
+    for sigma, degree in zip(sigmas, degrees, strict=True):
+        gauss = np.exp(-0.5 * (u / sigma) ** 2)
+        for total in range(degree + 1):
+            for q in range(total + 1):
+                p = total - q
+                fx.append(gauss * (u / half) ** p)
+                fy.append(gauss * (u / half) ** q)
+        group_sizes.append((degree + 1) * (degree + 2) // 2)
+    return np.array(fx), np.array(fy), group_sizes
+
+
+def _dropped_error(
+    kernel_size: int,
+    sigmas: tuple[float, ...],
+    degrees: tuple[int, ...],
+    group_sizes: list[int],
+    kept: tuple[int, ...],
+    degree_field: str,
+) -> ConfigError:
+    """Why renormalizing an AL basis dropped functions, naming the field to change."""
+    ends = np.cumsum(group_sizes)
+    lost = np.bincount(np.searchsorted(ends, sorted(set(range(ends[-1])) - set(kept)), "right"))
+    i = int(np.flatnonzero(lost)[0])
+    sigma, degree, limit = sigmas[i], degrees[i], degrees[i]
+    while limit > 0:  # the highest degree whose functions of this Gaussian are independent
+        fx, fy, _ = _al_factors(kernel_size, (sigma,), (limit,))
+        alone = fy[:, :, None] * fx[:, None, :]
+        if len(renormalize(alone, np.eye(len(alone)))[1]) == len(alone):
+            break
+        limit -= 1
+    if limit < degree:
+        return ConfigError(
+            f"{degree_field}: degree {degree} for the {sigma:.3g} px Alard-Lupton Gaussian is "
+            f"more than a {kernel_size}x{kernel_size} kernel resolves (its powers above "
+            f"{limit} are numerically dependent and {lost[i]} of its functions would be "
+            f"dropped); use degree {limit} or less for it"
+        )
+    return ConfigError(
+        f"Alard-Lupton Gaussians of sigmas {[round(float(s), 4) for s in sigmas]} are too "
+        f"alike: {lost[i]} function(s) of the {sigma:.3g} px one repeat earlier ones and "
+        "would be dropped; space the sigmas apart (alardGaussBeta > 1, distinct alardSigGauss)"
     )
 
 
@@ -498,7 +549,8 @@ def basis_from_config(
                 config.kernelSizeMin,
                 config.kernelSizeMax,
             )
-        basis = alard_lupton_basis(kernel_size, sigmas, degrees)
+        degree_field = "alardDegGaussDeconv" if deconvolve else "alardDegGauss"
+        basis = alard_lupton_basis(kernel_size, sigmas, degrees, degree_field)
         basis.description.update(
             {
                 "scaled_by_fwhm": scale,

@@ -443,3 +443,28 @@ def test_al_widths_are_continuous_in_the_fwhm(fwhm_t, min_sigma, deconv):
     ratio = np.asarray(widths)[1:] / np.asarray(widths)[:-1]
     assert np.abs(ratio - 1).max() < 0.01
     assert np.abs(np.diff(sizes)).max() <= 2
+
+
+def test_al_degree_beyond_what_the_gaussian_resolves_is_refused():
+    """A 0.7 px Gaussian on 21 pixels has independent powers up to degree 6; degree 10
+    used to be cut silently to 37 of its 66 functions: now refused, naming the limit."""
+    assert alard_lupton_basis(21, (0.7,), (6,)).size == 28
+    with pytest.raises(ConfigError, match=r"alardDegGauss: degree 10 for the 0.7 px .* 6 or less"):
+        alard_lupton_basis(21, (0.7,), (10,))
+    cfg = PsfMatchConfigAL(scaleByFwhm=False, alardDegGauss=(10, 2, 2))
+    with pytest.raises(ConfigError, match="alardDegGauss: degree 10 .* use degree 6 or less"):
+        basis_from_config(cfg)
+    # When deconvolving, the degrees come from alardDegGaussDeconv, and the message says so.
+    cfg = PsfMatchConfigAL(alardDegGaussDeconv=9)
+    with pytest.raises(ConfigError, match="alardDegGaussDeconv: degree 9 for the 0.4 px"):
+        basis_from_config(cfg, 3.1, 3.0)
+
+
+@pytest.mark.parametrize("sigmas", [(1.4, 1.4, 2.8), (0.7, 1.5, 1.5)])
+def test_al_identical_gaussians_are_refused(sigmas):
+    """Identical widths (alardGaussBeta = 1 or a repeated alardSigGauss) used to shrink the
+    basis silently (27 to 15 functions): now refused."""
+    with pytest.raises(ConfigError, match="too alike: 6 function.* space the sigmas apart"):
+        alard_lupton_basis(21, sigmas, (4, 2, 2))
+    with pytest.raises(ConfigError, match="too alike"):
+        basis_from_config(PsfMatchConfigAL(alardGaussBeta=1.0), 3.0, 5.0)
