@@ -18,6 +18,20 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 
 
+def require_plane_names(config: Config, prefix: str, name: str) -> None:
+    """Refuse a list of mask plane names holding one that no mask can have.
+
+    Whether a name is a plane of the inputs is known only when they are
+    (:func:`diffkernel.pipeline.stages.check_plane_names`); an empty name or one with
+    blanks (``"SAT "``) is wrong whatever the inputs.
+    """
+    for plane in getattr(config, name):
+        if not plane or plane != plane.strip() or any(c.isspace() for c in plane):
+            raise config._invalid(
+                prefix, name, f"{plane!r} is not a mask plane name (empty or with blanks)"
+            )
+
+
 class DetectionConfig(Config):
     """Detection of footprints that become kernel candidates, and the size of their stamps."""
 
@@ -92,6 +106,7 @@ class DetectionConfig(Config):
         return self.fpGrowPix
 
     def _check(self, prefix: str) -> None:
+        require_plane_names(self, prefix, "badMaskPlanes")
         self._require(self.detThreshold > 0, prefix, "detThreshold", "must be > 0")
         self._require(self.fpNpixMin >= 1, prefix, "fpNpixMin", "must be >= 1")
         self._require(
@@ -155,6 +170,9 @@ class WarpingConfig(Config):
         "Exposures are taken as already aligned.",
     )
 
+    def _check(self, prefix: str) -> None:
+        require_plane_names(self, prefix, "growFullMask")
+
 
 class AfwBackgroundConfig(Config):
     """Mesh background estimate, subtracted first when ``useAfwBackground`` is True."""
@@ -181,6 +199,7 @@ class AfwBackgroundConfig(Config):
     )
 
     def _check(self, prefix: str) -> None:
+        require_plane_names(self, prefix, "ignoredPixelMask")
         self._require(self.binSize >= 1, prefix, "binSize", "must be >= 1")
         self._require(
             self.filterSize >= 1 and self.filterSize % 2 == 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from .base import Config, Field
@@ -11,6 +12,7 @@ from .parts import (
     SelectDetectionConfig,
     SelectMeasurementConfig,
     WarpingConfig,
+    require_plane_names,
 )
 
 __all__ = [
@@ -275,7 +277,14 @@ class PsfMatchConfig(Config):
             req(getattr(self, name) > 0, prefix, name, "must be > 0")
         req(self.candidateCoreRadius >= 1, prefix, "candidateCoreRadius", "must be >= 1")
         for name in ("maxConditionNumber", "maxSpatialConditionNumber"):
-            req(getattr(self, name) > 1, prefix, name, "must be > 1")
+            # inf is no limit at all: checkConditionNumber = False says that plainly.
+            req(
+                1 < getattr(self, name) < math.inf,
+                prefix,
+                name,
+                "must be finite and > 1 (for no limit, set checkConditionNumber = False)",
+            )
+        require_plane_names(self, prefix, "badMaskPlanes")
         req(self.fwhmExposureGrid >= 1, prefix, "fwhmExposureGrid", "must be >= 1")
         req(
             0 <= self.fwhmExposureBuffer < 0.5,
@@ -351,8 +360,20 @@ class PsfMatchConfigAL(PsfMatchConfig):
             "alardDegGauss",
             "degrees must be >= 0",
         )
-        for name in ("alardMinSig", "alardGaussBeta", "alardMinSigDeconv"):
+        req(
+            len(set(self.alardSigGauss)) == len(self.alardSigGauss),
+            prefix,
+            "alardSigGauss",
+            "sigmas must differ (identical Gaussians give the same basis functions twice)",
+        )
+        for name in ("alardMinSig", "alardMinSigDeconv"):
             req(getattr(self, name) > 0, prefix, name, "must be > 0")
+        req(
+            self.alardGaussBeta > 1,
+            prefix,
+            "alardGaussBeta",
+            "must be > 1 (the ratio of successive sigmas; 1 makes the Gaussians identical)",
+        )
         req(self.alardNGaussDeconv >= 1, prefix, "alardNGaussDeconv", "must be >= 1")
         req(self.alardDegGaussDeconv >= 0, prefix, "alardDegGaussDeconv", "must be >= 0")
 
