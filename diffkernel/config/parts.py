@@ -59,7 +59,7 @@ class DetectionConfig(Config):
         tuple,
         ("NO_DATA", "EDGE", "SAT"),
         "A footprint touching any of these mask planes is not used. Usual names: NO_DATA "
-        "EDGE SAT BAD CR INTRP.",
+        "EDGE SAT BAD CR INTRP; each must be a standard plane or one an input declares.",
         item_type=str,
     )
     fpNpixMin = Field(int, 5, "Fewest pixels a footprint may have to be accepted.")
@@ -178,7 +178,10 @@ class AfwBackgroundConfig(Config):
     """Mesh background estimate, subtracted first when ``useAfwBackground`` is True."""
 
     binSize = Field(
-        int, 128, "Side in pixels of the mesh cells in which the background is measured."
+        int,
+        128,
+        "Side in pixels of the mesh cells in which the background is measured (at most the "
+        "image's shorter side).",
     )
     filterSize = Field(
         int,

@@ -143,7 +143,8 @@ class PsfMatchConfig(Config):
         tuple,
         ("NO_DATA", "EDGE", "SAT"),
         "Mask planes whose pixels are left out of difference-image statistics. Usual names: "
-        "NO_DATA EDGE SAT BAD CR INTRP; any plane name is allowed.",
+        "NO_DATA EDGE SAT BAD CR INTRP; each must be a standard plane or one an input "
+        "declares.",
         item_type=str,
     )
     candidateResidualMeanMax = Field(
