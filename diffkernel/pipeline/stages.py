@@ -4,10 +4,6 @@ Both :class:`diffkernel.MakeKernelTask` (in memory) and
 :func:`diffkernel.pipeline.dask.driver.run_pair` (Dask over Zarr) run
 :func:`prepare_fit`, which takes a pair from its inputs to the plan of the cells:
 
-Fields whose rules only the inputs can check are refused on the way, as ``validate()``
-refuses the others: mask plane names neither standard nor declared by an input, a
-background mesh cell larger than the image, a candidate core larger than the stamp.
-
 1. *alignment*: the template is warped onto the science grid when their WCS differ
    (``warpingConfig.doAlign``); grids that differ otherwise are refused; the pixels
    are validated;
@@ -23,6 +19,10 @@ background mesh cell larger than the image, a candidate core larger than the sta
    kernel then matches the science image to the template);
 6. *basis and plan*: the kernel basis sized by the widths, the run-wide constants of
    the cells and every source placed in its cell.
+
+Fields whose rules only the inputs can check are refused on the way, as ``validate()``
+refuses the others: mask plane names neither standard nor declared by an input, a
+background mesh cell larger than the image, a candidate core larger than the stamp.
 
 What differs between the executors is only how the pixel work is done: on arrays
 in this process, or as Dask tasks reading Zarr in the workers. That is a
