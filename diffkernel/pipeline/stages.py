@@ -84,8 +84,8 @@ class PixelWork(ABC):
     Attributes
     ----------
     template, science : Exposure or ZarrImage
-        The pair as the stages see it (``shape``, ``wcs``, ``meta``); ``template`` is
-        the warped one once :meth:`align` ran.
+        The pair as the stages see it (``shape``, ``wcs``, ``meta``, ``mask_planes``);
+        ``template`` is the warped one once :meth:`align` ran.
     """
 
     template: Any
