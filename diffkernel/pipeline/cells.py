@@ -32,7 +32,7 @@ from ..kernel.candidate import (
 from ..kernel.fit import SingleFit, fit_single_kernels
 from ..kernel.photometry import StampPhotometry, stamp_photometry
 from ..kernel.solve import BAD, CandidateSet, SolveOutcome, solve
-from ..prep.selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
+from ..prep.selection import aperture_flux_snr, assign_cells, core_snr, place_centres, vet_positions
 
 __all__ = [
     "single_threaded_blas",
@@ -144,7 +144,8 @@ class CellResult:
     reason : numpy.ndarray of str
         Vetting rejection per source ('' for a candidate).
     snr_template, snr_science, rating : numpy.ndarray
-        Aperture S/N in each image and the ranking flux (NaN where not measured).
+        Aperture S/N in each image and the rating, the mean S/N per pixel of the
+        science image's core (NaN where not measured).
     stats : CandidateStats or None
         Sufficient statistics of the candidates (sources with ``reason == ''``), in
         source order.
@@ -265,11 +266,13 @@ def fit_cell(
         radius = plan.aperture_radius
         half_snr = int(min(plan.half_stamp, max(np.ceil(2.5 * radius), 8)))
         xo, yo = lx[ok], ly[ok]
-        ft, snr_t[ok] = aperture_flux_snr(
+        _, snr_t[ok] = aperture_flux_snr(
             template.image, template.variance, xo, yo, half_snr, radius
         )
-        fs, snr_s[ok] = aperture_flux_snr(science.image, science.variance, xo, yo, half_snr, radius)
-        rating[ok] = ft + fs
+        _, snr_s[ok] = aperture_flux_snr(science.image, science.variance, xo, yo, half_snr, radius)
+        # Ranked as ip_diffim does: by the mean S/N of the core of the image matched to.
+        core = plan.kernel_config.candidateCoreRadius
+        rating[ok] = core_snr(science.image, science.variance, xo, yo, plan.half_stamp, core)
         low = ~((snr_t[ok] >= plan.min_snr) & (snr_s[ok] >= plan.min_snr))
         reason[ok[low]] = "low S/N"
     keep = np.flatnonzero(reason == "")

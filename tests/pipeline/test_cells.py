@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from threadpoolctl import threadpool_limits
 
 from diffkernel import MakeKernelConfig
@@ -93,3 +94,28 @@ def test_single_fits_made_per_cell_equal_those_of_the_whole_set():
             np.testing.assert_array_equal(a, b, err_msg=field.name)
     np.testing.assert_array_equal(given.solution.kernel_coeffs, made.solution.kernel_coeffs)
     np.testing.assert_array_equal(given.solution.covariance, made.solution.covariance)
+
+
+def test_candidates_are_rated_by_the_mean_snr_of_the_science_core():
+    """A candidate's rating (its rank in its cell) is the mean S/N per pixel of the
+    science image in the 2r x 2r core of candidateCoreRadius r, local sky (median of the
+    stamp's outer ring) subtracted, as ip_diffim rates candidates; the radius matters."""
+    science = make_pair((256, 256), seed=7, template_depth=4).science.masked_image
+    ratings = {}
+    for r in (2, 6):
+        plan, placement, _, _, per_cell = _fitted_cells(7, candidateCoreRadius=r)
+        merged = CellResult.merge(per_cell)
+        rated = np.flatnonzero(np.isfinite(merged.rating))
+        assert rated.size >= 8
+        h = plan.half_stamp
+        yy, xx = np.mgrid[-h : h + 1, -h : h + 1]
+        ring = np.hypot(xx, yy) >= 0.8 * h
+        for i in rated[:5]:
+            src = merged.index[i]
+            x, y = placement.xc[src], placement.yc[src]
+            stamp = science.image[y - h : y + h + 1, x - h : x + h + 1]
+            core = np.s_[y - r : y + r, x - r : x + r]
+            snr = (science.image[core] - np.median(stamp[ring])) / np.sqrt(science.variance[core])
+            assert merged.rating[i] == pytest.approx(snr.mean(), rel=1e-12)
+        ratings[r] = merged.rating[rated]
+    assert not np.allclose(ratings[2], ratings[6])

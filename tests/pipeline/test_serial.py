@@ -315,6 +315,10 @@ def test_kernel_uncertainty_and_core_stats_and_iteration(noisy_pair):
     # The scatter of kernel sums is consistent with their errors (a pull of order 1).
     pull = (good["kernel_sum"] - np.median(good["kernel_sum"])) / good["kernel_sum_err"]
     assert 0.5 < 1.4826 * np.median(np.abs(pull)) < 2.0
+    # The spatial solution has its covariance too: the kernel sum at the centre, fitted
+    # on every good candidate, is better known than any one candidate's.
+    ksum_err = np.sqrt(base.psfMatchingKernel.solution.kernel_sum_variance(512.0, 512.0))
+    assert 0 < ksum_err < np.median(good["kernel_sum_err"])
     core = MakeKernelTask(al_config(useCoreStats=True, candidateCoreRadius=4)).run(
         noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources
     )
@@ -335,7 +339,7 @@ def test_kernel_uncertainty_and_core_stats_and_iteration(noisy_pair):
 
 def test_pca_and_bic_for_al(noisy_pair):
     """usePcaForSpatialKernel gives a PCA basis of numPrincipalComponents kernels; BIC
-    picks a size no larger than that."""
+    picks a smaller size when the extra components fit noise."""
     pca = MakeKernelTask(al_config(usePcaForSpatialKernel=True, numPrincipalComponents=4)).run(
         noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources
     )
@@ -344,7 +348,9 @@ def test_pca_and_bic_for_al(noisy_pair):
     bic = MakeKernelTask(
         al_config(usePcaForSpatialKernel=True, numPrincipalComponents=4, useBicForKernelBasis=True)
     ).run(noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources)
-    assert 1 <= bic.metadata["bic_basis_size"] <= 4
+    # On this pair the kernel hardly varies: the components after the mean kernel
+    # mostly fit noise, and the BIC drops them.
+    assert 1 <= bic.metadata["bic_basis_size"] < 4
     assert bic.metadata["basis_size"] == bic.metadata["bic_basis_size"]
 
 
