@@ -97,7 +97,8 @@ class SolveState:
     rejected_round : numpy.ndarray
         The round it was rejected in: 0 for the single-kernel clipping, -1 when not.
     spatial_mean, spatial_std : numpy.ndarray
-        Residual moments under the latest spatial model that saw the candidate.
+        Residual moments under the latest spatial model that saw the candidate, in
+        units of the difference's sigma under the model's kernel.
     counts : dict
         Rejections per stage: ``single``, ``kernel_sum``, ``spatial``.
     metadata : dict
@@ -170,7 +171,7 @@ class SingleKernels:
     background, background_err : numpy.ndarray
         Local background at the stamp centre and its error (0 and NaN without one).
     resid_mean, resid_std : numpy.ndarray
-        Residual moments of the fits, in units of sigma.
+        Residual moments of the fits, in units of the difference's own sigma.
     """
 
     fit: SingleFit

@@ -1,8 +1,11 @@
-"""The fit's fidelity checks measure what they say (issue 16).
+"""The fit's fidelity checks measure what they say (issue 16, items 1 and 2).
 
 1. Kernel-sum clipping sees the candidates promoted in place of the rejected ones: no
    GOOD candidate's kernel sum lies beyond ``maxKsumSigma`` of the GOOD candidates'
    clipped statistics.
+2. Candidates' residuals are in units of the difference's own sigma (the science
+   variance plus the template's seen through the kernel squared): a good fit has
+   residuals of unit standard deviation, whatever the template's depth.
 """
 
 from __future__ import annotations
@@ -123,3 +126,30 @@ def test_no_good_candidate_is_a_kernel_sum_outlier(seed, n_variable, subtraction
     assert last["std"] == pytest.approx(std, rel=1e-9)
     reasons = np.asarray(table["reason"])
     assert (reasons == "kernel sum outlier").sum() == result.metadata["rejected"]["kernel_sum"]
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["depth1", "depth4"])
+def known_pair(request):
+    """A pair with a known kernel; its template as deep as the science image, or 4x."""
+    return make_pair((512, 512), seed=5, template_depth=request.param)
+
+
+@pytest.mark.parametrize("iterate", [False, True], ids=["single", "iterated"])
+@pytest.mark.parametrize("subtraction", [False, True], ids=["default", "subtraction"])
+def test_good_candidates_residuals_have_unit_std(known_pair, subtraction, iterate):
+    """GOOD candidates' residual std is ~1 in the difference's own sigma, for their own
+    kernels and under the spatial model, whatever the template's depth (it was 0.71
+    for an equally deep template, 0.89 for one 4x deeper, without iterateSingleKernel)."""
+    cfg = MakeKernelConfig.default_subtraction() if subtraction else MakeKernelConfig()
+    cfg.kernel.active.iterateSingleKernel = iterate
+    result = MakeKernelTask(cfg).run(
+        known_pair.template, known_pair.science, known_pair.truth.sources
+    )
+    table = result.candidates
+    good = np.asarray(table["status"]) == GOOD
+    assert good.sum() >= 10
+    for name in ("resid_std", "spatial_resid_std"):
+        median = float(np.median(np.asarray(table[name])[good]))
+        assert 0.85 <= median <= 1.15, (name, median)
+    for name in ("resid_mean", "spatial_resid_mean"):
+        assert abs(float(np.median(np.asarray(table[name])[good]))) < 0.1, name
