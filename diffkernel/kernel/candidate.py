@@ -10,10 +10,11 @@ a function of a few moments of ``C`` and ``s``:
 - fit:   ``M_fit = Cᵀ W_fit C``, ``B_fit = Cᵀ W_fit s``
 - stats: ``M = Cᵀ W C``, ``B = Cᵀ W s``, ``sᵀ W s``, ``u = Cᵀ σ⁻¹``, ``Σ s/σ``, ``N``
 
-with ``W = diag(1/v)`` and ``W_fit`` either ``W`` or ``1/mean(v)`` (constant variance
-weighting). The residual mean and standard deviation in units of sigma for *any*
-coefficient vector follow without pixels, so the spatial fit, its assessment and
-the PCA refit run on these small matrices only.
+with ``W = diag(1/v)`` and ``W_fit`` ``1/v_fit`` or ``1/mean(v_fit)`` (constant
+variance weighting), ``v_fit`` the variance the fit is weighted by and ``v`` the
+difference's own (see :func:`compute_stats`'s ``fit``). The residual mean and standard
+deviation in units of sigma for *any* coefficient vector follow without pixels, so
+the spatial fit, its assessment and the PCA refit run on these small matrices only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy import fft
 
 from ..image import MaskedImage
 from .basis import KernelBasis
@@ -30,10 +32,13 @@ from .basis import KernelBasis
 __all__ = [
     "StampBatch",
     "CandidateStats",
+    "FitMoments",
     "cut_stamps",
+    "valid_convolutions",
     "convolve_stamps",
     "convolve_basis",
     "compute_stats",
+    "fit_moments",
     "core_selector",
     "local_background_columns",
 ]
@@ -70,12 +75,16 @@ class StampBatch:
 
     def take(self, keep: np.ndarray) -> StampBatch:
         """The stamps of a subset of the batch."""
-        return StampBatch(
-            self.template[keep],
-            self.template_variance[keep],
-            self.science[keep],
-            self.science_variance[keep],
-        )
+        return take_rows(self, keep)
+
+    def difference_variance(self, kernels: np.ndarray) -> np.ndarray:
+        """Variance ``V_s + K² ⊛ V_t`` of ``science - K ⊛ template``, ``(N, S, S)``.
+
+        The difference image's own variance, for ``kernels`` ``(N, K, K)`` (one per
+        candidate): pixels' noise is independent.
+        """
+        kernels = np.asarray(kernels, dtype=np.float64)
+        return self.science_variance + valid_convolutions(self.template_variance, kernels**2)
 
     def template_center(self) -> tuple[np.ndarray, np.ndarray]:
         """Template and template-variance pixels under the science stamp."""
@@ -85,6 +94,18 @@ class StampBatch:
             self.template[:, h : h + s, h : h + s],
             self.template_variance[:, h : h + s, h : h + s],
         )
+
+
+def valid_convolutions(images: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """Each image ``(N, H, W)`` convolved with its own kernel ``(N, k, l)``: the valid part.
+
+    By FFT at the image's size (cyclic, which the valid part does not see): for stamps,
+    four times faster than a sum over the kernel's pixels.
+    """
+    shape = images.shape[-2:]
+    kh, kw = kernels.shape[-2:]
+    product = fft.rfft2(images, axes=(-2, -1)) * fft.rfft2(kernels, shape, axes=(-2, -1))
+    return fft.irfft2(product, shape, axes=(-2, -1))[..., kh - 1 :, kw - 1 :]
 
 
 def take_rows(record, index: np.ndarray | slice):
@@ -309,7 +330,10 @@ def core_selector(stamp_size: int, core_radius: int) -> np.ndarray:
 class CandidateStats:
     """Sufficient statistics of a batch of candidates (first axis: candidate).
 
-    The last coefficient is the background when ``has_background``.
+    The last coefficient is the background when ``has_background``. ``var_science``
+    ``(N,)`` and ``var_template`` ``(N, K, K)``, when made, are the means over the
+    statistics' pixels of ``V_s / v`` and, per kernel pixel, of the template variance
+    it sees over ``v``: the difference's variance under any kernel, relative to ``v``.
     """
 
     m_fit: np.ndarray
@@ -323,6 +347,8 @@ class CandidateStats:
     m_var: np.ndarray | None
     n_background: int
     stamp_half: int
+    var_science: np.ndarray | None = None
+    var_template: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.m.shape[0]
@@ -381,21 +407,98 @@ class CandidateStats:
             m_var=mat(self.m_var),
         )
 
-    def residual_moments(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def residual_moments(
+        self, coeffs: np.ndarray, kernels: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Residual mean, standard deviation and chi² in units of sigma.
 
         Parameters
         ----------
         coeffs : numpy.ndarray
             ``(N, n_params)`` coefficient vectors, one per candidate.
+        kernels : numpy.ndarray, optional
+            ``(N, K, K)``: their kernel images. With ``var_template``, sigma is then
+            the difference's under them, not the statistics' ``v``: the moments are
+            scaled by the stamp's mean ratio of the two variances (exact where that
+            ratio is uniform, and for the kernels that made ``v``).
         """
         a = np.asarray(coeffs)
         chi2 = np.einsum("ni,nij,nj->n", a, self.m, a) - 2 * np.einsum("ni,ni->n", a, self.b)
         chi2 = np.maximum(chi2 + self.sws, 0.0)
         total = self.su - np.einsum("ni,ni->n", a, self.u)
+        if kernels is not None and self.var_template is not None:
+            ratio = self.var_science + np.einsum("nij,nij->n", kernels**2, self.var_template)
+            total, chi2 = total / np.sqrt(ratio), chi2 / ratio
         mean = total / self.npix
         var = np.maximum(chi2 / self.npix - mean**2, 0.0) * self.npix / np.maximum(self.npix - 1, 1)
         return mean, np.sqrt(var), chi2
+
+
+@dataclass
+class FitMoments:
+    """The moments single-kernel fits solve: ``m_fit``, ``b_fit``, ``m_var`` (or None).
+
+    What :func:`~diffkernel.kernel.fit.fit_single_kernels` reads of a
+    :class:`CandidateStats`, made alone to fit a batch before its residual statistics,
+    which are in units of the difference's variance under the fitted kernel.
+    """
+
+    m_fit: np.ndarray
+    b_fit: np.ndarray
+    m_var: np.ndarray | None
+    n_background: int
+
+    def __len__(self) -> int:
+        return self.m_fit.shape[0]
+
+
+def _design(convolved: np.ndarray, background_order: int | None) -> tuple[np.ndarray, int]:
+    """The design matrix ``C`` ``(N, n_params, S*S)``: kernel columns, then background's."""
+    n, nk, s, _ = convolved.shape
+    p = s * s
+    n_bg = 0
+    cols = None
+    if background_order is not None:
+        cols = local_background_columns(s, background_order)
+        n_bg = cols.shape[0]
+    c = np.empty((n, nk + n_bg, p))
+    c[:, :nk] = convolved.reshape(n, nk, p)
+    if cols is not None:
+        c[:, nk:] = cols
+    return c, n_bg
+
+
+def fit_moments(
+    convolved: np.ndarray,
+    science: np.ndarray,
+    variance: np.ndarray,
+    *,
+    background_order: int | None,
+    constant_variance_weighting: bool,
+    with_uncertainty: bool = False,
+) -> FitMoments:
+    """The moments a batch's single-kernel fits solve, without the residual statistics.
+
+    Parameters are those of :func:`compute_stats`; ``variance`` weights the fit.
+    """
+    n, _, s, _ = convolved.shape
+    c, n_bg = _design(convolved, background_order)
+    sci, var = science.reshape(n, s * s), variance.reshape(n, s * s)
+    if constant_variance_weighting:
+        w_const = 1.0 / var.mean(axis=1)
+        m_fit = np.matmul(c, np.swapaxes(c, 1, 2)) * w_const[:, None, None]
+        b_fit = np.matmul(c, sci[:, :, None])[:, :, 0] * w_const[:, None]
+        m_var = (
+            np.matmul(c * (var * w_const[:, None] ** 2)[:, None, :], np.swapaxes(c, 1, 2))
+            if with_uncertainty
+            else None
+        )
+        return FitMoments(m_fit, b_fit, m_var, n_bg)
+    sig_inv = np.sqrt(1.0 / var)
+    a, z = c * sig_inv[:, None, :], sci * sig_inv
+    m_w = np.matmul(a, np.swapaxes(a, 1, 2))
+    b_w = np.matmul(a, z[:, :, None])[:, :, 0]
+    return FitMoments(m_w, b_w, m_w if with_uncertainty else None, n_bg)
 
 
 def compute_stats(
@@ -407,6 +510,7 @@ def compute_stats(
     constant_variance_weighting: bool,
     stats_selector: np.ndarray | None = None,
     with_uncertainty: bool = False,
+    fit: FitMoments | None = None,
 ) -> CandidateStats:
     """Sufficient statistics of a batch from its basis-convolved stamps.
 
@@ -426,61 +530,51 @@ def compute_stats(
         ``(S, S)`` boolean mask of the pixels the quality statistics use (the core).
     with_uncertainty : bool
         Also keep ``Cᵀ W_fit V W_fit C`` for coefficient covariances.
+    fit : FitMoments, optional
+        The fit's moments, made beforehand (:func:`fit_moments`) with another
+        variance; ``variance`` then sets the units of the residual statistics only
+        (and ``constant_variance_weighting`` and ``with_uncertainty`` are the
+        ``fit``'s).
+
+    Raises
+    ------
+    ValueError
+        When ``fit`` is of another number of candidates or background terms.
     """
-    n, nk, s, _ = convolved.shape
+    n, _, s, _ = convolved.shape
     p = s * s
-    sci = science.reshape(n, p)
-    var = variance.reshape(n, p)
-    w = 1.0 / var
-    sig_inv = np.sqrt(w)
-    n_bg = 0
-    cols = None
-    if background_order is not None:
-        cols = local_background_columns(s, background_order)
-        n_bg = cols.shape[0]
-    # The whitened design matrix A = C W^1/2, built in place (kernel columns, then the
-    # background's): every weighted moment is a product of A with itself or with the
-    # whitened science, one batched BLAS product each.
-    c = np.empty((n, nk + n_bg, p))
-    c[:, :nk] = convolved.reshape(n, nk, p)
-    if cols is not None:
-        c[:, nk:] = cols
-    a = c * sig_inv[:, None, :]
-    z = sci * sig_inv
-    m_w = b_w = None
-    if not constant_variance_weighting or stats_selector is None:
-        # (With constant weighting and core statistics, nothing uses them.)
-        m_w = np.matmul(a, np.swapaxes(a, 1, 2))
-        b_w = np.matmul(a, z[:, :, None])[:, :, 0]
-    if constant_variance_weighting:
-        w_const = 1.0 / var.mean(axis=1)
-        m_fit = np.matmul(c, np.swapaxes(c, 1, 2)) * w_const[:, None, None]
-        b_fit = np.matmul(c, sci[:, :, None])[:, :, 0] * w_const[:, None]
-        m_var = (
-            np.matmul(c * (var * w_const[:, None] ** 2)[:, None, :], np.swapaxes(c, 1, 2))
-            if with_uncertainty
-            else None
+    if fit is None:
+        fit = fit_moments(
+            convolved,
+            science,
+            variance,
+            background_order=background_order,
+            constant_variance_weighting=constant_variance_weighting,
+            with_uncertainty=with_uncertainty,
         )
-    else:
-        m_fit, b_fit = m_w, b_w
-        m_var = m_w if with_uncertainty else None
-    if stats_selector is None:
-        m, b, a_s, z_s = m_w, b_w, a, z
-    else:
+    c, n_bg = _design(convolved, background_order)
+    if len(fit) != n or fit.n_background != n_bg:
+        raise ValueError(
+            f"fit moments of {len(fit)} candidates with {fit.n_background} background "
+            f"terms given for {n} candidates with {n_bg}"
+        )
+    sig_inv = np.sqrt(1.0 / variance.reshape(n, p))
+    a, z = c * sig_inv[:, None, :], science.reshape(n, p) * sig_inv
+    if stats_selector is not None:
         sel = np.flatnonzero(np.asarray(stats_selector).reshape(p))
-        a_s, z_s = a[:, :, sel], z[:, sel]
-        m = np.matmul(a_s, np.swapaxes(a_s, 1, 2))
-        b = np.matmul(a_s, z_s[:, :, None])[:, :, 0]
+        a, z = a[:, :, sel], z[:, sel]
+    m = np.matmul(a, np.swapaxes(a, 1, 2))
+    b = np.matmul(a, z[:, :, None])[:, :, 0]
     return CandidateStats(
-        m_fit=m_fit,
-        b_fit=b_fit,
+        m_fit=fit.m_fit,
+        b_fit=fit.b_fit,
         m=m,
         b=b,
-        sws=np.einsum("np,np->n", z_s, z_s),
-        u=a_s.sum(axis=2),
-        su=z_s.sum(axis=1),
-        npix=np.full(n, z_s.shape[1], dtype=np.float64),
-        m_var=m_var,
+        sws=np.einsum("np,np->n", z, z),
+        u=a.sum(axis=2),
+        su=z.sum(axis=1),
+        npix=np.full(n, z.shape[1], dtype=np.float64),
+        m_var=fit.m_var,
         n_background=n_bg,
         stamp_half=s // 2,
     )

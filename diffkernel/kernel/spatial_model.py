@@ -333,8 +333,10 @@ def spatial_residuals(
     The model's kernel and background at each candidate's centre are written as the
     coefficients of a single-kernel fit (a local background polynomial of degree
     ``local_order``), so the candidate's sufficient statistics give the moments of
-    the difference the model leaves on its stamp, in units of sigma.
+    the difference the model leaves on its stamp, in units of its sigma under the
+    model's kernel.
     """
     local = model.solution.local_coefficients(x[used], y[used], model.stats.stamp_half, local_order)
-    mean, std, _ = model.stats.take(used).residual_moments(local)
+    kernels = model.basis.kernel_image(local[:, : model.basis.size])
+    mean, std, _ = model.stats.take(used).residual_moments(local, kernels)
     return mean, std

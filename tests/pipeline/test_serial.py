@@ -180,7 +180,9 @@ def test_difference_of_two_exposures_of_one_scene():
 
 def test_saturated_star_rejected_when_masked_and_by_residuals_when_not():
     """A star saturated in the science image: vetting rejects it as 'masked'; with the SAT
-    plane cleared, single-kernel residual clipping rejects it."""
+    plane cleared, its own fit rejects it: by its residuals or, when the wild kernel that
+    fit makes (sum ~10) carries enough template variance into the difference to keep its
+    residuals in their own sigma below the limit, by its kernel sum."""
     pair = make_pair((512, 512), seed=4, saturation=3.0e4, n_saturated=3, template_depth=4)
     sat_ids = set(pair.truth.sources["id"][pair.truth.sources["saturated"]])
     cfg = al_config(nStarPerCell=-1)
@@ -195,7 +197,8 @@ def test_saturated_star_rejected_when_masked_and_by_residuals_when_not():
     rows = table[np.isin(table["id"], list(sat_ids)) & (table["reason"] != "edge")]
     assert len(rows) > 0
     assert all(rows["status"] == "BAD")
-    assert set(rows["reason"]) == {"single-kernel residuals"}
+    assert set(rows["reason"]) <= {"single-kernel residuals", "kernel sum outlier"}
+    assert "single-kernel residuals" in set(rows["reason"])
 
 
 def test_variable_star_rejected_by_kernel_sum_clipping():
