@@ -7,8 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 __all__ = ["add_parser", "run"]
 
 
@@ -38,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def float32_exposure(exposure):
     """The exposure with float32 pixel values, as cameras deliver them."""
+    import numpy as np
+
     from ..image import Exposure, MaskedImage
 
     mi = exposure.masked_image
