@@ -33,6 +33,12 @@ WORKER_ENVIRON = {
 #: be recomputed: the run then fails instead of recovering.
 SCHEDULER_CONFIG = {"distributed.scheduler.active-memory-manager.start": False}
 
+#: Imported by every LocalCluster worker as it starts (a second or more of numpy,
+#: scipy, astropy and zarr): the first tasks would pay it otherwise, after the cluster
+#: is up, where a caller that starts the cluster alongside other work (the command
+#: line reads its inputs meanwhile) cannot hide it.
+WORKER_PRELOAD = ("diffkernel.pipeline.dask.tasks",)
+
 
 def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = None) -> int:
     """Subtraction tile side: a multiple of the chunk side, at most 1024.
@@ -96,6 +102,7 @@ def connect(
             threads_per_worker=1,
             processes=True,
             dashboard_address=":0",
+            preload=list(WORKER_PRELOAD),
         ) as cluster,
         Client(cluster) as own,
     ):
