@@ -184,6 +184,38 @@ def hotpants_round(files: dict[str, Path], folder: Path, exe: str) -> dict:
     return result
 
 
+def batch_rerun(trees: dict[str, Path], n_pairs: int, folder: Path, workers: int) -> None:
+    """Time ``diffkernel batch`` run again over ``n_pairs`` current pairs, per tree."""
+    from diffkernel.io.fits import write_exposure
+    from diffkernel.simulate import make_pair
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["science,template,output"]
+    for i in range(n_pairs):
+        if not (folder / f"tmpl{i}.fits").is_file():
+            pair = make_pair((256, 256), seed=500 + i, template_depth=4)
+            write_exposure(folder / f"sci{i}.fits", pair.science, overwrite=True)
+            write_exposure(folder / f"tmpl{i}.fits", pair.template, overwrite=True)
+        lines.append(f"sci{i}.fits,tmpl{i}.fits,pair{i}.zarr")
+    manifest = folder / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    print(f"# batch rerun: {n_pairs} current 256x256 pairs, --workers {workers}")
+    for name, tree in trees.items():
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        out = folder / f"out-{name}"
+        command = [sys.executable, "-c", CLI, "batch", str(manifest), "--out", str(out)]
+        command += ["--workers", str(workers)]
+        first = run_process(command, env)  # does (or finds current) every pair
+        reruns = [run_process(command, env) for _ in range(3)]
+        walls = [r["wall"] for r in reruns]
+        print(
+            f"{name:<22} first run {first['wall']:.2f} s; rerun {np.median(walls):.2f} s "
+            f"(spread {spread(walls)}), peak main {max(r['main_gb'] for r in reruns):.2f} GB, "
+            f"{max(r['n_children'] for r in reruns)} child processes; "
+            f"{reruns[-1]['stdout'].strip().splitlines()[-1]}"
+        )
+
+
 def spread(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}"
 
@@ -285,7 +317,12 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sizes", nargs="*", type=int, default=[1024, 2048, 4096])
+    parser.add_argument(
+        "sizes",
+        nargs="*",
+        type=int,
+        help="image sides (default 1024 2048 4096; none with --batch-pairs)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster workers")
     parser.add_argument(
@@ -298,12 +335,28 @@ if __name__ == "__main__":
     parser.add_argument(
         "--data", type=Path, help="folder keeping the simulated FITS pairs between runs"
     )
+    parser.add_argument(
+        "--batch-pairs",
+        type=int,
+        default=0,
+        help="also time a batch rerun over this many current pairs (in --data)",
+    )
     args = parser.parse_args()
     chosen = dict(t.split("=", 1) for t in args.tree) or {
         "diffkernel": str(Path(__file__).resolve().parents[1])
     }
+    if args.batch_pairs:
+        with tempfile.TemporaryDirectory() as tmp:
+            batch_rerun(
+                {k: Path(v).resolve() for k, v in chosen.items()},
+                args.batch_pairs,
+                (args.data or Path(tmp)) / "batch",
+                args.workers,
+            )
+        if not args.sizes:
+            sys.exit(0)
     main(
-        args.sizes,
+        args.sizes or [1024, 2048, 4096],
         max(1, args.rounds),
         {k: Path(v).resolve() for k, v in chosen.items()},
         args.workers,
