@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from diffkernel.config import MakeKernelConfig
 from diffkernel.io.zarr.image import ZarrImage
@@ -42,3 +48,33 @@ def test_detection_reads_only_the_image_it_detects_on(tmp_path):
     np.testing.assert_array_equal(found["x"], expected["x"])
     on_science = detect_task(ZarrPair(Unreadable(template), science), False, cfg, None)
     assert len(on_science) > 0
+
+
+def _task_modules_loaded() -> bool:
+    import sys
+
+    return "diffkernel.pipeline.dask.tasks" in sys.modules
+
+
+def test_cluster_workers_load_the_task_modules_as_they_start():
+    """connect()'s LocalCluster workers import the task modules before any task runs."""
+    pytest.importorskip("distributed")
+    from diffkernel.pipeline.dask.cluster import connect
+
+    with connect(n_workers=1) as client:
+        assert list(client.run(_task_modules_loaded).values()) == [True]
+
+
+def test_teardown_freezes_the_objects_out_of_the_exit_collections():
+    code = (
+        "import gc\n"
+        "from diffkernel.pipeline.dask.taskproc import dask_teardown\n"
+        "before = gc.get_freeze_count()\n"
+        "dask_teardown(None)\n"
+        "print(before == 0 and gc.get_freeze_count() > 0)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.stdout.strip() == "True", proc.stderr

@@ -33,11 +33,12 @@ WORKER_ENVIRON = {
 #: be recomputed: the run then fails instead of recovering.
 SCHEDULER_CONFIG = {"distributed.scheduler.active-memory-manager.start": False}
 
-#: Imported by every LocalCluster worker as it starts (a second or more of numpy,
-#: scipy, astropy and zarr): the first tasks would pay it otherwise, after the cluster
-#: is up, where a caller that starts the cluster alongside other work (the command
-#: line reads its inputs meanwhile) cannot hide it.
-WORKER_PRELOAD = ("diffkernel.pipeline.dask.tasks",)
+#: Dask preload of every LocalCluster worker (:mod:`.taskproc`'s ``dask_setup`` and
+#: ``dask_teardown``): the task modules are imported as the worker starts (a second or
+#: more, which the first tasks would pay otherwise, after the cluster is up, where a
+#: caller that starts the cluster alongside other work, as the command line does while
+#: it reads its inputs, cannot hide it), and the worker exits promptly when closed.
+WORKER_PRELOAD = ("diffkernel.pipeline.dask.taskproc",)
 
 
 def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = None) -> int:
