@@ -74,7 +74,10 @@ def detect_sources(
     bad |= ~np.isfinite(image)
     data = np.where(bad, 0.0, image)
     bkg = sep.Background(data, mask=bad)
-    sub = data - bkg.back()
+    # In place: ``data - bkg.back()`` would hold two more image-sized arrays at once
+    # (768 MB at 8192^2), for the same values.
+    bkg.subfrom(data)
+    sub = data
     sep.set_extract_pixstack(max(300000, image.size // 4))
     sep.set_sub_object_limit(4096)
     objects = sep.extract(
