@@ -78,3 +78,17 @@ def test_teardown_freezes_the_objects_out_of_the_exit_collections():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.stdout.strip() == "True", proc.stderr
+
+
+def test_task_modules_leave_reproject_until_a_warp():
+    """Workers import the task modules as they start; reproject (0.5 s) waits for a warp."""
+    code = (
+        "import sys\n"
+        "import diffkernel.pipeline.dask.tasks, diffkernel.pipeline.dask.driver\n"
+        "print('reproject' in sys.modules)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.stdout.strip() == "False", proc.stderr
