@@ -26,7 +26,8 @@ others.
 
 The phase table splits the median diffkernel run of each tree: "python+imports" is
 the time from launch to the command's first line of work (the summary's
-``timing_s.started_unix``), "exit" from its last line to the process's end; the other
+``timing_s.started_unix``; "imports" is the heavy imports after it, done alongside the
+cluster's start), "exit" from its last line to the process's end; the other
 phases are the run's own ``timing_s`` (stages that overlap, such as the check and the
 cells, or the cluster's start and the reading of the inputs, are each timed alone, so
 they do not sum to the wall).
@@ -55,6 +56,7 @@ CLI = "import sys; from diffkernel.cli import main; sys.exit(main())"
 
 #: Phases shown, in order, from a run's ``timing_s`` (absent ones are left blank).
 PHASES = (
+    "imports",
     "inputs",
     "cluster_start",
     "check",

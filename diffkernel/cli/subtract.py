@@ -77,16 +77,12 @@ def run(args: argparse.Namespace) -> int:
     import uuid
     from concurrent.futures import ThreadPoolExecutor
 
-    from astropy.table import Table
-
-    from ..image import Exposure
-    from ..io.fits import write_exposure
+    # Only Dask here: the cluster starts first, and the rest (astropy, zarr, the
+    # pipeline) is imported by the thread that reads the inputs, meanwhile.
     from ..pipeline.dask.cluster import connect
-    from ..pipeline.dask.driver import run_pair
 
     cfg = load_config(args.config)
     out = Path(args.out)
-    sources = Table.read(args.sources) if args.sources else None
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
     try:
@@ -97,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             with connect(None, args.scheduler, args.workers, not args.quiet) as client:
                 timings["cluster_start"] = time.perf_counter() - t0
-                science, template = reading.result()
+                science, template, sources = reading.result()
+                from ..pipeline.dask.driver import run_pair
+
                 run = run_pair(
                     science,
                     template,
@@ -125,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     if args.fits_out:
+        from ..image import Exposure
+        from ..io.fits import write_exposure
+
         diff = run.result.difference
         ny, nx = diff.shape
         write_exposure(
@@ -142,13 +143,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def read_inputs(args: argparse.Namespace, work: Path, timings: dict[str, float]):
-    """The science and template images as Zarr image groups; FITS files are stored in ``work``."""
+    """The science and template images as Zarr image groups (FITS files are stored in
+    ``work``) and the source table or None; the run's modules imported on the way."""
     import time
 
-    from ..io.inputs import open_input
+    t0 = time.perf_counter()
+    from astropy.table import Table
 
+    from ..io.inputs import open_input
+    from ..pipeline.dask import driver  # noqa: F401  (imported here, off the main thread's way)
+
+    timings["imports"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     science = open_input(args.science, work, "science", args.chunks)
     template = open_input(args.template, work, "template", args.chunks)
+    sources = Table.read(args.sources) if args.sources else None
     timings["inputs"] = time.perf_counter() - t0
-    return science, template
+    return science, template, sources
