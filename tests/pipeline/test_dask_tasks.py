@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffkernel.config import MakeKernelConfig
+from diffkernel.image import Exposure, MaskedImage
 from diffkernel.io.zarr.image import ZarrImage
 from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.dask.tasks import ZarrPair, detect_task
@@ -33,8 +34,12 @@ class Unreadable:
 def test_detection_reads_only_the_image_it_detects_on(tmp_path):
     pair = make_pair((256, 256), seed=7, template_depth=4)
     store = tmp_path / "pair.zarr"
-    write_image(store, pair.template, group="template")
-    write_image(store, pair.science, group="science")
+    for name, exposure in (("template", pair.template), ("science", pair.science)):
+        mi = exposure.masked_image  # float32 pixels, as cameras give: stored as float32
+        f32 = MaskedImage(
+            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
+        )
+        write_image(store, Exposure(f32, exposure.wcs), group=name)
     template, science = ZarrImage.open(store, "template"), ZarrImage.open(store, "science")
     cfg = MakeKernelConfig.default_subtraction()
 
@@ -43,11 +48,14 @@ def test_detection_reads_only_the_image_it_detects_on(tmp_path):
     np.testing.assert_array_equal(both.one(True, 10, 50, 20, 90).image, t.image[10:50, 20:90])
     np.testing.assert_array_equal(both.one(False, 10, 50, 20, 90).image, s.image[10:50, 20:90])
 
+    assert template.dtype == np.float32
     found = detect_task(ZarrPair(template, Unreadable(science)), True, cfg, None)
     expected = detect_kernel_sources(template.read(0, 256, 0, 256), cfg, None)
-    np.testing.assert_array_equal(found["x"], expected["x"])
+    for name in ("x", "y", "flux"):  # the same as on the float64 image in memory
+        np.testing.assert_array_equal(found[name], expected[name])
     on_science = detect_task(ZarrPair(Unreadable(template), science), False, cfg, None)
-    assert len(on_science) > 0
+    expected = detect_kernel_sources(science.read(0, 256, 0, 256), cfg, None)
+    np.testing.assert_array_equal(on_science["flux"], expected["flux"])
 
 
 def _task_modules_loaded() -> bool:

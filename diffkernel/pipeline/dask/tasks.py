@@ -169,9 +169,10 @@ def background_task(
 def detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, saturation):
     """:func:`~diffkernel.pipeline.stages.detect_kernel_sources` on one whole image."""
     ny, nx = reader.science.shape
-    # Only the image detected on, read once: through the chunk cache it would evict
+    # Only the image detected on, read once, as stored (checked by now; detection
+    # makes the one float64 copy it needs): through the chunk cache it would evict
     # what the cells read next, and the other image would double the task's memory.
-    image = reader.reading(cached=False).one(on_template, 0, ny, 0, nx)
+    image = reader.reading(cached=False, stored=True).one(on_template, 0, ny, 0, nx)
     return detect_kernel_sources(image, cfg, saturation)
 
 
