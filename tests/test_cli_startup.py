@@ -57,3 +57,18 @@ def test_python_dash_m_runs_the_command():
     proc = _python(None, "-m", "diffkernel.cli", "--version")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("diffkernel ")
+
+
+def test_subtract_names_a_missing_input_before_any_cluster(tmp_path, monkeypatch, capsys):
+    """The cluster starts alongside the reading of the inputs, but not for a missing one."""
+    import diffkernel.pipeline.dask.cluster as cluster
+    from diffkernel.cli import main
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(cluster, "connect", no_cluster)
+    out = tmp_path / "out.zarr"
+    assert main(["subtract", str(tmp_path / "nope.fits"), "t.fits", "--out", str(out)]) == 2
+    assert "nope.fits' does not exist" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

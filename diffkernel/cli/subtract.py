@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
+    if not all(Path(spec.partition("#")[0]).exists() for spec in (args.science, args.template)):
+        read_inputs(args, work, timings)  # its error names the missing input, no cluster
     try:
         # The inputs are read (FITS ingested) while the cluster starts: each takes
         # seconds, and neither needs the other.
