@@ -489,19 +489,26 @@ def filter_region(
 
 
 def _border(d, v, m, box: Box, shape: tuple[int, int], width: int, bits: int):
-    """NaN (and ``bits``) on the pixels of ``box`` within ``width`` of the image's edge."""
+    """NaN (and ``bits``) on the pixels of ``box`` within ``width`` of the image's edge.
+
+    In place, on the border's rows and columns only (the arrays are the caller's own).
+    """
     y0, y1, x0, x1 = box
     ny, nx = shape
-    ys, xs = np.arange(y0, y1), np.arange(x0, x1)
-    border = ((ys < width) | (ys >= ny - width))[:, None] | ((xs < width) | (xs >= nx - width))[
-        None, :
-    ]
-    if border.any():
-        d = np.where(border, np.nan, d)
+    h, w = y1 - y0, x1 - x0
+    top, bottom = min(max(width - y0, 0), h), min(max(ny - width - y0, 0), h)
+    left, right = min(max(width - x0, 0), w), min(max(nx - width - x0, 0), w)
+    for rows, cols in (
+        (slice(0, top), slice(None)),
+        (slice(bottom, None), slice(None)),
+        (slice(None), slice(0, left)),
+        (slice(None), slice(right, None)),
+    ):
+        d[rows, cols] = np.nan
         if v is not None:
-            v = np.where(border, np.nan, v)
+            v[rows, cols] = np.nan
         if m is not None:
-            m = np.where(border, m | bits, m)
+            m[rows, cols] |= bits
     return d, v, m
 
 
