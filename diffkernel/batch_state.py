@@ -39,11 +39,15 @@ class CurrentPairs:
         The batch's output folder (holds :data:`STAMP_FILE`).
     config : MakeKernelConfig
         The batch's configuration (part of every input stamp).
+    options : str
+        The other options that change a result, as text (part of every input stamp).
     """
 
-    def __init__(self, out_dir, config: MakeKernelConfig) -> None:
+    def __init__(self, out_dir, config: MakeKernelConfig, options: str = "") -> None:
         self.book = StampBook(Path(out_dir) / STAMP_FILE)
-        self.extra = json.dumps(config.to_dict(), sort_keys=True, default=str) + __version__
+        self.extra = (
+            json.dumps(config.to_dict(), sort_keys=True, default=str) + __version__ + options
+        )
         self.input_stamps: dict[str, str | None] = {}
         self.statuses: list = []
 
