@@ -21,7 +21,9 @@ def _python(code: str | None = None, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
 
-@pytest.mark.parametrize("command", [None, "demo", "ingest", "subtract", "inspect", "batch"])
+@pytest.mark.parametrize(
+    "command", [None, "demo", "ingest", "subtract", "inspect", "batch", "apply"]
+)
 def test_help_imports_no_heavy_library(command):
     """Every command's ``--help`` prints without importing numpy, astropy, Dask..."""
     argv = ["--help"] if command is None else [command, "--help"]
