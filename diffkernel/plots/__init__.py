@@ -1,52 +1,78 @@
 """The specification's debug displays as matplotlib figures.
 
 ip_diffim shows, while it works: the kernel candidates over the image (good and
-bad, with why), the kernel basis, the spatial kernel sampled across the image, the
-spatial model of each coefficient, the spatial cells, and the template, science and
-difference side by side. Each function here draws one of them on a new figure and
-returns it; :func:`write_plots` writes them all as PNGs for a result store.
-:func:`plot_quality` draws the quality verdict (:mod:`diffkernel.quality`) and the
-evidence behind it on one page, for a person to see what went wrong.
+bad, with why), each candidate's stamps and residuals, the kernel basis, the spatial
+kernel sampled across the image, the spatial model of each coefficient with the
+candidates' own measurements, the spatial cells, and the template, science and
+difference side by side with their mask planes. Each function here draws one of them
+on a new figure and returns it; :func:`write_plots` writes them all as PNGs for a
+result store. :func:`plot_quality` draws the quality verdict
+(:mod:`diffkernel.quality`) and the evidence behind it on one page, for a person to
+see what went wrong.
 
-Uses the non-interactive Agg backend unless another one was chosen first.
+Figures are drawn by Agg directly (no pyplot, see :mod:`~diffkernel.plots.backend`),
+each from images reduced to at most ``max_side`` pixels a side and spatial models
+sampled on coarse grids: every figure takes well under a second.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-import numpy as np
-
-from .backend import pyplot as _pyplot
+from .backend import save_figure
+from .coefficients import plot_spatial_coefficients
 from .displays import (
     plot_basis,
     plot_candidates,
     plot_cells,
     plot_images,
     plot_kernel_mosaic,
-    plot_spatial_coefficients,
 )
 from .quality_page import plot_quality
+from .render import block_factor, block_mean, block_or
+from .stamps import CandidateFits, fit_candidates, plot_candidate_stamps
 
 __all__ = [
     "plot_candidates",
+    "plot_candidate_stamps",
     "plot_basis",
     "plot_kernel_mosaic",
     "plot_spatial_coefficients",
     "plot_cells",
     "plot_images",
     "plot_quality",
+    "fit_candidates",
+    "CandidateFits",
     "write_plots",
 ]
 
 
-def _thumbnail(zimage, name: str, max_side: int) -> np.ndarray:
-    """A whole image plane, every k-th pixel so its longer side is at most ``max_side``."""
-    ny, nx = zimage.shape
-    step = max(1, -(-max(ny, nx) // max_side))
-    full = zimage.read(0, ny, 0, nx)
-    return getattr(full, name)[::step, ::step]
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
+class _Reduced:
+    """An image's planes reduced by block means for display (masks OR-ed)."""
+
+    def __init__(self, zimage, max_side: int, difference: bool = False) -> None:
+        ny, nx = zimage.shape
+        self.factor = f = block_factor((ny, nx), max_side)
+        planes = zimage.read_planes(0, ny, 0, nx)
+        self.image = block_mean(planes["image"], f)
+        # The mean of f^2 independent pixels has 1/f^2 of their variance: the reduced
+        # difference over its reduced sigma keeps unit noise.
+        self.variance = block_mean(planes["variance"], f) / f**2 if difference else None
+        self.mask = block_or(planes["mask"], f)
+        self.planes = zimage.mask_planes
+        by, bx = self.image.shape
+        self.extent = (-0.5, bx * f - 0.5, -0.5, by * f - 0.5)
 
 
 def write_plots(
@@ -55,11 +81,15 @@ def write_plots(
     template=None,
     science=None,
     max_side: int = 1024,
+    mask_transparency: float = 60.0,
+    timings: dict | None = None,
 ) -> list[Path]:
     """Write every debug display of a result, and its quality page, as PNGs into ``out_dir``.
 
     The quality page (:func:`plot_quality`) is ``quality.png``; stores written before
     verdicts or difference histograms existed get one too, saying what is missing.
+    Without the inputs, the candidates are drawn over the difference, and there are
+    no stamps, no side-by-side images and no measured values on the spatial model.
 
     Parameters
     ----------
@@ -68,62 +98,78 @@ def write_plots(
     out_dir : path
         Folder for the PNGs (created).
     template, science : ZarrImage, optional
-        The inputs, for the side-by-side panel (the aligned template is used when
-        the result has one).
+        The inputs (the aligned template in the result is used when it has one).
     max_side : int
-        Images are subsampled to at most this many pixels per side for display.
+        Images are reduced by block means to at most this many pixels a side.
+    mask_transparency : float
+        Of the mask overlay, as afw display's ``maskTransparency``: 0 opaque, 100
+        invisible.
+    timings : dict, optional
+        Filled with the seconds each step took: ``read`` (the images), ``fit
+        candidates`` (their own fits) and each figure's name (drawing and writing).
+        Each value is ``(wall, cpu)``: the process's CPU seconds tell a step's own cost
+        on a busy machine.
 
     Returns
     -------
     list of Path
         The files written.
     """
-    plt = _pyplot()
+    from ..errors import StoreError
+    from ..io.zarr.image import ZarrImage
+
+    times = {} if timings is None else timings
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = result.difference.shape
     solution = result.solution
     kcfg = result.config.get("kernel", {})
     active = kcfg.get(kcfg.get("name", "AL"), {})
-    diff_img = _thumbnail(result.difference, "image", max_side)
-    figures = {
-        "candidates": plot_candidates(result.candidates, shape, diff_img),
-        "basis": plot_basis(solution),
-        "kernel_mosaic": plot_kernel_mosaic(solution, shape),
-        "spatial_coefficients": plot_spatial_coefficients(solution, shape),
-        "cells": plot_cells(
-            result.candidates,
-            shape,
-            int(active.get("sizeCellX", 128)),
-            int(active.get("sizeCellY", 128)),
+    cells = (int(active.get("sizeCellX", 128)), int(active.get("sizeCellY", 128)))
+    try:
+        template = ZarrImage.open(result.path, "aligned_template")
+    except StoreError:  # no alignment was done: the input template is the one
+        pass
+    have_inputs = template is not None and science is not None
+    t0 = _clock()
+    diff = _Reduced(result.difference, max_side, difference=True)
+    sci = _Reduced(science, max_side) if have_inputs else None
+    tpl = _Reduced(template, max_side) if have_inputs else None
+    times["read"] = _since(t0)
+    t0 = _clock()
+    fits = fit_candidates(result, template, science) if have_inputs else None
+    times["fit candidates"] = _since(t0)
+    backdrop = sci if have_inputs else diff
+    makers = {
+        "candidates": lambda: plot_candidates(
+            result.candidates, shape, backdrop.image, extent=backdrop.extent,
+            backdrop="science image" if have_inputs else "difference (no inputs given)",
         ),  # fmt: skip
-        "quality": plot_quality(
+        "candidate_stamps": lambda: plot_candidate_stamps(fits),
+        "basis": lambda: plot_basis(solution),
+        "kernel_mosaic": lambda: plot_kernel_mosaic(solution, shape),
+        "spatial_coefficients": lambda: plot_spatial_coefficients(solution, shape, fits=fits),
+        "cells": lambda: plot_cells(result.candidates, shape, *cells),
+        "quality": lambda: plot_quality(
             result.quality,
             result.candidates,
             solution,
             shape,
             getattr(result, "z_histograms", None),  # None in stores older than them
-            (int(active.get("sizeCellX", 128)), int(active.get("sizeCellY", 128))),
+            cells,
         ),
     }
-    from ..errors import StoreError
-    from ..io.zarr.image import ZarrImage
-
-    try:
-        template = ZarrImage.open(result.path, "aligned_template")
-    except StoreError:  # no alignment was done: the input template is the one
-        pass
-    if template is not None and science is not None:
-        figures["images"] = plot_images(
-            _thumbnail(template, "image", max_side),
-            _thumbnail(science, "image", max_side),
-            diff_img,
-            _thumbnail(result.difference, "variance", max_side),
-        )
+    if have_inputs:
+        makers["images"] = lambda: plot_images(
+            tpl.image, sci.image, diff.image, diff.variance,
+            masks=(tpl.mask, sci.mask, diff.mask), mask_planes=diff.planes,
+            mask_transparency=mask_transparency, extent=diff.extent,
+        )  # fmt: skip
     written = []
-    for name, fig in figures.items():
+    for name, make in makers.items():
+        t0 = _clock()
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
+        save_figure(make(), path)
+        times[name] = _since(t0)
         written.append(path)
     return written

@@ -9,7 +9,7 @@ from astropy.table import Table
 
 from ..kernel.spatial import SpatialSolution
 from ..quality import Z_BINS, histogram_metrics
-from .backend import pyplot as _pyplot
+from .backend import new_figure
 
 __all__ = ["VERDICT_COLOURS", "plot_quality"]
 
@@ -117,9 +117,9 @@ def _plain_formatter():
 
 def _residual_panel(ax, fig, candidates: Table, shape, cell_size) -> None:
     """Median residual std of the GOOD candidates in each spatial cell."""
+    from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
-    plt = _pyplot()
     ny, nx = shape
     size_x, size_y = int(cell_size[0]), int(cell_size[1])
     ncx, ncy = -(-nx // size_x), -(-ny // size_y)
@@ -138,7 +138,7 @@ def _residual_panel(ax, fig, candidates: Table, shape, cell_size) -> None:
     grid = np.full((ncy, ncx), np.nan)
     for c in np.unique(cell[use]):
         grid[c // ncx, c % ncx] = np.median(values[use & (cell == c)])
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
     extent = (0, ncx * size_x, 0, ncy * size_y)
     # A log scale puts 1 (noise) in the middle, and half and twice the noise equally far.
     im = ax.imshow(grid, origin="lower", cmap=cmap, norm=LogNorm(0.5, 2.0), extent=extent,
@@ -309,7 +309,6 @@ def plot_quality(
                      difference.shape, result.differenceHistograms,
                      (kcfg.sizeCellX, kcfg.sizeCellY))
     """
-    plt = _pyplot()
     quality = quality or {}
     verdict = quality.get("verdict")
     if verdict:
@@ -327,7 +326,8 @@ def plot_quality(
     header_in = 0.2 + 1.5 * _VERDICT_PT / 72 + sum(w.count("\n") + 1 for w in wrapped) * line_in
     body_in = 8.5
     height = body_in + header_in
-    fig, axes = plt.subplots(2, 2, figsize=(12, height), layout="constrained")
+    fig = new_figure(12, height, layout="constrained")
+    axes = fig.subplots(2, 2)
     fig.get_layout_engine().set(rect=(0, 0, 1, body_in / height), h_pad=0.08, w_pad=0.08)
     top = 1 - 0.1 / height
     fig.suptitle(heading, x=0.01, y=top, ha="left", va="top", color=colour,
