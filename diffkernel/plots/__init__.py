@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .backend import save_figure
@@ -45,6 +46,7 @@ __all__ = [
     "plot_quality",
     "fit_candidates",
     "CandidateFits",
+    "figure_makers",
     "write_plots",
 ]
 
@@ -75,52 +77,31 @@ class _Reduced:
         self.extent = (-0.5, bx * f - 0.5, -0.5, by * f - 0.5)
 
 
-def write_plots(
+def figure_makers(
     result,
-    out_dir: str | os.PathLike,
     template=None,
     science=None,
     max_side: int = 1024,
     mask_transparency: float = 60.0,
     timings: dict | None = None,
-) -> list[Path]:
-    """Write every debug display of a result, and its quality page, as PNGs into ``out_dir``.
+) -> dict[str, Callable]:
+    """What :func:`write_plots` draws: the file name of each figure and a function drawing it.
 
-    The quality page (:func:`plot_quality`) is ``quality.png``; stores written before
-    verdicts or difference histograms existed get one too, saying what is missing.
-    Without the inputs, the candidates are drawn over the difference, and there are
-    no stamps, no side-by-side images and no measured values on the spatial model.
-
-    Parameters
-    ----------
-    result : ResultStore
-        A published result (:func:`diffkernel.io.zarr.results.open_result`).
-    out_dir : path
-        Folder for the PNGs (created).
-    template, science : ZarrImage, optional
-        The inputs (the aligned template in the result is used when it has one).
-    max_side : int
-        Images are reduced by block means to at most this many pixels a side.
-    mask_transparency : float
-        Of the mask overlay, as afw display's ``maskTransparency``: 0 opaque, 100
-        invisible.
-    timings : dict, optional
-        Filled with the seconds each step took: ``read`` (the images), ``fit
-        candidates`` (their own fits) and each figure's name (drawing and writing).
-        Each value is ``(wall, cpu)``: the process's CPU seconds tell a step's own cost
-        on a busy machine.
+    The images are read and the candidates refitted here, once for every figure;
+    ``timings`` (if given) gets their ``read`` and ``fit candidates`` times. The
+    parameters are :func:`write_plots`'s.
 
     Returns
     -------
-    list of Path
-        The files written.
+    dict of str to callable
+        Figure name (``candidates``, ``candidate_stamps``, ``basis``,
+        ``kernel_mosaic``, ``spatial_coefficients``, ``cells``, ``quality`` and, with
+        the inputs, ``images``) to a function of no argument returning the figure.
     """
     from ..errors import StoreError
     from ..io.zarr.image import ZarrImage
 
     times = {} if timings is None else timings
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     shape = result.difference.shape
     solution = result.solution
     kcfg = result.config.get("kernel", {})
@@ -165,6 +146,53 @@ def write_plots(
             masks=(tpl.mask, sci.mask, diff.mask), mask_planes=diff.planes,
             mask_transparency=mask_transparency, extent=diff.extent,
         )  # fmt: skip
+    return makers
+
+
+def write_plots(
+    result,
+    out_dir: str | os.PathLike,
+    template=None,
+    science=None,
+    max_side: int = 1024,
+    mask_transparency: float = 60.0,
+    timings: dict | None = None,
+) -> list[Path]:
+    """Write every debug display of a result, and its quality page, as PNGs into ``out_dir``.
+
+    The quality page (:func:`plot_quality`) is ``quality.png``; stores written before
+    verdicts or difference histograms existed get one too, saying what is missing.
+    Without the inputs, the candidates are drawn over the difference, and there are
+    no stamps, no side-by-side images and no measured values on the spatial model.
+
+    Parameters
+    ----------
+    result : ResultStore
+        A published result (:func:`diffkernel.io.zarr.results.open_result`).
+    out_dir : path
+        Folder for the PNGs (created).
+    template, science : ZarrImage, optional
+        The inputs (the aligned template in the result is used when it has one).
+    max_side : int
+        Images are reduced by block means to at most this many pixels a side.
+    mask_transparency : float
+        Of the mask overlay, as afw display's ``maskTransparency``: 0 opaque, 100
+        invisible.
+    timings : dict, optional
+        Filled with the seconds each step took: ``read`` (the images), ``fit
+        candidates`` (their own fits) and each figure's name (drawing and writing).
+        Each value is ``(wall, cpu)``: the process's CPU seconds tell a step's own cost
+        on a busy machine.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    times = {} if timings is None else timings
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    makers = figure_makers(result, template, science, max_side, mask_transparency, times)
     written = []
     for name, make in makers.items():
         t0 = _clock()

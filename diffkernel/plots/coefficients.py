@@ -13,9 +13,9 @@ import numpy as np
 
 from ..kernel.spatial import SpatialSolution
 from .backend import new_figure
-from .render import STATUS_COLOURS
+from .render import STATUS_COLOURS, tick_labels
 
-__all__ = ["plot_spatial_coefficients", "tick_labels"]
+__all__ = ["plot_spatial_coefficients"]
 
 # The grid, in inches: panel side, colour bar width and gap, room for the colour bar's
 # tick labels, and room above a panel for its title.
@@ -166,16 +166,6 @@ def plot_spatial_coefficients(
     ax.text(_MARGIN, height - 0.42, _legend_text(fits), ha="left", va="top", fontsize=7.5,
             color="0.25")  # fmt: skip
     return fig
-
-
-def tick_labels(ticks) -> list[str]:
-    """The shortest ``%g`` labels that tell every tick apart (3 to 8 digits)."""
-    ticks = [0.0 if abs(t) < 1e-12 * max(map(abs, ticks)) else float(t) for t in ticks]
-    for digits in range(3, 9):
-        labels = [f"{t:.{digits}g}" for t in ticks]
-        if len(set(labels)) == len(labels):
-            return labels
-    return labels
 
 
 def _box(x0: float, y0: float, w: float, h: float) -> list[tuple[float, float]]:

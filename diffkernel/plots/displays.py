@@ -18,7 +18,7 @@ from astropy.table import Table
 
 from ..kernel.spatial import SpatialSolution
 from .backend import new_figure
-from .render import BAD_MARKERS, STATUS_COLOURS, mask_legend, mask_rgba, sky_norm
+from .render import BAD_MARKERS, STATUS_COLOURS, mask_legend, mask_rgba, sky_norm, tick_labels
 
 __all__ = [
     "plot_candidates",
@@ -274,7 +274,7 @@ def plot_images(
             panels.append(("difference / sigma", difference / np.sqrt(variance)))
     else:
         panels.append(("difference", difference))
-    panel, bar, gap, labels = 4.3, 0.12, 0.06, 0.62
+    panel, bar, gap, labels = 4.3, 0.12, 0.06, 0.75
     bottom = 0.95 if masks is not None else 0.4
     width = 0.55 + 3 * (panel + gap + bar + labels)
     height = panel + bottom + 0.45
@@ -305,7 +305,7 @@ def plot_images(
         if not title.startswith("difference / sigma"):
             # Evenly spaced on the stretched scale: the default ones crowd at its top.
             ticks = np.atleast_1d(im.norm.inverse(np.linspace(0, 1, 6))).ravel()
-            cb.set_ticks(ticks, labels=[f"{t:.4g}" for t in ticks])
+            cb.set_ticks(ticks, labels=tick_labels(ticks))
         cb.ax.tick_params(labelsize=7)
         ax.set_title(title, fontsize=10)
     return fig

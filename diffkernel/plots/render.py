@@ -20,6 +20,7 @@ __all__ = [
     "mask_rgba",
     "mask_legend",
     "texts_overlap",
+    "tick_labels",
 ]
 
 #: Candidate colours by status: the specification's good in green, bad in red.
@@ -198,3 +199,22 @@ def texts_overlap(fig) -> list[tuple[str, str]]:
                     and a.y0 + 0.5 < b.y1 - 0.5 and b.y0 + 0.5 < a.y1 - 0.5):  # fmt: skip
                 clashes.append((text_a, text_b))
     return clashes
+
+
+def tick_labels(ticks) -> list[str]:
+    """Short labels that tell every tick apart: plain decimals from 1e-3 to 1e6
+    (``10290``, not ``1.029e+04``), ``%g`` beyond, with as many digits as needed."""
+    values = np.asarray(ticks, dtype=float)
+    top = float(np.max(np.abs(values))) if values.size else 0.0
+    values = np.where(np.abs(values) < 1e-12 * top, 0.0, values)
+    if 1e-3 <= top < 1e6:
+        first = int(np.clip(2 - np.floor(np.log10(top)), 0, 8))
+        for decimals in range(first, 9):
+            labels = [f"{v:.{decimals}f}" for v in values]
+            if len(set(labels)) == len(labels):
+                return labels
+    for digits in range(3, 9):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
