@@ -180,6 +180,8 @@ def test_a_constant_coefficient_gets_a_readable_scale():
     """Coefficient 0 (the conserved kernel sum) is one value: its colour bar still reads."""
     assert tick_labels([1.018, 1.019, 1.02, 1.021]) == ["1.018", "1.019", "1.020", "1.021"]
     assert tick_labels([10000.0, 10290.0]) == ["10000", "10290"]
+    assert tick_labels([0.9, 1.05, 1.2]) == ["0.90", "1.05", "1.20"]
+    assert tick_labels([-0.025, 0.0, 0.025]) == ["-0.025", "0.000", "0.025"]
     from diffkernel.plots.coefficients import _range
 
     lo, hi = _range(np.full((4, 4), 0.9666), None)

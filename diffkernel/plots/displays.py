@@ -225,7 +225,7 @@ def plot_cells(candidates: Table, shape: tuple[int, int], size_x: int, size_y: i
     for name in ("GOOD", "BAD", "UNUSED"):
         sel = status == name
         if sel.any():
-            ax.scatter(np.asarray(candidates["x"])[sel], np.asarray(candidates["y"])[sel], s=16,
+            ax.scatter(np.asarray(candidates["x"])[sel], np.asarray(candidates["y"])[sel], s=30,
                        c=STATUS_COLOURS[name], edgecolors="black", linewidths=0.4,
                        label=f"{name} ({sel.sum()})")  # fmt: skip
     ax.legend(loc="upper left", bbox_to_anchor=(0, -0.04), ncols=3, fontsize=8, frameon=False)
@@ -305,6 +305,10 @@ def plot_images(
         if not title.startswith("difference / sigma"):
             # Evenly spaced on the stretched scale: the default ones crowd at its top.
             ticks = np.atleast_1d(im.norm.inverse(np.linspace(0, 1, 6))).ravel()
+            # Rounded to two digits of the spacing, and kept inside the scale.
+            spacing = max(float(np.min(np.diff(ticks))), 1e-12)
+            ticks = np.unique(np.round(ticks, int(1 - np.floor(np.log10(spacing)))))
+            ticks = ticks[(ticks >= im.norm.vmin) & (ticks <= im.norm.vmax)]
             cb.set_ticks(ticks, labels=tick_labels(ticks))
         cb.ax.tick_params(labelsize=7)
         ax.set_title(title, fontsize=10)

@@ -244,7 +244,7 @@ def _rejection_panel(ax, quality: dict, candidates: Table) -> None:
     n_vet = sum(b[1] for b in bars if b[2])
     fitted = metrics.get("fitted")
     title = f"Rejected: {n_fit} " + (f"of {fitted} " if fitted is not None else "")
-    title += f"fitted candidates, {n_vet} sources at vetting"
+    title += f"fitted candidates,\n{n_vet} sources rejected at vetting"
     ax.set_title(title, fontsize=9)
     if not bars:
         _say(ax, "no candidate was rejected")
@@ -326,9 +326,16 @@ def plot_quality(
     header_in = 0.2 + 1.5 * _VERDICT_PT / 72 + sum(w.count("\n") + 1 for w in wrapped) * line_in
     body_in = 8.5
     height = body_in + header_in
-    fig = new_figure(12, height, layout="constrained")
-    axes = fig.subplots(2, 2)
-    fig.get_layout_engine().set(rect=(0, 0, 1, body_in / height), h_pad=0.08, w_pad=0.08)
+    fig = new_figure(12, height)
+    # Fixed places in inches (a layout engine would double the drawing time): room on
+    # the left of the rejections for their reasons, above the top panels for titles
+    # of two lines, right of the top ones for colour bars (which take their share of
+    # the panel's width).
+    places = ((0.65, 4.95, 5.3, 3.0), (7.0, 4.95, 4.75, 3.0),
+              (0.65, 0.55, 5.0, 3.3), (8.3, 0.55, 3.45, 3.3))  # fmt: skip
+    axes = [[None, None], [None, None]]
+    for k, (x, y, w, h) in enumerate(places):
+        axes[k // 2][k % 2] = fig.add_axes((x / 12, y / height, w / 12, h / height))
     top = 1 - 0.1 / height
     fig.suptitle(heading, x=0.01, y=top, ha="left", va="top", color=colour,
                  fontsize=_VERDICT_PT, fontweight="bold")  # fmt: skip
