@@ -95,6 +95,35 @@ def test_the_refits_are_the_runs_own_fits(stored, fits):
     assert np.all((rms > 0.7) & (rms < 1.5))
 
 
+def test_refits_in_batches_are_the_same(stored, fits, monkeypatch):
+    """A delta-function basis is refitted a few candidates at a time: same numbers."""
+    from diffkernel.plots import stamps
+
+    monkeypatch.setattr(stamps, "_BATCH_BYTES", 1.0)  # one candidate per batch
+    again = fit_candidates(*stored)
+    np.testing.assert_allclose(again.coeffs, fits.coeffs, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(again.own_residual, fits.own_residual, rtol=1e-9, atol=1e-9)
+
+
+def test_a_delta_function_basis_draws_a_page_of_coefficients(stored):
+    store, template, science = stored
+    config = MakeKernelConfig.from_dict(
+        {"kernel.name": "DF", "kernel.active.kernelSize": 11, "kernel.active.scaleByFwhm": False,
+         "kernel.active.usePcaForSpatialKernel": False, "kernel.active.spatialKernelOrder": 0,
+         "kernel.active.sizeCellX": 64, "kernel.active.sizeCellY": 64}
+    )  # fmt: skip
+    pair_t, pair_s = template.to_exposure(), science.to_exposure()
+    fitted = MakeKernelTask(config).run(pair_t, pair_s)
+    assert fitted.spatialSolution.basis.size == 121
+    fig = plot_spatial_coefficients(fitted.spatialSolution, (256, 256))
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sum(t.startswith("coefficient ") for t in texts) == 63
+    assert any("63 of 121" in t for t in texts)
+    fig.canvas.draw()
+    assert texts_overlap(fig) == []
+    _close(fig)
+
+
 @pytest.mark.parametrize(
     "name",
     ["candidates", "candidate_stamps", "basis", "kernel_mosaic", "spatial_coefficients",

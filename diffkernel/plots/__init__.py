@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from .backend import save_figure
 from .coefficients import plot_spatial_coefficients
 from .displays import (
@@ -66,12 +68,20 @@ class _Reduced:
     def __init__(self, zimage, max_side: int, difference: bool = False) -> None:
         ny, nx = zimage.shape
         self.factor = f = block_factor((ny, nx), max_side)
-        planes = zimage.read_planes(0, ny, 0, nx)
-        self.image = block_mean(planes["image"], f)
+        # Read in bands of whole blocks: memory stays at a band's planes, not the image's.
+        band = f * max(1, 256 // f)
+        image, variance, mask = [], [], []
+        for y0 in range(0, ny, band):
+            planes = zimage.read_planes(y0, min(y0 + band, ny), 0, nx)
+            image.append(block_mean(planes["image"], f))
+            if difference:
+                variance.append(block_mean(planes["variance"], f))
+            mask.append(block_or(planes["mask"], f))
+        self.image = np.concatenate(image)
         # The mean of f^2 independent pixels has 1/f^2 of their variance: the reduced
         # difference over its reduced sigma keeps unit noise.
-        self.variance = block_mean(planes["variance"], f) / f**2 if difference else None
-        self.mask = block_or(planes["mask"], f)
+        self.variance = np.concatenate(variance) / f**2 if difference else None
+        self.mask = np.concatenate(mask)
         self.planes = zimage.mask_planes
         by, bx = self.image.shape
         self.extent = (-0.5, bx * f - 0.5, -0.5, by * f - 0.5)

@@ -21,6 +21,7 @@ __all__ = ["plot_spatial_coefficients"]
 # tick labels, and room above a panel for its title.
 _PANEL, _BAR, _BAR_GAP, _BAR_LABELS, _TITLE = 1.55, 0.09, 0.05, 0.55, 0.3
 _MARGIN, _HEADER = 0.15, 0.85
+_MAX_PANELS = 64  # more than this and only the first coefficients are drawn
 
 
 def _range(model: np.ndarray, measured: np.ndarray | None) -> tuple[float, float]:
@@ -60,7 +61,8 @@ def plot_spatial_coefficients(
     shape : tuple of int
         ``(ny, nx)`` of the image.
     max_terms : int, optional
-        Draw only the first coefficients (default: all of them).
+        Draw only the first coefficients (default: all of them when the basis has at
+        most 64 kernels, else the first 63).
     fits : CandidateFits, optional
         The candidates' own fits (:func:`~diffkernel.plots.stamps.fit_candidates`),
         drawn over each panel: GOOD as circles, BAD as red-rimmed crosses, UNUSED as
@@ -83,7 +85,11 @@ def plot_spatial_coefficients(
 
     ny, nx = shape
     nb = solution.basis.size
-    n_kernel = nb if max_terms is None else min(nb, int(max_terms))
+    if max_terms is None:
+        # Every coefficient, up to a page: a delta-function basis has one per kernel
+        # pixel (hundreds), and its spatial model is better seen in the kernel mosaic.
+        max_terms = nb if nb <= _MAX_PANELS else _MAX_PANELS - 1
+    n_kernel = min(nb, int(max_terms))
     side = int(round(_PANEL * DPI))
     # The models are low-order polynomials: sampled at the panel's own pixels (its
     # separable factors make that as cheap as a coarse grid), they need no resampling.

@@ -29,6 +29,8 @@ from .render import STATUS_COLOURS
 
 __all__ = ["CandidateFits", "fit_candidates", "plot_candidate_stamps"]
 
+#: Memory of one batch's basis convolutions in :func:`fit_candidates`.
+_BATCH_BYTES = 64e6
 #: Status order of the stamps: the rejected first, they are what a reader looks for.
 _ORDER = {"BAD": 0, "GOOD": 1, "UNUSED": 2}
 
@@ -129,13 +131,42 @@ def fit_candidates(result, template, science, max_candidates: int = 400) -> Cand
     keep = keep[inside[keep]]
     if keep.size == 0:
         return None
+    # Batches whose basis convolutions, (N, n_basis, S, S) doubles, stay near 64 MB:
+    # a delta-function basis has hundreds of kernels.
+    batch = max(1, int(_BATCH_BYTES // (8 * basis.size * (2 * hs + 1) ** 2)))
+    parts = [
+        _fit_batch(keep[k : k + batch], xc, yc, hs, hk, convolved_img, target_img,
+                   result.difference, basis, kcfg)
+        for k in range(0, len(keep), batch)
+    ]  # fmt: skip
+    coeffs, target, convolved, own, spatial = (np.concatenate(p) for p in zip(*parts, strict=True))
+    sign = -1.0 if convolve_science else 1.0  # the difference is science - template
+    nb = basis.size
+    names = ("science", "template") if convolve_science else ("template", "science")
+    return CandidateFits(
+        table=table[keep],
+        coeffs=coeffs[:, :nb],
+        background=coeffs[:, nb] if coeffs.shape[1] > nb else np.full(len(keep), np.nan),
+        convolved_name=names[0],
+        target_name=names[1],
+        target=target,
+        convolved=convolved,
+        own_residual=sign * own,
+        spatial_residual=spatial,
+        n_fitted=int(fitted.size),
+    )
+
+
+def _fit_batch(rows, xc, yc, hs, hk, convolved_img, target_img, difference, basis, kcfg):
+    """Stamps, coefficients and residuals of the candidates ``rows`` of the table."""
+    ht = hs + hk
     planes = {"t": [], "tv": [], "s": [], "sv": [], "d": []}
-    for i in keep:
+    for i in rows:
         conv = convolved_img.read(yc[i] - ht, yc[i] + ht + 1, xc[i] - ht, xc[i] + ht + 1,
                                   cached=True)  # fmt: skip
         box = (yc[i] - hs, yc[i] + hs + 1, xc[i] - hs, xc[i] + hs + 1)
         target = target_img.read(*box, cached=True)
-        diff = result.difference.read(*box, cached=True)
+        diff = difference.read(*box, cached=True)
         planes["t"].append(conv.image)
         planes["tv"].append(conv.variance)
         planes["s"].append(target.image)
@@ -146,21 +177,7 @@ def fit_candidates(result, template, science, max_candidates: int = 400) -> Cand
     coeffs, model, kernels = _single_fits(stamps, basis, kcfg)
     with np.errstate(invalid="ignore", divide="ignore"):
         own = (stamps.science - model) / np.sqrt(stamps.difference_variance(kernels))
-    sign = -1.0 if convolve_science else 1.0  # the difference is science - template
-    nb = basis.size
-    names = ("science", "template") if convolve_science else ("template", "science")
-    return CandidateFits(
-        table=table[keep],
-        coeffs=coeffs[:, :nb],
-        background=coeffs[:, nb] if coeffs.shape[1] > nb else np.full(len(keep), np.nan),
-        convolved_name=names[0],
-        target_name=names[1],
-        target=stamps.science,
-        convolved=stamps.template_center()[0],
-        own_residual=sign * own,
-        spatial_residual=np.stack(planes["d"]),
-        n_fitted=int(fitted.size),
-    )
+    return coeffs, stamps.science, stamps.template_center()[0], own, np.stack(planes["d"])
 
 
 def _single_fits(stamps: StampBatch, basis, kcfg):
