@@ -95,6 +95,38 @@ def test_the_refits_are_the_runs_own_fits(stored, fits):
     assert np.all((rms > 0.7) & (rms < 1.5))
 
 
+def test_refits_follow_the_direction_of_convolution(stored, tmp_path):
+    """convolveScience: the science is convolved; the refits are still the run's fits, and
+    the own-kernel residual has the difference's sign."""
+    store, template, science = stored
+    # The sharp image as the science: it is the one convolved.
+    sharp, broad = template.to_exposure(), science.to_exposure()
+    config = MakeKernelConfig.default_subtraction()
+    config.kernel.active.sizeCellX = config.kernel.active.sizeCellY = 64
+    fitted = MakeKernelTask(config).run(broad, sharp, mode="convolveScience")
+    difference = subtract_images(broad, sharp, fitted)
+    write_image(tmp_path / "r.zarr", difference, group="difference")
+    swapped = ResultStore(
+        path=tmp_path / "r.zarr",
+        difference=ZarrImage.open(tmp_path / "r.zarr", "difference"),
+        solution=fitted.spatialSolution,
+        candidates=fitted.candidates,
+        config=fitted.config.to_dict(),
+        metadata=dict(fitted.metadata),
+    )
+    assert swapped.metadata["mode"] == "convolveScience"
+    fits = fit_candidates(swapped, science, template)  # template = broad, science = sharp
+    assert (fits.convolved_name, fits.target_name) == ("science", "template")
+    np.testing.assert_allclose(
+        fits.coeffs @ fitted.spatialSolution.basis.sums, fits.table["kernel_sum"], rtol=1e-6
+    )
+    good = np.asarray(fits.table["status"]) == "GOOD"
+    # Own kernel and spatial model leave residuals of one sign convention: they correlate.
+    own, spatial = fits.own_residual[good].ravel(), fits.spatial_residual[good].ravel()
+    ok = np.isfinite(own) & np.isfinite(spatial)
+    assert np.corrcoef(own[ok], spatial[ok])[0, 1] > 0.3
+
+
 def test_refits_in_batches_are_the_same(stored, fits, monkeypatch):
     """A delta-function basis is refitted a few candidates at a time: same numbers."""
     from diffkernel.plots import stamps
