@@ -231,6 +231,18 @@ def plot_candidate_stamps(fits: CandidateFits | None, max_candidates: int = 30):
     model's residual), both in sigma of the difference on one red-blue scale. A frame
     in the status colour (GOOD green, BAD red, UNUSED blue) and a caption with the
     id, the reason of a rejection and the residual std. The rejected come first.
+
+    Parameters
+    ----------
+    fits : CandidateFits or None
+        :func:`fit_candidates`'s; None draws a page saying there is nothing to show.
+    max_candidates : int
+        At most this many candidates (ten rows of three).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One set of axes holding one mosaic image; captions and frames drawn over it.
     """
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
