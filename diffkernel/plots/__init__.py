@@ -53,6 +53,10 @@ __all__ = [
 ]
 
 
+#: Largest side of the images in the side-by-side figure (about its panels' pixels).
+_IMAGES_SIDE = 512
+
+
 def _clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
@@ -83,8 +87,26 @@ class _Reduced:
         self.variance = np.concatenate(variance) / f**2 if difference else None
         self.mask = np.concatenate(mask)
         self.planes = zimage.mask_planes
+        self._set_extent()
+
+    def _set_extent(self) -> None:
         by, bx = self.image.shape
+        f = self.factor
         self.extent = (-0.5, bx * f - 0.5, -0.5, by * f - 0.5)
+
+    def coarser(self, max_side: int) -> _Reduced:
+        """The same, reduced further to at most ``max_side`` pixels a side."""
+        g = block_factor(self.image.shape, max_side)
+        if g == 1:
+            return self
+        out = object.__new__(_Reduced)
+        out.factor = self.factor * g
+        out.image = block_mean(self.image, g)
+        out.variance = None if self.variance is None else block_mean(self.variance, g) / g**2
+        out.mask = block_or(self.mask, g)
+        out.planes = self.planes
+        out._set_extent()
+        return out
 
 
 def figure_makers(
@@ -151,10 +173,12 @@ def figure_makers(
         ),
     }
     if have_inputs:
+        # Its panels are 430 px wide: more pixels would only be resampled away, slowly.
+        small = [r.coarser(min(max_side, _IMAGES_SIDE)) for r in (tpl, sci, diff)]
         makers["images"] = lambda: plot_images(
-            tpl.image, sci.image, diff.image, diff.variance,
-            masks=(tpl.mask, sci.mask, diff.mask), mask_planes=diff.planes,
-            mask_transparency=mask_transparency, extent=diff.extent,
+            small[0].image, small[1].image, small[2].image, small[2].variance,
+            masks=tuple(r.mask for r in small), mask_planes=diff.planes,
+            mask_transparency=mask_transparency, extent=small[2].extent,
         )  # fmt: skip
     return makers
 

@@ -153,10 +153,13 @@ def plot_spatial_coefficients(
                 px.extend(left + (x[sel] + 0.5) / nx * _PANEL)
                 py.extend(bottom + (y[sel] + 0.5) / ny * _PANEL)
                 colours.extend(cmap(np.clip((measured[sel] - vmin) / (vmax - vmin), 0, 1)))
-    # The canvas is the figure at its own resolution, placed pixel for pixel (imshow
-    # would resample it, the figure's costliest step).
-    fig.figimage((canvas * 255).round().astype(np.uint8), origin="lower", zorder=-1)
-    ax.patch.set_visible(False)
+    # The canvas is the figure at its own resolution: as bytes with an alpha plane and
+    # no interpolation, Agg copies it instead of resampling it (the costliest step).
+    rgba = np.empty((*canvas.shape[:2], 4), dtype=np.uint8)
+    rgba[..., :3] = (canvas * 255).round()
+    rgba[..., 3] = 255
+    ax.imshow(rgba, origin="lower", extent=(0, width, 0, height), interpolation="none",
+              zorder=0)  # fmt: skip
     ax.add_collection(LineCollection(frames + tick_marks, colors="0.3", linewidths=0.6))
     for name, (px, py, colours) in points.items():
         if px:
