@@ -162,18 +162,20 @@ def _fit_batch(rows, xc, yc, hs, hk, convolved_img, target_img, difference, basi
     ht = hs + hk
     planes = {"t": [], "tv": [], "s": [], "sv": [], "d": []}
     for i in rows:
-        conv = convolved_img.read(yc[i] - ht, yc[i] + ht + 1, xc[i] - ht, xc[i] + ht + 1,
-                                  cached=True)  # fmt: skip
+        # As stored (the run checked these pixels), through the chunk cache: many small
+        # regions of the same chunks.
+        conv = convolved_img.read_stored(yc[i] - ht, yc[i] + ht + 1, xc[i] - ht, xc[i] + ht + 1,
+                                         cached=True)  # fmt: skip
         box = (yc[i] - hs, yc[i] + hs + 1, xc[i] - hs, xc[i] + hs + 1)
-        target = target_img.read(*box, cached=True)
-        diff = difference.read(*box, cached=True)
+        target = target_img.read_stored(*box, cached=True)
+        diff = difference.read_stored(*box, cached=True)
         planes["t"].append(conv.image)
         planes["tv"].append(conv.variance)
         planes["s"].append(target.image)
         planes["sv"].append(target.variance)
         with np.errstate(invalid="ignore", divide="ignore"):
             planes["d"].append(diff.image / np.sqrt(diff.variance))
-    stamps = StampBatch(*(np.stack(planes[k]) for k in ("t", "tv", "s", "sv")))
+    stamps = StampBatch(*(np.stack(planes[k]).astype(np.float64) for k in ("t", "tv", "s", "sv")))
     coeffs, model, kernels = _single_fits(stamps, basis, kcfg)
     with np.errstate(invalid="ignore", divide="ignore"):
         own = (stamps.science - model) / np.sqrt(stamps.difference_variance(kernels))
