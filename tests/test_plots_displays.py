@@ -29,6 +29,7 @@ from diffkernel.plots.render import (
     STATUS_COLOURS,
     block_mean,
     block_or,
+    sky_norm,
     texts_overlap,
     tick_labels,
 )
@@ -300,3 +301,15 @@ def test_reductions_keep_masked_pixels_and_skip_nans():
     image = np.ones((4, 4))
     image[0, 0] = np.nan
     assert np.all(block_mean(image, 2) == 1)
+
+
+def test_the_stretch_shows_faint_stars_beside_saturated_ones():
+    """One percent of the pixels in saturated stars must not push a 10-sigma star into the
+    dark (a percentile stretch did, on a simulated pair with two saturated stars)."""
+    rng = np.random.default_rng(1)
+    image = rng.normal(1000.0, 10.0, (200, 200))
+    image[:20, :20] = 1e6
+    norm = sky_norm(image)
+    assert norm(1000.0) < 0.15
+    assert norm(1100.0) > 0.25
+    assert norm(1e6) == 1.0

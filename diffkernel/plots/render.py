@@ -82,27 +82,28 @@ def block_or(mask: np.ndarray, factor: int) -> np.ndarray:
 
 
 def sky_norm(image: np.ndarray):
-    """An asinh stretch from just below the sky to the brightest stars.
+    """An asinh stretch from just below the sky to the bright stars, in units of the sky noise.
 
-    The sky is at the bottom of the scale, ``sky - 2 sigma`` (robust); the top is the
-    99.9th percentile, and the asinh stretch (linear over the faintest 5% of the
-    range, logarithmic above) makes the faint stars' wings visible without saturating
-    their cores. A :class:`matplotlib.colors.FuncNorm`: astropy's visualization
-    module would cost a third of a second to import.
+    Zero is ``sky - 2 sigma`` (robust sigma); the scale is linear over the first few
+    sigma and logarithmic beyond, up to the 99.9th percentile but at most 1000 sigma
+    above the sky, so that a few saturated stars cannot push the faint ones into the
+    dark: a 10-sigma star is a third of the way up, sky noise a tenth. A
+    :class:`matplotlib.colors.FuncNorm` (astropy's visualization module would cost a
+    third of a second to import).
     """
     from matplotlib.colors import FuncNorm
 
     finite = np.asarray(image)[np.isfinite(image)]
     if finite.size == 0:
-        vmin, vmax = 0.0, 1.0
+        vmin, vmax, sigma = 0.0, 1.0, 1.0
     else:
         if finite.size > 250_000:  # a regular sample is as good for percentiles, and quick
             finite = finite[:: finite.size // 250_000]
         lo, sky, hi = np.percentile(finite, [15.87, 50.0, 99.9])
-        sigma = max(float(sky - lo), 1e-12)
+        sigma = max(float(sky - lo), 1e-12 * max(abs(float(sky)), 1.0), 1e-30)
         vmin = float(sky - 2.0 * sigma)
-        vmax = float(max(hi, sky + 10.0 * sigma))
-    scale = 0.05 * (vmax - vmin)
+        vmax = float(np.clip(hi, sky + 10.0 * sigma, sky + 1000.0 * sigma))
+    scale = 3.0 * sigma
 
     def forward(x):
         return np.arcsinh((np.asarray(x, dtype=float) - vmin) / scale)
