@@ -11,8 +11,9 @@ result store. :func:`plot_quality` draws the quality verdict
 see what went wrong.
 
 Figures are drawn by Agg directly (no pyplot, see :mod:`~diffkernel.plots.backend`),
-each from images reduced to at most ``max_side`` pixels a side and spatial models
-sampled on coarse grids: every figure takes well under a second.
+many small images as one mosaic in one set of axes, from images reduced by block means
+to about the figure's own pixels: each takes half a second of CPU or less
+(``benchmarks/bench_plots.py``).
 """
 
 from __future__ import annotations

@@ -124,8 +124,9 @@ def fit_candidates(result, template, science, max_candidates: int = 400) -> Cand
     convolve_science = meta.get("mode") == "convolveScience"
     convolved_img, target_img = (science, template) if convolve_science else (template, science)
     ny, nx = result.difference.shape
-    xc = np.asarray(table["x_center"], dtype=int)
-    yc = np.asarray(table["y_center"], dtype=int)
+    # Stamps are cut on integer centres; stores older than these columns had them rounded.
+    xc = np.asarray(table["x_center" if "x_center" in table.colnames else "x"]).round().astype(int)
+    yc = np.asarray(table["y_center" if "y_center" in table.colnames else "y"]).round().astype(int)
     ht = hs + hk
     inside = (xc - ht >= 0) & (yc - ht >= 0) & (xc + ht < nx) & (yc + ht < ny)
     keep = keep[inside[keep]]
