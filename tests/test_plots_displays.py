@@ -313,3 +313,15 @@ def test_the_stretch_shows_faint_stars_beside_saturated_ones():
     assert norm(1000.0) < 0.15
     assert norm(1100.0) > 0.25
     assert norm(1e6) == 1.0
+
+
+def test_stores_without_integer_centres_are_refitted(stored, fits):
+    """Older stores have no x_center / y_center: the rounded positions serve."""
+    import dataclasses
+
+    store, template, science = stored
+    table = store.candidates.copy()
+    table.remove_columns(["x_center", "y_center"])
+    older = fit_candidates(dataclasses.replace(store, candidates=table), template, science)
+    assert len(older.table) == len(fits.table)
+    assert np.all(np.isfinite(older.coeffs))
