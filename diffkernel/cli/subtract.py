@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     subtract.add_argument("template", help="template image: FITS or Zarr")
     subtract.add_argument("--out", required=True, help="result store to write (.zarr)")
     subtract.add_argument(
-        "--fits-out", help="also write the difference as FITS (IMAGE, MASK, VARIANCE)"
+        "--fits-out",
+        help="also write the difference as FITS (float32 IMAGE, MASK, VARIANCE; the science "
+        "header, WCS, provenance and verdict cards)",
     )
     subtract.add_argument("--config", help="TOML or JSON file setting any config field")
     subtract.add_argument(
@@ -75,8 +77,6 @@ def run(args: argparse.Namespace) -> int:
 
     from astropy.table import Table
 
-    from ..image import Exposure
-    from ..io.fits import write_exposure
     from ..io.inputs import open_input
     from ..pipeline.dask.driver import run_pair
 
@@ -109,17 +109,11 @@ def run(args: argparse.Namespace) -> int:
             write_plots(run.result, args.plots, template=template, science=science)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from ..quality import describe, fits_cards
+    from ..io.products import write_difference
+    from ..quality import describe
 
     if args.fits_out:
-        diff = run.result.difference
-        ny, nx = diff.shape
-        write_exposure(
-            args.fits_out,
-            Exposure(diff.read(0, ny, 0, nx), wcs=diff.wcs),
-            overwrite=args.overwrite,
-            extra_header=fits_cards(run.quality),
-        )
+        write_difference(args.fits_out, run.result, overwrite=args.overwrite)
     summary = {**run.summary, "timing_s": run.timings, "output": str(run.result.path)}
     print(json.dumps(summary, indent=2, default=str))
     print(describe(run.quality), file=sys.stderr)

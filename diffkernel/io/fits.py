@@ -86,13 +86,16 @@ def write_exposure(
     *,
     overwrite: bool = False,
     extra_header: Mapping[str, Any] | fits.Header | None = None,
+    dtype: str | np.dtype | None = None,
 ) -> None:
     """Write an exposure as a multi-extension FITS file, atomically.
 
     The file holds an empty primary HDU carrying ``exposure.meta`` (cards that are not valid
     FITS are skipped with a warning), ``extra_header``, the WCS and ``PSFFWHM``, then the
-    ``IMAGE`` (float64), ``MASK`` (int32, with ``MP_<NAME> = bit`` cards) and ``VARIANCE``
-    (float64) extensions, each with the WCS. A callable ``psf_fwhm`` is not written.
+    ``IMAGE``, ``MASK`` (int32, with ``MP_<NAME> = bit`` cards) and ``VARIANCE``
+    extensions, each with the WCS. A callable ``psf_fwhm`` is not written. By default the
+    image and variance planes are float32 when their values are exactly float32 (as the
+    Zarr stores keep them), else float64: nothing is lost either way.
 
     The file is written under a partial name in the same directory and moved into place
     (:func:`diffkernel.io.atomic.write_file`), so ``path`` either holds the complete new
@@ -108,6 +111,8 @@ def write_exposure(
         Replace an existing file. Default False.
     extra_header : mapping or astropy.io.fits.Header, optional
         Further cards for the primary header; they override ``meta``.
+    dtype : {None, "float32", "float64"}, optional
+        Force the type of the image and variance planes; ``"float32"`` rounds.
 
     Raises
     ------
@@ -121,7 +126,9 @@ def write_exposure(
     exposure = as_exposure(exposure_or_masked_image, "exposure")
     target = Path(path)
     _check_writable(target, overwrite)
-    hdul = _build_hdulist(exposure, extra_header)
+    if dtype is not None and str(np.dtype(dtype)) not in ("float32", "float64"):
+        raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
+    hdul = _build_hdulist(exposure, extra_header, dtype)
     write_file(target, hdul.writeto, overwrite)
 
 
@@ -133,8 +140,21 @@ def _check_writable(target: Path, overwrite: bool) -> None:
         raise StoreError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
 
 
+def _float_plane(values: np.ndarray, dtype: str | np.dtype | None) -> np.ndarray:
+    """``values`` as ``dtype``; by default float32 when that loses nothing, else float64."""
+    if dtype is not None:
+        return np.asarray(values, dtype=dtype)
+    values = np.asarray(values)
+    single = values.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        exact = np.array_equal(single, values, equal_nan=True)
+    return single if exact else values.astype(np.float64)
+
+
 def _build_hdulist(
-    exposure: Exposure, extra_header: Mapping[str, Any] | fits.Header | None
+    exposure: Exposure,
+    extra_header: Mapping[str, Any] | fits.Header | None,
+    dtype: str | np.dtype | None,
 ) -> fits.HDUList:
     mi = exposure.masked_image
     wcs_cards = wcs_header(exposure.wcs)
@@ -156,9 +176,9 @@ def _build_hdulist(
     if wcs_cards is not None:
         primary.header.update(wcs_cards)
 
-    image = fits.ImageHDU(np.asarray(mi.image, dtype=np.float64), name="IMAGE")
+    image = fits.ImageHDU(_float_plane(mi.image, dtype), name="IMAGE")
     mask = fits.ImageHDU(np.asarray(mi.mask, dtype=np.int32), name="MASK")
-    variance = fits.ImageHDU(np.asarray(mi.variance, dtype=np.float64), name="VARIANCE")
+    variance = fits.ImageHDU(_float_plane(mi.variance, dtype), name="VARIANCE")
     add_mask_plane_cards(mask.header, mi.mask_planes)
     for hdu in (image, mask, variance):
         if wcs_cards is not None:

@@ -30,6 +30,7 @@ from astropy.nddata import NDData
 from ..errors import InputError
 from ..image import Exposure, MaskedImage
 from .fits import read_exposure
+from .header import SOURCE_KEY
 from .nddata import from_nddata
 from .zarr.image import ZarrImage
 from .zarr.layout import DEFAULT_CHUNKS, Chunks, PathLike
@@ -125,7 +126,10 @@ def open_input(
 def _in_memory(source: Source) -> Exposure | MaskedImage:
     """The image of a FITS path, an NDData or an exposure, in memory."""
     if isinstance(source, str | os.PathLike):
-        return read_exposure(source)
+        exposure = read_exposure(source)
+        # The store records the file it came from: results name it, not the store.
+        exposure.meta[SOURCE_KEY] = str(Path(source).resolve())
+        return exposure
     if isinstance(source, Exposure | MaskedImage):
         return source
     if isinstance(source, NDData):
