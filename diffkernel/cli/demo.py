@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import add_logging_options
+
 __all__ = ["add_parser", "run"]
 
 
@@ -37,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:port)"
     )
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_logging_options(demo)
     demo.set_defaults(func=run)
 
 

@@ -23,7 +23,9 @@ in a work folder first.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from astropy.nddata import NDData
 
@@ -48,6 +50,7 @@ def ingest(
     *,
     chunks: Chunks = DEFAULT_CHUNKS,
     overwrite: bool = False,
+    read_options: Mapping[str, Any] | None = None,
 ) -> ZarrImage:
     """Store an image from a FITS file or an in-memory object as an image-group store.
 
@@ -64,6 +67,9 @@ def ingest(
         Tile side in pixels.
     overwrite : bool, optional
         Replace an existing store.
+    read_options : mapping, optional
+        Keyword arguments of :func:`~diffkernel.io.fits.read_exposure` for a FITS file
+        (``gain``, ``saturation``, ``noise``, ``mask``, ``hdu``, ...).
 
     Returns
     -------
@@ -78,11 +84,16 @@ def ingest(
     StoreError
         If the FITS file is missing or the store cannot be written.
     """
-    return write_image(path, _in_memory(source), chunks=chunks, overwrite=overwrite)
+    data = _in_memory(source, read_options)
+    return write_image(path, data, chunks=chunks, overwrite=overwrite)
 
 
 def open_input(
-    spec: Source | ZarrImage, work: PathLike, name: str, chunks: Chunks = DEFAULT_CHUNKS
+    spec: Source | ZarrImage,
+    work: PathLike,
+    name: str,
+    chunks: Chunks = DEFAULT_CHUNKS,
+    read_options: Mapping[str, Any] | None = None,
 ) -> ZarrImage:
     """An input image as a Zarr image group; what is not one yet is stored in ``work``.
 
@@ -98,6 +109,9 @@ def open_input(
         Name of a stored input (``work/<name>.zarr``).
     chunks : int or (int, int), optional
         Tile side of a stored input.
+    read_options : mapping, optional
+        Keyword arguments of :func:`~diffkernel.io.fits.read_exposure` for a FITS file;
+        refused for other inputs, which have their planes already.
 
     Returns
     -------
@@ -110,23 +124,39 @@ def open_input(
     StoreError
         If a Zarr input is not a diffkernel image group, or ``work/<name>.zarr`` exists.
     """
-    if isinstance(spec, ZarrImage):
-        return spec
+    options = {k: v for k, v in (read_options or {}).items() if v is not None}
     if isinstance(spec, str | os.PathLike):
         location, _, group = os.fspath(spec).partition("#")
         source = Path(location)
         if not source.is_file():
+            _refuse_options(options, source, name)
             return ZarrImage.open(source, group or None)
         spec = source
-    data = _in_memory(spec)
+    if isinstance(spec, ZarrImage):
+        _refuse_options(options, spec.path, name)
+        return spec
+    data = _in_memory(spec, options)
     Path(work).mkdir(parents=True, exist_ok=True)
     return write_image(Path(work) / f"{name}.zarr", data, chunks=chunks)
 
 
-def _in_memory(source: Source) -> Exposure | MaskedImage:
+def _refuse_options(options: Mapping[str, Any], where: Any, name: str) -> None:
+    if options:
+        raise InputError(
+            f"{', '.join(sorted(options))} given for the {name} {str(where)!r}, which is not a "
+            "FITS file: a Zarr image group has its planes already"
+        )
+
+
+def _in_memory(
+    source: Source, read_options: Mapping[str, Any] | None = None
+) -> Exposure | MaskedImage:
     """The image of a FITS path, an NDData or an exposure, in memory."""
+    options = {k: v for k, v in (read_options or {}).items() if v is not None}
+    if not isinstance(source, str | os.PathLike):
+        _refuse_options(options, type(source).__name__, "input")
     if isinstance(source, str | os.PathLike):
-        exposure = read_exposure(source)
+        exposure = read_exposure(source, **options)
         # The store records the file it came from: results name it, not the store.
         exposure.meta[SOURCE_KEY] = str(Path(source).resolve())
         return exposure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,8 @@ import dask
 from ...errors import InputError
 
 __all__ = ["WORKER_ENVIRON", "connect", "default_tile_size"]
+
+log = logging.getLogger("diffkernel")
 
 #: Environment of LocalCluster workers. It replaces Dask's default, which also sets
 #: MALLOC_TRIM_THRESHOLD_=65536 and with it switches off glibc's adaptive mmap
@@ -67,7 +70,8 @@ def connect(
         Worker processes of the LocalCluster started when neither is given
         (default: one per core), each single-threaded.
     progress : bool
-        Print the dashboard link.
+        Unused: the scheduler and its dashboard link are logged (logger ``diffkernel``,
+        INFO) whatever its value.
     """
     from distributed import Client, LocalCluster
 
@@ -80,8 +84,7 @@ def connect(
         except OSError as err:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
         try:
-            if progress:
-                print(f"diffkernel: scheduler {scheduler}, dashboard {own.dashboard_link}")
+            log.info("scheduler %s, dashboard %s", scheduler, own.dashboard_link)
             yield own
         finally:
             own.close()
@@ -99,6 +102,5 @@ def connect(
         ) as cluster,
         Client(cluster) as own,
     ):
-        if progress:
-            print(f"diffkernel: LocalCluster of {workers} workers, dashboard {own.dashboard_link}")
+        log.info("LocalCluster of %d workers, dashboard %s", workers, own.dashboard_link)
         yield own
