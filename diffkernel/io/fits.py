@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,25 +44,22 @@ import numpy as np
 from astropy.io import fits
 
 from ..errors import DiffkernelError, InputError, StoreError
-from ..image import DEFAULT_MASK_PLANES, Exposure, MaskedImage, as_exposure
+from ..image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
 from ..prep.variance import estimate_variance
-from .atomic import check_parent, write_file
+from .fits_write import write_exposure
 from .header import (
     PSF_FWHM_KEY,
-    add_cards,
-    add_mask_plane_cards,
-    add_psf_fwhm_card,
     celestial_wcs,
     first_number,
     header_meta,
     mask_planes_from_header,
     positive_card,
-    wcs_header,
 )
 from .planes import dq_table, dq_to_mask, flag_no_data, read_plane, sigma_to_variance
 
 __all__ = [
     "GAIN_KEYS",
+    "exposure_from_hdus",
     "ORIGINAL_SKY_KEYS",
     "READ_NOISE_KEYS",
     "SATURATION_KEYS",
@@ -81,115 +77,6 @@ READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON")
 SATURATION_KEYS = ("ESATUR", "SATURATE", "SATURATI")
 #: Keywords giving the sky level before it was subtracted (ADU).
 ORIGINAL_SKY_KEYS = ("AVSKY", "SKYBRITE", "SKYLEVEL")
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def write_exposure(
-    path: PathLike,
-    exposure_or_masked_image: Exposure | MaskedImage,
-    *,
-    overwrite: bool = False,
-    extra_header: Mapping[str, Any] | fits.Header | None = None,
-    dtype: str | np.dtype | None = None,
-) -> None:
-    """Write an exposure as a multi-extension FITS file, atomically.
-
-    The file holds an empty primary HDU carrying ``exposure.meta`` (cards that are not valid
-    FITS are skipped with a warning), ``extra_header``, the WCS and ``PSFFWHM``, then the
-    ``IMAGE``, ``MASK`` (int32, with ``MP_<NAME> = bit`` cards) and ``VARIANCE``
-    extensions, each with the WCS. A callable ``psf_fwhm`` is not written. By default the
-    image and variance planes are float32 when their values are exactly float32 (as the
-    Zarr stores keep them), else float64: nothing is lost either way.
-
-    The file is written under a partial name in the same directory and moved into place
-    (:func:`diffkernel.io.atomic.write_file`), so ``path`` either holds the complete new
-    file or is left untouched.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Output file.
-    exposure_or_masked_image : Exposure or MaskedImage
-        What to write.
-    overwrite : bool, optional
-        Replace an existing file. Default False.
-    extra_header : mapping or astropy.io.fits.Header, optional
-        Further cards for the primary header; they override ``meta``.
-    dtype : {None, "float32", "float64"}, optional
-        Force the type of the image and variance planes; ``"float32"`` rounds.
-
-    Raises
-    ------
-    StoreError
-        If ``path`` exists and ``overwrite`` is False, its directory does not exist, or the
-        write fails.
-    InputError
-        If the object is not an Exposure or MaskedImage, or ``extra_header`` holds a card
-        that is not valid FITS.
-    """
-    exposure = as_exposure(exposure_or_masked_image, "exposure")
-    target = Path(path)
-    _check_writable(target, overwrite)
-    if dtype is not None and str(np.dtype(dtype)) not in ("float32", "float64"):
-        raise InputError(f"dtype must be float32 or float64, got {dtype!r}")
-    hdul = _build_hdulist(exposure, extra_header, dtype)
-    write_file(target, hdul.writeto, overwrite)
-
-
-def _check_writable(target: Path, overwrite: bool) -> None:
-    check_parent(target)
-    if target.is_dir():
-        raise StoreError(f"cannot write {str(target)!r}: it is a directory")
-    if target.exists() and not overwrite:
-        raise StoreError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
-
-
-def _float_plane(values: np.ndarray, dtype: str | np.dtype | None) -> np.ndarray:
-    """``values`` as ``dtype``; by default float32 when that loses nothing, else float64."""
-    if dtype is not None:
-        return np.asarray(values, dtype=dtype)
-    values = np.asarray(values)
-    single = values.astype(np.float32)
-    with np.errstate(invalid="ignore", over="ignore"):
-        exact = np.array_equal(single, values, equal_nan=True)
-    return single if exact else values.astype(np.float64)
-
-
-def _build_hdulist(
-    exposure: Exposure,
-    extra_header: Mapping[str, Any] | fits.Header | None,
-    dtype: str | np.dtype | None,
-) -> fits.HDUList:
-    mi = exposure.masked_image
-    wcs_cards = wcs_header(exposure.wcs)
-
-    primary = fits.PrimaryHDU()
-    skipped = add_cards(
-        primary.header, exposure.meta, drop_wcs_keys=wcs_cards is not None, strict=False
-    )
-    if skipped:
-        warnings.warn(
-            f"meta entries not valid as FITS cards were not written: {', '.join(skipped)}",
-            UserWarning,
-            stacklevel=3,
-        )
-    if extra_header is not None:
-        extra = extra_header.items() if isinstance(extra_header, fits.Header) else extra_header
-        add_cards(primary.header, dict(extra), drop_wcs_keys=False, strict=True)
-    add_psf_fwhm_card(primary.header, exposure.psf_fwhm)
-    if wcs_cards is not None:
-        primary.header.update(wcs_cards)
-
-    image = fits.ImageHDU(_float_plane(mi.image, dtype), name="IMAGE")
-    mask = fits.ImageHDU(np.asarray(mi.mask, dtype=np.int32), name="MASK")
-    variance = fits.ImageHDU(_float_plane(mi.variance, dtype), name="VARIANCE")
-    add_mask_plane_cards(mask.header, mi.mask_planes)
-    for hdu in (image, mask, variance):
-        if wcs_cards is not None:
-            hdu.header.update(wcs_cards)
-    return fits.HDUList([primary, image, mask, variance])
 
 
 # --------------------------------------------------------------------------- reading
@@ -247,6 +134,56 @@ def read_exposure(
         If it is not valid FITS, is truncated, holds no 2-D image, or a stored exposure is
         incomplete or its variance is negative, NaN or infinite at every pixel with data.
     """
+    _check_numbers(gain, saturation, read_noise)
+    source = Path(path)
+    if not source.exists():
+        raise StoreError(f"{str(source)!r} does not exist")
+    if source.is_dir():
+        raise StoreError(f"{str(source)!r} is a directory, not a FITS file")
+    loaded = _load(source, hdu)
+    return _exposure(loaded, gain, saturation, read_noise, fwhm_key, noise, mask)
+
+
+def exposure_from_hdus(
+    hdus: fits.HDUList | Any,
+    *,
+    name: str = "HDU",
+    hdu: Any = None,
+    gain: float | None = None,
+    saturation: float | None = None,
+    read_noise: float | None = None,
+    fwhm_key: str = "FWHM",
+) -> Exposure:
+    """An exposure from FITS HDUs in memory, read as :func:`read_exposure` reads a file.
+
+    Parameters
+    ----------
+    hdus : astropy.io.fits.HDUList, or one PrimaryHDU/ImageHDU/CompImageHDU
+        The HDUs (one HDU is read as a plain image, its header giving GAIN, WCS, ...).
+    name : str, optional
+        What to call it in errors.
+    hdu, gain, saturation, read_noise, fwhm_key
+        As for :func:`read_exposure`.
+
+    Returns
+    -------
+    Exposure
+
+    Raises
+    ------
+    InputError
+        As :func:`read_exposure`, or if ``hdus`` are not FITS HDUs.
+    """
+    _check_numbers(gain, saturation, read_noise)
+    if isinstance(hdus, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
+        header = hdus.header.copy()
+        hdus = fits.HDUList([fits.PrimaryHDU(hdus.data, header=header)])
+    if not isinstance(hdus, fits.HDUList):
+        raise InputError(f"{name} must be FITS HDUs, got {type(hdus).__name__}")
+    return _exposure(_extract(hdus, hdu, name), gain, saturation, read_noise, fwhm_key)
+
+
+def _check_numbers(gain: Any, saturation: Any, read_noise: Any) -> None:
     for name, value in (("gain", gain), ("read_noise", read_noise)):
         if value is not None and not (np.isfinite(value) and value >= 0):
             raise InputError(f"{name} must be a finite, non-negative number, got {value!r}")
@@ -255,16 +192,22 @@ def read_exposure(
     if saturation is not None and not np.isfinite(saturation):
         raise InputError(f"saturation must be a finite number, got {saturation!r}")
 
-    source = Path(path)
-    if not source.exists():
-        raise StoreError(f"{str(source)!r} does not exist")
-    if source.is_dir():
-        raise StoreError(f"{str(source)!r} is a directory, not a FITS file")
-    loaded = _load(source, hdu)
+
+def _exposure(
+    loaded: dict[str, Any],
+    gain: float | None,
+    saturation: float | None,
+    read_noise: float | None,
+    fwhm_key: str,
+    noise: PathLike | None = None,
+    mask: PathLike | None = None,
+) -> Exposure:
+    """The exposure of a loaded layout, with separate noise and mask files applied."""
+    where = loaded["where"]
     shape = (loaded.get("image") if "image" in loaded else loaded["data"]).shape
     given_variance = None
     if noise is not None:
-        given_variance = sigma_to_variance(read_plane(noise, shape, f"noise of {str(source)!r}"))
+        given_variance = sigma_to_variance(read_plane(noise, shape, f"noise of {where!r}"))
     if loaded["layout"] == "stored":
         exposure = _stored_exposure(loaded, fwhm_key, given_variance)
     elif loaded["layout"] == "space":
@@ -272,8 +215,7 @@ def read_exposure(
     else:
         exposure = _plain_exposure(loaded, gain, saturation, read_noise, fwhm_key, given_variance)
     if mask is not None:
-        bad = read_plane(mask, shape, f"mask of {str(source)!r}") != 0
-        exposure.masked_image.set_plane("BAD", bad)
+        exposure.masked_image.set_plane("BAD", read_plane(mask, shape, f"mask of {where!r}") != 0)
         exposure.meta["mask_file"] = str(mask)
     if noise is not None:
         exposure.meta["noise_file"] = str(noise)

@@ -13,7 +13,12 @@ a Zarr image store, ``store.zarr#group``  opened as it is (:class:`~.zarr.image.
 an astropy NDData / CCDData               converted by
                                           :func:`diffkernel.io.nddata.from_nddata`, stored
 an Exposure or MaskedImage                stored
+FITS HDUs, an array, (array, WCS or       read as a plain FITS image
+header)                                   (:func:`diffkernel.io.fits.exposure_from_hdus`)
 ========================================  ===============================================
+
+:func:`read_input` is the same dispatch in memory: what ``MakeKernelTask.run`` and
+``diffkernel.subtract_images`` accept.
 
 :func:`ingest` stores one input as a new store; :func:`open_input` is what the command
 line and the batch runner call: a Zarr input is opened in place, anything else is stored
@@ -27,18 +32,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from astropy.io import fits
 from astropy.nddata import NDData
+from astropy.wcs import WCS
 
 from ..errors import InputError
 from ..image import Exposure, MaskedImage
-from .fits import read_exposure
-from .header import SOURCE_KEY
+from .fits import exposure_from_hdus, read_exposure
+from .header import SOURCE_KEY, wcs_header
 from .nddata import from_nddata
 from .zarr.image import ZarrImage
 from .zarr.layout import DEFAULT_CHUNKS, Chunks, PathLike
 from .zarr.write import write_image
 
-__all__ = ["ingest", "open_input"]
+__all__ = ["ingest", "open_input", "read_input"]
 
 #: What :func:`ingest` stores.
 Source = PathLike | Exposure | MaskedImage | NDData
@@ -151,20 +159,94 @@ def _refuse_options(options: Mapping[str, Any], where: Any, name: str) -> None:
 def _in_memory(
     source: Source, read_options: Mapping[str, Any] | None = None
 ) -> Exposure | MaskedImage:
-    """The image of a FITS path, an NDData or an exposure, in memory."""
+    """The image of a FITS path, an NDData, HDUs, (array, WCS) or an exposure, in memory."""
     options = {k: v for k, v in (read_options or {}).items() if v is not None}
-    if not isinstance(source, str | os.PathLike):
-        _refuse_options(options, type(source).__name__, "input")
     if isinstance(source, str | os.PathLike):
         exposure = read_exposure(source, **options)
         # The store records the file it came from: results name it, not the store.
         exposure.meta[SOURCE_KEY] = str(Path(source).resolve())
         return exposure
-    if isinstance(source, Exposure | MaskedImage):
-        return source
-    if isinstance(source, NDData):
-        return from_nddata(source)
+    if isinstance(source, Exposure | MaskedImage | NDData):
+        _refuse_options(options, type(source).__name__, "input")
+        return source if not isinstance(source, NDData) else from_nddata(source)
+    hdus = _as_hdus(source)
+    if hdus is not None:
+        files = {k: v for k, v in options.items() if k in ("noise", "mask")}
+        _refuse_options(files, "HDUs", "input")
+        plain = {k: v for k, v in options.items() if k not in files}
+        return exposure_from_hdus(hdus, name=type(source).__name__, **plain)
     raise InputError(
-        f"source must be a FITS path, an Exposure, a MaskedImage or an astropy NDData, "
+        "an image must be a FITS path, a Zarr store, an Exposure, a MaskedImage, an astropy "
+        "NDData/CCDData, FITS HDUs, an array or (array, WCS or header); "
         f"got {type(source).__name__}"
     )
+
+
+def _as_hdus(source: Any) -> Any:
+    """FITS HDUs for HDUs, an array, or (array, WCS or header) as reproject takes them."""
+    if isinstance(source, fits.HDUList | fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
+        return source
+    if isinstance(source, np.ndarray):
+        return fits.PrimaryHDU(source)
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], np.ndarray):
+        array, coords = source
+        if isinstance(coords, WCS):
+            header = wcs_header(coords)
+        elif isinstance(coords, fits.Header):
+            header = coords.copy()
+        else:
+            raise InputError(
+                f"(array, ...) takes an astropy WCS or a FITS header second, "
+                f"got {type(coords).__name__}"
+            )
+        return fits.PrimaryHDU(array, header=header)
+    return None
+
+
+def read_input(
+    source: Source | ZarrImage, *, name: str = "image", **read_options: Any
+) -> Exposure | MaskedImage:
+    """Any image the command line or the Python API takes, in memory.
+
+    The one dispatch on input kinds, as reproject's ``parse_input_data``: a FITS file
+    (any layout :func:`~diffkernel.io.fits.read_exposure` reads), a Zarr image store
+    (``store.zarr`` or ``store.zarr#group``) or an opened
+    :class:`~diffkernel.io.zarr.image.ZarrImage`, an :class:`Exposure` or
+    :class:`MaskedImage` (as it is), an astropy ``NDData``/``CCDData``
+    (:func:`~diffkernel.io.nddata.from_nddata`), FITS HDUs, a 2-D array, or
+    ``(array, WCS)`` / ``(array, header)``. Arrays and HDUs are plain images: their
+    variance is estimated from the gain and the sky, as for a plain FITS file.
+
+    Parameters
+    ----------
+    source : see above
+        The image.
+    name : str, optional
+        What to call it in errors (``"science"``, ``"template"``).
+    **read_options
+        Options of :func:`~diffkernel.io.fits.read_exposure` (``gain``, ``saturation``,
+        ``noise``, ``mask``, ``hdu``, ...) for FITS files, HDUs and arrays.
+
+    Returns
+    -------
+    Exposure or MaskedImage
+
+    Raises
+    ------
+    InputError
+        If ``source`` is of another kind or unreadable, naming ``name``.
+    """
+    if isinstance(source, ZarrImage):
+        return source.to_exposure()
+    if isinstance(source, str | os.PathLike):
+        location, _, group = os.fspath(source).partition("#")
+        if Path(location).is_dir():
+            given = {k: v for k, v in read_options.items() if v is not None}
+            _refuse_options(given, location, name)
+            return ZarrImage.open(location, group or None).to_exposure()
+    try:
+        return _in_memory(source, read_options)
+    except InputError as exc:
+        if isinstance(source, str | os.PathLike):
+            raise
+        raise InputError(f"{name}: {exc}") from None

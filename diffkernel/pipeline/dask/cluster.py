@@ -58,12 +58,15 @@ def connect(
     n_workers: int | None = None,
     progress: bool = False,
 ) -> Iterator[Any]:
-    """A ``distributed.Client``: the one given, one to ``scheduler``, or a LocalCluster.
+    """A ``distributed.Client``: the one given, one to ``scheduler``, the active one, or a
+    LocalCluster.
 
     Parameters
     ----------
     client : distributed.Client, optional
-        Used as is (not closed).
+        Used as is (not closed). When neither it, ``scheduler`` nor ``n_workers`` is
+        given, the active client (``distributed.default_client()``, e.g. one a notebook
+        made) is used as is, rather than a new LocalCluster beside it.
     scheduler : str, optional
         Address such as ``tcp://host:8786`` of a running scheduler.
     n_workers : int, optional
@@ -73,8 +76,12 @@ def connect(
         Unused: the scheduler and its dashboard link are logged (logger ``diffkernel``,
         INFO) whatever its value.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, default_client
 
+    if client is None and scheduler is None and n_workers is None:
+        with contextlib.suppress(ValueError):  # no active client
+            client = default_client()
+            log.info("using the active Dask client, dashboard %s", client.dashboard_link)
     if client is not None:
         yield client
         return
