@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import add_logging_options
+from .common import add_logging_options, add_scheduler_options, scheduler_address
 
 __all__ = ["add_parser", "run"]
 
@@ -36,9 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--workers", type=int, default=None, help="LocalCluster worker processes (default: cores)"
     )
-    demo.add_argument(
-        "--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:port)"
-    )
+    add_scheduler_options(demo)
     add_logging_options(demo)
     demo.set_defaults(func=run)
 
@@ -65,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         (inputs, "science"),
         (inputs, "template"),
         out / "result.zarr",
-        scheduler=args.scheduler,
+        scheduler=scheduler_address(args),
         n_workers=args.workers,
         overwrite=True,
         progress=not args.quiet,
