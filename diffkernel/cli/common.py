@@ -84,6 +84,25 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not when it was made.
+
+    (``main`` may run many times in one process, e.g. under a test runner that swaps
+    ``sys.stderr``; a handler holding an old stream would write into a closed file.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     """Send the ``diffkernel`` logger's records to stderr, one line each.
 
@@ -92,10 +111,9 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     unless ``-v``.
     """
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    if not any(getattr(h, "_diffkernel", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("diffkernel: %(message)s"))
-        handler._diffkernel = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
