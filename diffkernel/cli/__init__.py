@@ -1,4 +1,5 @@
-"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo | config``.
+"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo | apply |
+config``.
 
 Each command has ``--help`` and lives in a module of its own, which exports
 ``add_parser`` and ``run``; a command imports what it needs only when it runs, so
@@ -16,13 +17,13 @@ import sys
 
 from .. import __version__
 from ..errors import DiffkernelError
-from . import batch, config, demo, ingest, inspect, subtract
+from . import apply, batch, config, demo, ingest, inspect, subtract
 from .common import EXIT_QUALITY_FAIL, setup_logging
 
 __all__ = ["main", "EXIT_QUALITY_FAIL"]
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (demo, ingest, subtract, inspect, batch, config)
+COMMANDS = (demo, ingest, subtract, inspect, batch, apply, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,8 @@ from typing import Any
 
 __all__ = [
     "EXIT_QUALITY_FAIL",
+    "score_fits_path",
+    "write_result_fits",
     "add_input_options",
     "add_logging_options",
     "add_scheduler_options",
@@ -244,3 +246,32 @@ def scheduler_address(args: argparse.Namespace) -> str | None:
     if not isinstance(address, str) or not address:
         raise InputError(f"scheduler file {path!r} holds no scheduler address")
     return address
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def score_fits_path(fits_out) -> str:
+    """Where ``--fits-out F`` puts the score image: ``F`` with ``.score`` before ``.fits``."""
+    path = Path(fits_out)
+    stem = path.name[: -len(".fits")] if path.name.endswith(".fits") else path.name
+    return str(path.with_name(f"{stem}.score.fits"))
+
+
+def write_result_fits(result, fits_out, overwrite: bool, cards=None) -> list[str]:
+    """The difference as FITS at ``fits_out``, and its score image beside it when it has one.
+
+    Both carry the science's cards and WCS, the provenance and the verdict
+    (:func:`diffkernel.io.products.write_difference`), as float32.
+    """
+    from ..io.products import write_difference
+
+    written = []
+    for image, path in ((result.difference, str(fits_out)), (result.score, None)):
+        if image is None:
+            continue
+        path = path or score_fits_path(fits_out)
+        log.info("writing %s", path)
+        write_difference(path, result, image=image, overwrite=overwrite, extra_header=cards)
+        written.append(path)
+    return written

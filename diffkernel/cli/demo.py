@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_scheduler_options(demo)
     add_logging_options(demo)
+    demo.add_argument(
+        "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
+    )
     demo.set_defaults(func=run)
 
 
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         n_workers=args.workers,
         overwrite=True,
         progress=not args.quiet,
+        decorrelate=not args.no_decorrelate,
     )
     t2 = time.perf_counter()
     result = run.result

@@ -17,6 +17,7 @@ from .common import (
     load_config,
     read_options,
     scheduler_address,
+    write_result_fits,
 )
 
 log = logging.getLogger("diffkernel")
@@ -90,6 +91,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     subtract.add_argument(
         "--preconvolved", action="store_true", help="the science was convolved with its PSF"
     )
+    subtract.add_argument(
+        "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
+    )
+    subtract.add_argument(
+        "--score",
+        action="store_true",
+        help="also write the score image (S/N of a point source; FITS: <fits-out>.score.fits)",
+    )
     subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_logging_options(subtract)
     subtract.set_defaults(func=run)
@@ -132,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
             preconvolved=args.preconvolved,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            decorrelate=not args.no_decorrelate,
+            score=args.score,
         )
         if args.plots:
             from ..plots import write_plots
@@ -140,12 +151,10 @@ def run(args: argparse.Namespace) -> int:
             write_plots(run.result, args.plots, template=template, science=science)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from ..io.products import write_difference
     from ..quality import describe
 
     if args.fits_out:
-        log.info("writing %s", args.fits_out)
-        write_difference(args.fits_out, run.result, overwrite=args.overwrite)
+        write_result_fits(run.result, args.fits_out, args.overwrite)
     summary = {**run.summary, "timing_s": run.timings, "output": str(run.result.path)}
     print(json.dumps(summary, indent=2, default=str))
     print(describe(run.quality), file=sys.stderr)

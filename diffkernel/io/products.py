@@ -28,6 +28,7 @@ from ..image import Exposure
 from ..quality import fits_cards
 from .fits import write_exposure
 from .header import SOURCE_KEY
+from .zarr.image import ZarrImage
 from .zarr.results import ResultStore
 
 __all__ = ["config_digest", "provenance_cards", "write_difference"]
@@ -88,7 +89,12 @@ def provenance_cards(result: ResultStore) -> dict[str, tuple[Any, str]]:
 
 
 def write_difference(
-    path: str | os.PathLike, result: ResultStore, *, overwrite: bool = False
+    path: str | os.PathLike,
+    result: ResultStore,
+    *,
+    image: ZarrImage | None = None,
+    overwrite: bool = False,
+    extra_header: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a result's difference as a FITS file (float32) that says where it comes from.
 
@@ -99,16 +105,23 @@ def write_difference(
         :func:`diffkernel.io.fits.write_exposure` writes them).
     result : ResultStore
         A finished result store (:func:`diffkernel.io.zarr.results.open_result`).
+    image : ZarrImage, optional
+        Another image of the result on the science grid to write with the same cards
+        (its score image); default ``result.difference``.
     overwrite : bool, optional
         Replace an existing file.
+    extra_header : mapping, optional
+        Further cards, overriding these.
 
     Raises
     ------
     StoreError
         If ``path`` exists and ``overwrite`` is False, or cannot be written.
     """
-    exposure = result.difference.to_exposure()
-    meta = {k: v for k, v in exposure.meta.items() if k != SOURCE_KEY}
+    exposure = (result.difference if image is None else image).to_exposure()
+    # The science's cards: the difference is on its grid (a score group may hold none).
+    meta = exposure.meta or result.difference.meta
+    meta = {k: v for k, v in meta.items() if k != SOURCE_KEY}
     exposure = Exposure(exposure.masked_image, exposure.wcs, exposure.psf_fwhm, meta)
-    extra = {**provenance_cards(result), **fits_cards(result.quality)}
+    extra = {**provenance_cards(result), **fits_cards(result.quality), **(extra_header or {})}
     write_exposure(path, exposure, overwrite=overwrite, extra_header=extra, dtype="float32")
