@@ -119,8 +119,9 @@ def write_difference(
         If ``path`` exists and ``overwrite`` is False, or cannot be written.
     """
     exposure = (result.difference if image is None else image).to_exposure()
-    # The science's cards: the difference is on its grid (a score group may hold none).
-    meta = exposure.meta or result.difference.meta
+    # The science's cards (the difference is on its grid), then the image's own: a score
+    # image says BUNIT = S/N.
+    meta = {**result.difference.meta, **exposure.meta} if image is not None else exposure.meta
     meta = {k: v for k, v in meta.items() if k != SOURCE_KEY}
     exposure = Exposure(exposure.masked_image, exposure.wcs, exposure.psf_fwhm, meta)
     extra = {**provenance_cards(result), **fits_cards(result.quality), **(extra_header or {})}

@@ -39,7 +39,7 @@ def subtracted(tmp_path_factory):
     write_exposure(paths["template"], pair.template)
     out, fits_out = tmp / "diff.zarr", tmp / "diff.fits"
     args = ["subtract", str(paths["science"]), str(paths["template"]), "--out", str(out)]
-    code = main([*args, "--fits-out", str(fits_out), "--workers", "1", "--quiet"])
+    code = main([*args, "--fits-out", str(fits_out), "--score", "--workers", "1", "--quiet"])
     assert code == 0
     return paths, open_result(out), fits_out
 
@@ -99,3 +99,12 @@ def test_write_exposure_keeps_float32_values_float32(tmp_path):
     write_exposure(tmp_path / "b.fits", rounded, dtype="float32")
     with fits.open(tmp_path / "b.fits") as hdul:
         assert hdul["IMAGE"].data.dtype.itemsize == 4 and hdul["IMAGE"].data[0, 0] == 1.0
+
+
+def test_score_image_carries_the_same_cards(subtracted):
+    paths, _, fits_out = subtracted
+    header = fits.getheader(fits_out.with_name("diff.score.fits"))
+    assert header["DKSCI"] == str(paths["science"].resolve())
+    assert header["FILTER"] == "r" and header["CTYPE1"] == "RA---TAN"
+    assert "KSUM" in header and "DKVERDCT" in header
+    assert header["BUNIT"] == "S/N"
