@@ -41,7 +41,7 @@ _LAZY = {
     "DEFAULT_MASK_PLANES": "image",
     "Exposure": "image",
     "MaskedImage": "image",
-    "subtract_images": "kernel.subtract",
+    "subtract_images": "pipeline.serial",
     "MakeKernelResult": "pipeline.serial",
     "MakeKernelTask": "pipeline.serial",
     "run_pair": "pipeline.dask.driver",
