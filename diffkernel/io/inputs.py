@@ -114,7 +114,8 @@ def open_input(
     work : str or os.PathLike
         Folder for stored inputs (created when needed).
     name : str
-        Name of a stored input (``work/<name>.zarr``).
+        Name of a stored input (``work/<name>.zarr``, written uncompressed: it is the
+        run's temporary copy).
     chunks : int or (int, int), optional
         Tile side of a stored input.
     read_options : mapping, optional
@@ -145,7 +146,9 @@ def open_input(
         return spec
     data = _in_memory(spec, options)
     Path(work).mkdir(parents=True, exist_ok=True)
-    return write_image(Path(work) / f"{name}.zarr", data, chunks=chunks)
+    # A work copy is read a few times by this run and deleted: raw chunks cost no
+    # encoding here and no decoding in every task that reads them.
+    return write_image(Path(work) / f"{name}.zarr", data, chunks=chunks, compress=False)
 
 
 def _refuse_options(options: Mapping[str, Any], where: Any, name: str) -> None:

@@ -130,6 +130,49 @@ def test_dtype_chosen_per_array(tmp_path: Path) -> None:
     _assert_same_pixels(img.to_exposure().masked_image, exp.masked_image)
 
 
+def test_float64_found_in_a_late_strip(tmp_path: Path) -> None:
+    """The float32 check runs strip by strip: a value inexact only in the last rows still
+    keeps the plane float64 (and exact)."""
+    rng = np.random.default_rng(7)
+    image = rng.normal(100.0, 5.0, size=(130, 4096)).astype(np.float32).astype(np.float64)
+    image[-1, -1] += 1e-9  # 64 rows per strip at this width: the third strip
+    exp = Exposure(MaskedImage(image, np.ones_like(image)))
+    img = write_image(tmp_path / "a.zarr", exp, chunks=64, compress=False)
+    assert img.dtype == np.float64
+    back = img.to_exposure().masked_image
+    assert np.array_equal(back.image, image) and back.variance.dtype == np.float64
+
+
+def test_uncompressed_store_reads_the_same(tmp_path: Path) -> None:
+    """``compress=False`` stores raw chunks whose values, digests and reads equal the
+    compressed store's; the FITS copy ``open_input`` makes is written that way."""
+    exp = _exposure(float32_valued=True)
+    packed = write_image(tmp_path / "packed.zarr", exp, chunks=CHUNKS)
+    raw = write_image(tmp_path / "raw.zarr", exp, chunks=CHUNKS, compress=False)
+    for store, compressed in (("packed.zarr", True), ("raw.zarr", False)):
+        root = zarr.open_group(str(tmp_path / store), mode="r")
+        for name in ("image", "variance", "mask"):
+            assert bool(root[name].compressors) is compressed
+    for name in ("image", "variance", "mask"):
+        assert raw.digest(name) == packed.digest(name)
+    for box in [(0, 100, 0, 130), (5, 70, 31, 97)]:
+        _assert_same_pixels(raw.read(*box), packed.read(*box))
+        _assert_same_pixels(raw.read(*box, cached=True), packed.read(*box))
+    # The mask's empty chunks are not stored, raw or not: a raw chunk file is exactly
+    # a tile's bytes.
+    chunk = tmp_path / "raw.zarr" / "image" / "c" / "0" / "0"
+    assert chunk.stat().st_size == CHUNKS * CHUNKS * 4
+    exp.meta = {"OBJECT": "field-1"}
+    write_exposure(tmp_path / "in.fits", exp)
+    copy = open_input(tmp_path / "in.fits", tmp_path / "work", "science", chunks=CHUNKS)
+    root = zarr.open_group(str(copy.path), mode="r")
+    assert not root["image"].compressors and not root["variance"].compressors
+    kept = ingest(tmp_path / "in.fits", tmp_path / "kept.zarr", chunks=CHUNKS)
+    assert zarr.open_group(str(kept.path), mode="r")["image"].compressors
+    for name in ("image", "variance", "mask"):
+        assert copy.digest(name) == kept.digest(name)
+
+
 def test_layout_on_disk(image: ZarrImage) -> None:
     """Arrays, codecs and attributes as documented (layout 1)."""
     root = zarr.open_group(str(image.path), mode="r")

@@ -68,19 +68,26 @@ def _meta_subset(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _lossless_float_dtype(values: np.ndarray) -> np.dtype:
-    """float32 when it holds every value exactly, else float64."""
+def _stored_float(values: np.ndarray) -> np.ndarray:
+    """``values`` as float32 when that holds every value exactly, else as they are.
+
+    One pass: each strip is converted and compared back at once, so the float32 plane
+    that is written is the one checked (no check pass, then a second conversion pass).
+    Strip by strip, the temporaries of the comparison stay small (the whole plane at
+    once made plane-sized ones: seconds of page faults at 4096^2).
+    """
     if values.dtype == np.float32:
-        return np.dtype(np.float32)
-    # Strip by strip: the whole plane at once made two plane-sized temporaries (seconds
-    # of page faults at 4096^2), and a float64 plane is mostly known from its first rows.
+        return values
+    out = np.empty(values.shape, dtype=np.float32)
     flat = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1)
+    narrow = out.reshape(flat.shape)
     rows = max(1, (1 << 18) // max(1, flat.shape[1]))
     for y in range(0, flat.shape[0], rows):
         block = flat[y : y + rows]
-        if not np.array_equal(block.astype(np.float32), block, equal_nan=True):
-            return np.dtype(np.float64)
-    return np.dtype(np.float32)
+        np.copyto(narrow[y : y + rows], block, casting="unsafe")
+        if not np.array_equal(narrow[y : y + rows], block, equal_nan=True):
+            return values  # a float64 plane is mostly known from its first rows
+    return out
 
 
 def _image_attrs(
@@ -115,8 +122,13 @@ def _create_planes(
     shape: tuple[int, int],
     tile: tuple[int, int],
     dtypes: Mapping[str, np.dtype],
+    compress: bool = True,
 ) -> dict[str, zarr.Array]:
-    """Create the three arrays of an image group (empty: NaN image/variance, zero mask)."""
+    """Create the three arrays of an image group (empty: NaN image/variance, zero mask).
+
+    ``compress=False`` stores raw chunks: for copies read soon and thrown away, where
+    encoding costs more than the bytes it saves.
+    """
     arrays = {}
     for name in ("image", "variance"):
         arrays[name] = node.create_array(
@@ -124,7 +136,7 @@ def _create_planes(
             shape=shape,
             chunks=tile,
             dtype=dtypes[name],
-            compressors=BloscCodec(**_FLOAT_CODEC),
+            compressors=BloscCodec(**_FLOAT_CODEC) if compress else None,
             fill_value=np.nan,
         )
     arrays["mask"] = node.create_array(
@@ -132,24 +144,38 @@ def _create_planes(
         shape=shape,
         chunks=tile,
         dtype=np.int32,
-        compressors=ZstdCodec(level=_MASK_ZSTD_LEVEL),
+        compressors=ZstdCodec(level=_MASK_ZSTD_LEVEL) if compress else None,
         fill_value=0,
     )
     return arrays
 
 
 def _fill_image_group(
-    node: zarr.Group, exposure: Exposure, chunks: Chunks, origin: tuple[int, int]
+    node: zarr.Group,
+    exposure: Exposure,
+    chunks: Chunks,
+    origin: tuple[int, int],
+    compress: bool = True,
 ) -> None:
     """Write an exposure's planes into ``node``; the attributes come last."""
     mi = exposure.masked_image
     shape = mi.shape
     tile = tile_shape(shape, chunks)
     planes = {"image": mi.image, "variance": mi.variance, "mask": mi.mask}
-    dtypes = {name: _lossless_float_dtype(planes[name]) for name in ("image", "variance")}
-    arrays = _create_planes(node, shape, tile, dtypes)
+    for name in ("image", "variance"):
+        planes[name] = _stored_float(planes[name])
+    dtypes = {name: planes[name].dtype for name in ("image", "variance")}
+    arrays = _create_planes(node, shape, tile, dtypes, compress)
     for name, values in planes.items():
-        arrays[name][...] = values.astype(arrays[name].dtype, copy=False)
+        values = values.astype(arrays[name].dtype, copy=False)
+        planes[name] = None  # a float32 copy made above is freed once written
+        # Straight to the chunk files where possible: zarr's own write goes through its
+        # event loop and copies every chunk between buffer types.
+        direct = direct_chunks(arrays[name])
+        if direct is not None:
+            direct.write_region(0, 0, values)
+        else:
+            arrays[name][...] = values
     cards = wcs_cards(exposure.wcs)
     node.attrs[ATTR_KEY] = _image_attrs(
         shape, tile, mi.mask_planes, cards, origin, exposure.psf_fwhm, exposure.meta
@@ -164,6 +190,7 @@ def write_image(
     chunks: Chunks = DEFAULT_CHUNKS,
     overwrite: bool = False,
     origin: tuple[int, int] = (0, 0),
+    compress: bool = True,
 ) -> ZarrImage:
     """Write an exposure as an image group.
 
@@ -186,6 +213,10 @@ def write_image(
         Replace an existing store (or, with ``group``, an existing sub-group).
     origin : (int, int), optional
         LSST-style pixel origin ``(x0, y0)`` of the image's first pixel.
+    compress : bool, optional
+        Compress the chunks (Blosc LZ4 for image and variance, Zstd for the mask).
+        False stores them raw: faster to write and read, larger on disk; for a copy
+        that is read soon and deleted, such as the stored FITS inputs of a run.
 
     Returns
     -------
@@ -205,15 +236,20 @@ def write_image(
     tile_shape(exposure.shape, chunks)  # check before anything is written
     target = Path(path).absolute()
     if group is None:
-        _write_store(target, exposure, chunks, overwrite, origin)
+        _write_store(target, exposure, chunks, overwrite, origin, compress)
         return ZarrImage.open(target)
     group = check_group_name(group)
-    _write_group(target, group, exposure, chunks, overwrite, origin)
+    _write_group(target, group, exposure, chunks, overwrite, origin, compress)
     return ZarrImage.open(target, group)
 
 
 def _write_store(
-    target: Path, exposure: Exposure, chunks: Chunks, overwrite: bool, origin: tuple[int, int]
+    target: Path,
+    exposure: Exposure,
+    chunks: Chunks,
+    overwrite: bool,
+    origin: tuple[int, int],
+    compress: bool = True,
 ) -> None:
     check_parent(target)
     if os.path.lexists(target) and not overwrite:
@@ -221,7 +257,7 @@ def _write_store(
     partial = sibling(target, "partial")
     try:
         root = zarr.open_group(store=str(partial), mode="w-", zarr_format=3)
-        _fill_image_group(root, exposure, chunks, origin)
+        _fill_image_group(root, exposure, chunks, origin, compress)
         publish(partial, target, overwrite)
     except OSError as exc:
         remove(partial)
@@ -240,6 +276,7 @@ def _write_group(
     chunks: Chunks,
     overwrite: bool,
     origin: tuple[int, int],
+    compress: bool = True,
 ) -> None:
     if os.path.lexists(target):
         root = open_root(target, mode="r+")
@@ -253,7 +290,7 @@ def _write_group(
                 "pass overwrite=True to replace it"
             )
         del root[group]
-    _fill_image_group(root.create_group(group), exposure, chunks, origin)
+    _fill_image_group(root.create_group(group), exposure, chunks, origin, compress)
 
 
 def create_image_arrays(
