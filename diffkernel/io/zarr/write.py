@@ -124,30 +124,37 @@ def _create_planes(
     dtypes: Mapping[str, np.dtype],
     compress: bool = True,
 ) -> dict[str, zarr.Array]:
-    """Create the three arrays of an image group (empty: NaN image/variance, zero mask).
+    """Create the three arrays of an image group (empty: NaN image/variance, zero mask)."""
+    dtypes = {**dtypes, "mask": np.dtype(np.int32)}
+    return {name: _create_plane(node, name, shape, tile, dtypes[name], compress) for name in dtypes}
+
+
+def _create_plane(
+    node: zarr.Group,
+    name: str,
+    shape: tuple[int, int],
+    tile: tuple[int, int],
+    dtype: np.dtype,
+    compress: bool = True,
+) -> zarr.Array:
+    """Create one empty array of an image group: NaN-filled floats or a zero mask.
 
     ``compress=False`` stores raw chunks: for copies read soon and thrown away, where
     encoding costs more than the bytes it saves.
     """
-    arrays = {}
-    for name in ("image", "variance"):
-        arrays[name] = node.create_array(
-            name,
-            shape=shape,
-            chunks=tile,
-            dtype=dtypes[name],
-            compressors=BloscCodec(**_FLOAT_CODEC) if compress else None,
-            fill_value=np.nan,
-        )
-    arrays["mask"] = node.create_array(
-        "mask",
+    if name == "mask":
+        codec = ZstdCodec(level=_MASK_ZSTD_LEVEL)
+        fill: Any = 0
+    else:
+        codec, fill = BloscCodec(**_FLOAT_CODEC), np.nan
+    return node.create_array(
+        name,
         shape=shape,
         chunks=tile,
-        dtype=np.int32,
-        compressors=ZstdCodec(level=_MASK_ZSTD_LEVEL) if compress else None,
-        fill_value=0,
+        dtype=dtype,
+        compressors=codec if compress else None,
+        fill_value=fill,
     )
-    return arrays
 
 
 def _fill_image_group(
@@ -161,21 +168,18 @@ def _fill_image_group(
     mi = exposure.masked_image
     shape = mi.shape
     tile = tile_shape(shape, chunks)
-    planes = {"image": mi.image, "variance": mi.variance, "mask": mi.mask}
-    for name in ("image", "variance"):
-        planes[name] = _stored_float(planes[name])
-    dtypes = {name: planes[name].dtype for name in ("image", "variance")}
-    arrays = _create_planes(node, shape, tile, dtypes, compress)
-    for name, values in planes.items():
-        values = values.astype(arrays[name].dtype, copy=False)
-        planes[name] = None  # a float32 copy made above is freed once written
+    for name, plane in (("image", mi.image), ("variance", mi.variance), ("mask", mi.mask)):
+        # One plane at a time: at most one float32 copy is alive.
+        values = plane.astype(np.int32, copy=False) if name == "mask" else _stored_float(plane)
+        array = _create_plane(node, name, shape, tile, values.dtype, compress)
         # Straight to the chunk files where possible: zarr's own write goes through its
         # event loop and copies every chunk between buffer types.
-        direct = direct_chunks(arrays[name])
+        direct = direct_chunks(array)
         if direct is not None:
             direct.write_region(0, 0, values)
         else:
-            arrays[name][...] = values
+            array[...] = values
+        del values
     cards = wcs_cards(exposure.wcs)
     node.attrs[ATTR_KEY] = _image_attrs(
         shape, tile, mi.mask_planes, cards, origin, exposure.psf_fwhm, exposure.meta
