@@ -12,7 +12,14 @@ from scipy.signal import convolve2d
 from diffkernel.config import PsfMatchConfigAL, PsfMatchConfigDF
 from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis, regularization_matrix
 from diffkernel.kernel.candidate import compute_stats, convolve_stamps
-from diffkernel.kernel.fit import condition_numbers, fit_single_kernels, lambda_grid, solve_spd
+from diffkernel.kernel.fit import (
+    condition_numbers,
+    fit_single_kernels,
+    inverse_quadratic_forms,
+    lambda_grid,
+    risk_scan,
+    solve_spd,
+)
 
 K = 11
 S = 21
@@ -263,6 +270,108 @@ def test_lambda_relative(df_stats):
     fit = fit_single_kernels(stats, cfg, h)
     expected = 1e-3 * np.trace(stats.m_fit, axis1=1, axis2=2) / np.trace(h)
     np.testing.assert_allclose(fit.lam, expected)
+
+
+def risks_by_definition(m, b, h, grid, kind, max_condition):
+    """The risks of every lambda from an explicit inverse of M + lambda H (the definition)."""
+    ev, evec = np.linalg.eigh(m)
+    keep = ev > ev[:, -1:] / max_condition
+    inv_ev = np.where(keep, 1.0 / np.where(keep, ev, 1.0), 0.0)
+    a_ref = np.einsum("nij,nj,nkj,nk->ni", evec, inv_ev, evec, b)
+    out = []
+    for lam in grid:
+        s_mat = np.linalg.inv(m + lam * h)
+        r_mat = s_mat @ m
+        a = np.einsum("nij,nj->ni", s_mat, b)
+        if kind == "minimizeUnbiasedRisk":
+            chi2 = np.einsum("ni,nij,nj->n", a, m, a) - 2 * np.einsum("ni,ni->n", a, b)
+            out.append(chi2 + 2 * np.trace(r_mat, axis1=1, axis2=2))
+        else:
+            bias = np.einsum("nij,nj->ni", r_mat, a_ref) - a_ref
+            out.append(
+                np.einsum("ni,nij,nj->n", bias, m, bias) + np.einsum("nij,nji->n", r_mat, r_mat)
+            )
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def df_stats_with_background(df_stats):
+    """df_stats with a background term that the penalty (padded with zeros) leaves free."""
+    stats, h = df_stats
+    n, nk = stats.b_fit.shape
+    rng = np.random.default_rng(26)
+    m = np.zeros((n, nk + 1, nk + 1))
+    m[:, :nk, :nk] = stats.m_fit
+    m[:, nk, nk] = 400.0
+    m[:, :nk, nk] = m[:, nk, :nk] = rng.normal(size=(n, nk)) * 0.1 * np.sqrt(400.0)
+    b = np.concatenate([stats.b_fit, np.full((n, 1), 100.0)], axis=1)
+    hp = np.zeros((nk + 1, nk + 1))
+    hp[:nk, :nk] = h
+    return m, b, hp
+
+
+@pytest.mark.parametrize("kind", ["minimizeBiasedRisk", "minimizeUnbiasedRisk"])
+@pytest.mark.parametrize(
+    "grid",
+    [
+        10.0 ** np.arange(-1.0, 2.05, 0.1),
+        np.arange(0.5, 20.01, 0.5),
+        np.arange(0.0, 3.01, 0.25),  # lambda = 0 included: M alone must be inverted
+    ],
+    ids=["log", "linear", "linear-from-0"],
+)
+@pytest.mark.parametrize("background", [False, True])
+def test_risk_scan_matches_definition(
+    df_stats, df_stats_with_background, kind, grid, background
+):
+    """One eigendecomposition per candidate gives every lambda's risk as the inverse does."""
+    stats, h = df_stats
+    m, b = stats.m_fit, stats.b_fit
+    if background:
+        m, b, h = df_stats_with_background
+    got = risk_scan(m, b, h, grid, kind, 5.0e6)
+    want = risks_by_definition(m, b, h, grid, kind, 5.0e6)
+    assert got.shape == (len(grid), len(m))
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    np.testing.assert_array_equal(np.argmin(got, axis=0), np.argmin(want, axis=0))
+
+
+@pytest.mark.parametrize("kind", ["minimizeBiasedRisk", "minimizeUnbiasedRisk"])
+def test_risk_scan_of_a_matrix_without_cholesky_factor(df_stats_with_background, kind):
+    """A candidate whose M + lambda H is not numerically definite is scanned by inversion."""
+    m, b, h = df_stats_with_background
+    m = m.copy()
+    m[1, -1, -1] = -1e-3  # indefinite through the unpenalized background term
+    grid = 10.0 ** np.arange(-1.0, 2.05, 0.5)
+    got = risk_scan(m, b, h, grid, kind, 5.0e6)
+    np.testing.assert_allclose(got, risks_by_definition(m, b, h, grid, kind, 5.0e6), rtol=1e-9)
+
+
+def test_risk_scan_unknown_kind():
+    """Only the two risk estimates can be scanned."""
+    with pytest.raises(ValueError, match="unknown lambdaType 'guess'"):
+        risk_scan(np.eye(2)[None], np.ones((1, 2)), np.eye(2), np.array([1.0]), "guess", 1e6)
+
+
+def test_inverse_quadratic_forms_match_pseudo_inverse(df_stats):
+    """v^T (M + lam H)^+ v by Cholesky where definite, by the pseudo-inverse where not."""
+    stats, h = df_stats
+    n, nk = stats.b_fit.shape
+    rng = np.random.default_rng(27)
+    v = rng.normal(size=nk)
+    lam = rng.uniform(0.1, 2.0, n)
+    m = stats.m_fit.copy()
+    u = rng.normal(size=(nk, 3))
+    m[2] = u @ u.T  # rank 3: only the pseudo-inverse applies
+    rows = np.array([3, 1, 2])
+    want = [v @ np.linalg.pinv(m[i] + lam[i] * h, hermitian=True) @ v for i in rows]
+    np.testing.assert_allclose(inverse_quadratic_forms(m, v, rows, lam, h), want, rtol=1e-9)
+    want = [v @ np.linalg.pinv(m[i], hermitian=True) @ v for i in range(n)]
+    np.testing.assert_allclose(inverse_quadratic_forms(m, v), want, rtol=1e-6)
+    mask = np.array([True, False, True, False])
+    np.testing.assert_allclose(
+        inverse_quadratic_forms(m, v, mask), np.array(want)[mask], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind", ["minimizeBiasedRisk", "minimizeUnbiasedRisk"])
