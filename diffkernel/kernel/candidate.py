@@ -91,12 +91,29 @@ def take_rows(record, index: np.ndarray | slice):
     """A dataclass of per-candidate arrays (first axis: candidate) for a subset.
 
     Fields that are not arrays (sizes, or None for what was not computed) are kept.
+    An index that picks consecutive rows in order gives views, not copies: the normal
+    matrices of a delta-function basis are over a megabyte per candidate.
     """
+    index = _as_slice(index)
     values = {}
     for f in fields(record):
         v = getattr(record, f.name)
         values[f.name] = v[index] if isinstance(v, np.ndarray) else v
     return type(record)(**values)
+
+
+def _as_slice(index: np.ndarray | slice) -> np.ndarray | slice:
+    """``index`` as a slice when it selects a run of consecutive rows in order."""
+    if isinstance(index, slice):
+        return index
+    idx = np.asarray(index)
+    if idx.dtype == bool:
+        idx = np.flatnonzero(idx) if idx.ndim == 1 else idx
+    if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu" or idx[0] < 0:
+        return index
+    if np.all(np.diff(idx) == 1):
+        return slice(int(idx[0]), int(idx[0]) + idx.size)
+    return index
 
 
 def concatenate_rows(parts: list):
@@ -292,8 +309,18 @@ def convolve_basis(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarr
         transform = transform[plan.order]
     else:
         native = convolve_stamps(basis, tc)
+        if _is_identity(transform):
+            # A delta-function basis is its native set: multiplying by the identity
+            # would cost as much as both normal matrices together.
+            return native
     out = np.matmul(transform.T, native.reshape(n, native.shape[1], s * s))
     return out.reshape(n, basis.size, s, s)
+
+
+def _is_identity(t: np.ndarray) -> bool:
+    """Whether ``t`` is a square identity matrix (cheaper than comparing to ``np.eye``)."""
+    n = t.shape[0]
+    return t.shape == (n, n) and np.count_nonzero(t) == n and bool(np.all(np.diagonal(t) == 1))
 
 
 def core_selector(stamp_size: int, core_radius: int) -> np.ndarray:
@@ -369,7 +396,9 @@ class CandidateStats:
             t = full
 
         def mat(a):
-            return None if a is None else np.einsum("ji,njk,kl->nil", t, a, t, optimize=True)
+            # Two batched products, the large one first: einsum's own plan copies the
+            # (N, n, n) stack, a megabyte per candidate for a delta-function basis.
+            return None if a is None else np.matmul(t.T, np.matmul(a, t))
 
         return replace(
             self,
@@ -438,52 +467,98 @@ def compute_stats(
     if background_order is not None:
         cols = local_background_columns(s, background_order)
         n_bg = cols.shape[0]
-    # The whitened design matrix A = C W^1/2, built in place (kernel columns, then the
-    # background's): every weighted moment is a product of A with itself or with the
-    # whitened science, one batched BLAS product each.
-    c = np.empty((n, nk + n_bg, p))
-    c[:, :nk] = convolved.reshape(n, nk, p)
-    if cols is not None:
-        c[:, nk:] = cols
-    a = c * sig_inv[:, None, :]
+    # The design matrix C has the kernel columns (the convolved stamps, used in place:
+    # a copy of them is as large as a delta-function fit's whole working set) and the
+    # background's. Every weighted moment is a product of the whitened A = C W^1/2
+    # with itself or with the whitened science, a few batched BLAS products each.
+    kern = convolved.reshape(n, nk, p)
+    a_k = kern * sig_inv[:, None, :]
+    a_b = None if cols is None else cols * sig_inv[:, None, :]
     z = sci * sig_inv
     m_w = b_w = None
     if not constant_variance_weighting or stats_selector is None:
         # (With constant weighting and core statistics, nothing uses them.)
-        m_w = np.matmul(a, np.swapaxes(a, 1, 2))
-        b_w = np.matmul(a, z[:, :, None])[:, :, 0]
+        m_w, b_w = _moments(a_k, a_b, z)
     if constant_variance_weighting:
         w_const = 1.0 / var.mean(axis=1)
-        m_fit = np.matmul(c, np.swapaxes(c, 1, 2)) * w_const[:, None, None]
-        b_fit = np.matmul(c, sci[:, :, None])[:, :, 0] * w_const[:, None]
-        m_var = (
-            np.matmul(c * (var * w_const[:, None] ** 2)[:, None, :], np.swapaxes(c, 1, 2))
-            if with_uncertainty
-            else None
-        )
+        m_fit, b_fit = _moments(kern, cols, sci)
+        m_fit *= w_const[:, None, None]
+        b_fit *= w_const[:, None]
+        m_var = None
+        if with_uncertainty:
+            root = np.sqrt(var) * w_const[:, None]
+            m_var = _moments(kern * root[:, None, :], _times(cols, root), None)[0]
     else:
         m_fit, b_fit = m_w, b_w
         m_var = m_w if with_uncertainty else None
     if stats_selector is None:
-        m, b, a_s, z_s = m_w, b_w, a, z
+        m, b, z_s = m_w, b_w, z
+        u = _column_sums(a_k, a_b)
     else:
         sel = np.flatnonzero(np.asarray(stats_selector).reshape(p))
-        a_s, z_s = a[:, :, sel], z[:, sel]
-        m = np.matmul(a_s, np.swapaxes(a_s, 1, 2))
-        b = np.matmul(a_s, z_s[:, :, None])[:, :, 0]
+        a_ks, z_s = a_k[:, :, sel], z[:, sel]
+        a_bs = None if a_b is None else a_b[:, :, sel]
+        m, b = _moments(a_ks, a_bs, z_s)
+        u = _column_sums(a_ks, a_bs)
     return CandidateStats(
         m_fit=m_fit,
         b_fit=b_fit,
         m=m,
         b=b,
         sws=np.einsum("np,np->n", z_s, z_s),
-        u=a_s.sum(axis=2),
+        u=u,
         su=z_s.sum(axis=1),
         npix=np.full(n, z_s.shape[1], dtype=np.float64),
         m_var=m_var,
         n_background=n_bg,
         stamp_half=s // 2,
     )
+
+
+def _times(cols: np.ndarray | None, weights: np.ndarray) -> np.ndarray | None:
+    """Background columns ``(n_bg, P)`` times per-candidate pixel weights ``(N, P)``."""
+    return None if cols is None else cols * weights[:, None, :]
+
+
+def _moments(
+    kern: np.ndarray, bg: np.ndarray | None, y: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``D Dᵀ`` and ``D y`` of the design ``D = [kern; bg]``, built block by block.
+
+    Parameters
+    ----------
+    kern : numpy.ndarray
+        ``(N, nk, P)`` kernel columns.
+    bg : numpy.ndarray or None
+        ``(N, nb, P)`` or ``(nb, P)`` background columns.
+    y : numpy.ndarray or None
+        ``(N, P)``; None for no vector.
+    """
+    n, nk, _ = kern.shape
+    nb = 0 if bg is None else bg.shape[-2]
+    gram = np.empty((n, nk + nb, nk + nb))
+    # kern @ kernᵀ with the same operand on both sides: BLAS's symmetric rank-k update.
+    np.matmul(kern, np.swapaxes(kern, 1, 2), out=gram[:, :nk, :nk])
+    vec = None if y is None else np.empty((n, nk + nb))
+    if y is not None:
+        vec[:, :nk] = np.matmul(kern, y[:, :, None])[:, :, 0]
+    if nb:
+        bg_t = np.swapaxes(bg, -1, -2)
+        cross = np.matmul(kern, bg_t)
+        gram[:, :nk, nk:] = cross
+        gram[:, nk:, :nk] = np.swapaxes(cross, 1, 2)
+        gram[:, nk:, nk:] = np.matmul(bg, bg_t)
+        if y is not None:
+            vec[:, nk:] = np.matmul(bg, y[:, :, None])[..., 0]
+    return gram, vec
+
+
+def _column_sums(kern: np.ndarray, bg: np.ndarray | None) -> np.ndarray:
+    """Sum over pixels of every design column, ``(N, nk + nb)``."""
+    sums = kern.sum(axis=2)
+    if bg is None:
+        return sums
+    return np.concatenate([sums, np.broadcast_to(bg.sum(axis=-1), (len(sums), bg.shape[-2]))], 1)
 
 
 @functools.lru_cache(maxsize=16)

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import SpatialFitError
 from .basis import KernelBasis, derive_basis, renormalize
 from .candidate import CandidateStats
-from .fit import SingleFit, fit_single_kernels, pad_background
+from .fit import SingleFit, fit_single_kernels, inverse_quadratic_forms, pad_background
 from .spatial import SpatialFunctions, SpatialSolution, fit_spatial, n_terms
 
 __all__ = [
@@ -85,12 +85,12 @@ def kernel_sum_precision(
     The matrix is the one the single-kernel fit solved, regularization included, so
     that the weight matches the fit the kernel came from.
     """
-    m = stats.m_fit[used]
+    h = None
     if regularization is not None:
-        m = m + single.lam[used, None, None] * pad_background(regularization, stats.n_background)
-    cov = np.linalg.pinv(m, hermitian=True)[:, : basis.size, : basis.size]
-    sums = basis.sums
-    var = np.einsum("i,nij,j->n", sums, cov, sums)
+        h = pad_background(regularization, stats.n_background)
+    sums = np.zeros(stats.n_params)
+    sums[: basis.size] = basis.sums
+    var = inverse_quadratic_forms(stats.m_fit, sums, used, single.lam, h)
     return 1.0 / np.maximum(var, np.finfo(float).tiny)
 
 
