@@ -397,18 +397,20 @@ class PsfMatchConfigDF(PsfMatchConfig):
         "How the regularization strength lambda is chosen.",
         choices={
             "absolute": "lambda = lambdaValue",
-            "relative": "lambda = lambdaValue times the default strength (trace ratio, "
-            "Numerical Recipes 18.5.8)",
+            "relative": "lambda = lambdaScaling times the default strength tr(M)/tr(H), the "
+            "trace ratio of the normal and penalty matrices (Numerical Recipes 18.5.8)",
             "minimizeBiasedRisk": "scan lambda, keep the minimum of the biased risk estimate",
             "minimizeUnbiasedRisk": "scan lambda, keep the minimum of the unbiased risk estimate",
         },
     )
-    lambdaValue = Field(float, 0.2, "Regularization strength for lambdaType 'absolute'.")
+    lambdaValue = Field(
+        float, 0.2, "Regularization strength for lambdaType 'absolute' (unused by the others)."
+    )
     lambdaScaling = Field(
         float,
         1e-4,
-        "Fraction of the default strength (Numerical Recipes 18.5.8) used; 1e-4 or 1e-5 are "
-        "typical.",
+        "For lambdaType 'relative': the fraction of the default strength tr(M)/tr(H) "
+        "(Numerical Recipes 18.5.8) used; 1e-4 or 1e-5 are typical.",
     )
     lambdaStepType = Field(
         str,

@@ -272,6 +272,22 @@ def test_lambda_relative(df_stats):
     np.testing.assert_allclose(fit.lam, expected)
 
 
+def test_relative_lambda_reads_lambda_scaling_as_documented(df_stats):
+    """relative scales tr(M)/tr(H) by lambdaScaling, never lambdaValue, and the docs say so."""
+    stats, h = df_stats
+
+    def lam(**fields):
+        return fit_single_kernels(stats, PsfMatchConfigDF(lambdaType="relative", **fields), h).lam
+
+    base = lam(lambdaScaling=1e-3, lambdaValue=0.2)
+    np.testing.assert_array_equal(lam(lambdaScaling=1e-3, lambdaValue=50.0), base)
+    np.testing.assert_allclose(lam(lambdaScaling=2e-3, lambdaValue=0.2), 2 * base, rtol=1e-14)
+    relative = PsfMatchConfigDF.lambdaType.choices["relative"]
+    assert "lambdaScaling" in relative and "lambdaValue" not in relative
+    assert "relative" in PsfMatchConfigDF.lambdaScaling.doc
+    assert "absolute" in PsfMatchConfigDF.lambdaValue.doc
+
+
 def risks_by_definition(m, b, h, grid, kind, max_condition):
     """The risks of every lambda from an explicit inverse of M + lambda H (the definition)."""
     ev, evec = np.linalg.eigh(m)
