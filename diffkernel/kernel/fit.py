@@ -253,6 +253,9 @@ RISKS = ("minimizeBiasedRisk", "minimizeUnbiasedRisk")
 
 # Risks of this many (lambda, candidate, coefficient) triples are formed at once.
 _SCAN_CHUNK = 1 << 22
+# Candidates are scanned in blocks whose (n, n) stacks hold about this many bytes: the
+# working set stays bounded and in memory the allocator reuses, for any number of them.
+_BLOCK_BYTES = 1 << 24
 
 
 def risk_scan(
@@ -286,7 +289,7 @@ def risk_scan(
 
     so a trial λ costs ``O(n)`` per candidate instead of an ``O(n³)`` inverse.
     Candidates whose ``B`` is not numerically definite are scanned by inverting
-    ``M + λH`` at every λ.
+    ``M + λH`` at every λ. Candidates go through in blocks of a few megabytes.
 
     Parameters
     ----------
@@ -315,19 +318,24 @@ def risk_scan(
     h = np.asarray(h, dtype=np.float64)
     grid = np.asarray(grid, dtype=np.float64)
     biased = kind == "minimizeBiasedRisk"
-    a_ref = _reference_solution(m, b, max_condition) if biased else None
     positive = grid[grid > 0]
     lam0 = float(positive.min()) if positive.size else 0.0
-    factors, definite = cholesky_where_definite(m + lam0 * h)
     risks = np.empty((grid.size, m.shape[0]))
-    ok = slice(None) if definite.all() else definite
-    if definite.any():
-        target = a_ref[ok] if biased else b[ok]
-        risks[:, ok] = _spectral_risks(factors[ok], h, lam0, grid, target, biased)
-    if not definite.all():
-        bad = ~definite
-        ref = None if a_ref is None else a_ref[bad]
-        risks[:, bad] = _direct_risks(m[bad], b[bad], h, grid, ref)
+    step = max(1, _BLOCK_BYTES // (8 * m.shape[-1] ** 2))
+    for start in range(0, m.shape[0], step):
+        block = slice(start, start + step)
+        mb, bb = m[block], b[block]
+        a_ref = _reference_solution(mb, bb, max_condition) if biased else None
+        factors, definite = cholesky_where_definite(mb + lam0 * h)
+        out = risks[:, block]
+        ok = slice(None) if definite.all() else definite
+        if definite.any():
+            target = a_ref[ok] if biased else bb[ok]
+            out[:, ok] = _spectral_risks(factors[ok], h, lam0, grid, target, biased)
+        if not definite.all():
+            bad = ~definite
+            ref = None if a_ref is None else a_ref[bad]
+            out[:, bad] = _direct_risks(mb[bad], bb[bad], h, grid, ref)
     return risks
 
 
