@@ -523,7 +523,13 @@ class MakeKernelConfig(Config):
         since their inputs may hold their sky; :class:`MakeKernelTask` keeps the
         specification's defaults (no background fitted). The delta-function settings
         get the same background (fitted, order 2), so that choosing ``kernel.name =
-        "DF"`` in a config file does not silently drop it.
+        "DF"`` in a config file does not silently drop it, and a regularization
+        strength relative to the data (``lambdaType = "relative"``, ``lambdaScaling =
+        1e-3``) instead of the specification's absolute 0.2, which is negligible next
+        to the normal matrices of bright stars: their unregularized kernels are noise,
+        and a PCA basis made of them (``usePcaForSpatialKernel``, on by default for DF)
+        gave kernel sums 1.5-3% low (up to 8%) and kernel errors 1.3-1.8 times larger
+        (``benchmarks/bench_df_pca.py``; README, "How it works").
         """
         config = cls()
         config.kernel.name = "AL"
@@ -531,4 +537,6 @@ class MakeKernelConfig(Config):
         for kernel in (config.kernel.AL, config.kernel.DF):
             kernel.fitForBackground = True
             kernel.spatialBgOrder = 2
+        config.kernel.DF.lambdaType = "relative"
+        config.kernel.DF.lambdaScaling = 1e-3
         return config
