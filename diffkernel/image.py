@@ -437,6 +437,11 @@ class Exposure:
         """Shape ``(ny, nx)`` of the pixel grid."""
         return self.masked_image.shape
 
+    @property
+    def mask_planes(self) -> dict[str, int]:
+        """The mask planes the pixels declare (name to bit)."""
+        return self.masked_image.mask_planes
+
     def fwhm_at(self, x: float, y: float) -> float | None:
         """PSF FWHM in pixels at pixel ``(x, y)``, or None when unknown."""
         if self.psf_fwhm is None:

@@ -548,6 +548,70 @@ def test_task_config_not_a_config():
         MakeKernelTask({"kernel.name": "DF"})
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        "badMaskPlanes",
+        "detectionConfig.badMaskPlanes",
+        "warpingConfig.growFullMask",
+        "afwBackgroundConfig.ignoredPixelMask",
+    ],
+)
+def test_config_mask_plane_unknown(pair, field):
+    """A plane name that is not standard and that neither input declares (a typo such as
+    SATT would let saturated stars through) is refused, naming the field and the planes."""
+    config = MakeKernelConfig()
+    config.set(f"kernel.active.{field}", ("NO_DATA", "SATT"))
+    config.validate()  # a well-formed name: only the inputs tell it is no plane
+    message = (
+        rf"invalid config kernel\.AL\.{re.escape(field)} = \('NO_DATA', 'SATT'\): "
+        r"no mask plane 'SATT' \(standard planes: BAD, SAT, .*\); correct the name or remove it"
+    )
+    with pytest.raises(ConfigError, match=message):
+        run(pair, config=config)
+
+
+def test_config_mask_plane_declared_by_an_input(pair):
+    """A plane only one input declares is known: it is named in other errors' lists and
+    is usable in badMaskPlanes."""
+    mi = pair.science.masked_image
+    planes = {**mi.mask_planes, "STREAK": 12}
+    science = Exposure(MaskedImage(mi.image, mi.variance, mi.mask, planes), psf_fwhm=3.0)
+    config = MakeKernelConfig()
+    config.kernel.active.badMaskPlanes = ("NO_DATA", "SAT", "STREAK")
+    assert run(pair, science=science, config=config).psfMatchingKernel is not None
+    config.kernel.active.badMaskPlanes = ("NO_DATA", "SATT")
+    with pytest.raises(ConfigError, match=r"'SATT' .*; the inputs also declare STREAK\)"):
+        run(pair, science=science, config=config)
+
+
+def test_config_core_radius_larger_than_the_stamp(pair):
+    """A candidate core that does not fit in the stamp is refused with the largest radius."""
+    config = MakeKernelConfig()
+    config.kernel.active.candidateCoreRadius = 25
+    message = (
+        r"invalid config kernel\.AL\.candidateCoreRadius = 25: its 50 px core does not fit "
+        r"in the 43 px candidate stamp; use at most 21, or enlarge the stamp"
+    )
+    with pytest.raises(ConfigError, match=message):
+        run(pair, config=config)
+    config.kernel.active.candidateCoreRadius = 21
+    assert run(pair, config=config).psfMatchingKernel is not None
+
+
+def test_config_background_bin_larger_than_the_image(pair):
+    """A background mesh cell larger than the image is refused, naming the image size."""
+    config = MakeKernelConfig()
+    config.kernel.active.useAfwBackground = True
+    config.kernel.active.afwBackgroundConfig.binSize = 256
+    message = (
+        r"invalid config kernel\.AL\.afwBackgroundConfig\.binSize = 256: larger than the "
+        r"192 x 192 image \(a mesh cell must fit in it\); use at most 192"
+    )
+    with pytest.raises(ConfigError, match=message):
+        run(pair, config=config)
+
+
 # --- kernel sources and candidates -------------------------------------------------------
 
 
@@ -691,6 +755,10 @@ def test_run_pair_bad_sources_and_config(tmp_path, stores):
         run_pair(science, template, out, sources=[(1, 2)], client=NoCluster())
     with pytest.raises(ConfigError, match="config must be a MakeKernelConfig, got dict"):
         run_pair(science, template, out, config={"kernel.name": "DF"}, client=NoCluster())
+    config = MakeKernelConfig.default_subtraction()
+    config.kernel.active.badMaskPlanes = ("NO_DATA", "SATT")
+    with pytest.raises(ConfigError, match=r"badMaskPlanes = .*: no mask plane 'SATT'"):
+        run_pair(science, template, out, config=config, client=NoCluster())
 
 
 def test_run_pair_output_foreign(tmp_path, stores):

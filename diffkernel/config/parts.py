@@ -18,6 +18,20 @@ __all__ = [
 # ---------------------------------------------------------------------------------------
 
 
+def require_plane_names(config: Config, prefix: str, name: str) -> None:
+    """Refuse a list of mask plane names holding one that no mask can have.
+
+    Whether a name is a plane of the inputs is known only when they are
+    (:func:`diffkernel.pipeline.stages.check_plane_names`); an empty name or one with
+    blanks (``"SAT "``) is wrong whatever the inputs.
+    """
+    for plane in getattr(config, name):
+        if not plane or plane != plane.strip() or any(c.isspace() for c in plane):
+            raise config._invalid(
+                prefix, name, f"{plane!r} is not a mask plane name (empty or with blanks)"
+            )
+
+
 class DetectionConfig(Config):
     """Detection of footprints that become kernel candidates, and the size of their stamps."""
 
@@ -45,7 +59,7 @@ class DetectionConfig(Config):
         tuple,
         ("NO_DATA", "EDGE", "SAT"),
         "A footprint touching any of these mask planes is not used. Usual names: NO_DATA "
-        "EDGE SAT BAD CR INTRP.",
+        "EDGE SAT BAD CR INTRP; each must be a standard plane or one an input declares.",
         item_type=str,
     )
     fpNpixMin = Field(int, 5, "Fewest pixels a footprint may have to be accepted.")
@@ -92,6 +106,7 @@ class DetectionConfig(Config):
         return self.fpGrowPix
 
     def _check(self, prefix: str) -> None:
+        require_plane_names(self, prefix, "badMaskPlanes")
         self._require(self.detThreshold > 0, prefix, "detThreshold", "must be > 0")
         self._require(self.fpNpixMin >= 1, prefix, "fpNpixMin", "must be >= 1")
         self._require(
@@ -143,8 +158,9 @@ class WarpingConfig(Config):
     growFullMask = Field(
         tuple,
         ("NO_DATA",),
-        "Mask planes set on every output pixel whose interpolation draws on a pixel that has "
-        "them, so these planes grow to the full warped footprint.",
+        "Mask planes set on every output pixel whose image interpolation "
+        "(warpingKernelName) draws on a template pixel that has them, whatever "
+        "maskWarpingKernelName is: they grow to the full width of the image kernel.",
         item_type=str,
     )
     doAlign = Field(
@@ -154,12 +170,18 @@ class WarpingConfig(Config):
         "Exposures are taken as already aligned.",
     )
 
+    def _check(self, prefix: str) -> None:
+        require_plane_names(self, prefix, "growFullMask")
+
 
 class AfwBackgroundConfig(Config):
     """Mesh background estimate, subtracted first when ``useAfwBackground`` is True."""
 
     binSize = Field(
-        int, 128, "Side in pixels of the mesh cells in which the background is measured."
+        int,
+        128,
+        "Side in pixels of the mesh cells in which the background is measured (at most the "
+        "image's shorter side).",
     )
     filterSize = Field(
         int,
@@ -180,6 +202,7 @@ class AfwBackgroundConfig(Config):
     )
 
     def _check(self, prefix: str) -> None:
+        require_plane_names(self, prefix, "ignoredPixelMask")
         self._require(self.binSize >= 1, prefix, "binSize", "must be >= 1")
         self._require(
             self.filterSize >= 1 and self.filterSize % 2 == 1,
@@ -220,7 +243,7 @@ class SelectMeasurementConfig(Config):
     """Measurement and vetting of detected sources before they become kernel candidates."""
 
     apertureRadius = Field(
-        float, 5.0, "Aperture radius in pixels for the S/N and the flux used for ranking."
+        float, 5.0, "Aperture radius in pixels of the S/N that minSnr cuts on."
     )
     minSnr = Field(float, 10.0, "Reject a source whose aperture S/N is below this in either image.")
     maxEllipticity = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from .base import Config, Field
@@ -11,6 +12,7 @@ from .parts import (
     SelectDetectionConfig,
     SelectMeasurementConfig,
     WarpingConfig,
+    require_plane_names,
 )
 
 __all__ = [
@@ -141,7 +143,8 @@ class PsfMatchConfig(Config):
         tuple,
         ("NO_DATA", "EDGE", "SAT"),
         "Mask planes whose pixels are left out of difference-image statistics. Usual names: "
-        "NO_DATA EDGE SAT BAD CR INTRP; any plane name is allowed.",
+        "NO_DATA EDGE SAT BAD CR INTRP; each must be a standard plane or one an input "
+        "declares.",
         item_type=str,
     )
     candidateResidualMeanMax = Field(
@@ -165,8 +168,10 @@ class PsfMatchConfig(Config):
     candidateCoreRadius = Field(
         int,
         3,
-        "Half-width of the stamp core, (2*radius)**2 pixels, used for core statistics and "
-        "for ranking candidates by their core flux.",
+        "Half-width of the stamp core, (2*radius)**2 pixels, used for the core statistics "
+        "(useCoreStats) and to rank candidates by the mean S/N per pixel of the science "
+        "image in this core (local sky subtracted), as ip_diffim does; at most the stamp's "
+        "half-width.",
     )
     maxKsumSigma = Field(
         float,
@@ -202,12 +207,15 @@ class PsfMatchConfig(Config):
         bool,
         False,
         "Compute kernel and background uncertainties of each candidate from the inverse "
-        "normal matrix (unreliable with regularization).",
+        "normal matrix (unreliable with regularization), and the covariance of the spatial "
+        "solution's parameters.",
     )
     useBicForKernelBasis = Field(
         bool,
         False,
-        "Choose how many basis functions to keep by the Bayesian Information Criterion.",
+        "Keep only the leading basis functions that minimize the Bayesian Information "
+        "Criterion of the candidates' fits (whole Gaussians of an AL basis; principal "
+        "components with usePcaForSpatialKernel).",
     )
     fwhmExposureGrid = Field(
         int, 10, "Grid size (per axis) on which the PSF FWHM is averaged over an exposure."
@@ -270,7 +278,14 @@ class PsfMatchConfig(Config):
             req(getattr(self, name) > 0, prefix, name, "must be > 0")
         req(self.candidateCoreRadius >= 1, prefix, "candidateCoreRadius", "must be >= 1")
         for name in ("maxConditionNumber", "maxSpatialConditionNumber"):
-            req(getattr(self, name) > 1, prefix, name, "must be > 1")
+            # inf is no limit at all: checkConditionNumber = False says that plainly.
+            req(
+                1 < getattr(self, name) < math.inf,
+                prefix,
+                name,
+                "must be finite and > 1 (for no limit, set checkConditionNumber = False)",
+            )
+        require_plane_names(self, prefix, "badMaskPlanes")
         req(self.fwhmExposureGrid >= 1, prefix, "fwhmExposureGrid", "must be >= 1")
         req(
             0 <= self.fwhmExposureBuffer < 0.5,
@@ -346,8 +361,20 @@ class PsfMatchConfigAL(PsfMatchConfig):
             "alardDegGauss",
             "degrees must be >= 0",
         )
-        for name in ("alardMinSig", "alardGaussBeta", "alardMinSigDeconv"):
+        req(
+            len(set(self.alardSigGauss)) == len(self.alardSigGauss),
+            prefix,
+            "alardSigGauss",
+            "sigmas must differ (identical Gaussians give the same basis functions twice)",
+        )
+        for name in ("alardMinSig", "alardMinSigDeconv"):
             req(getattr(self, name) > 0, prefix, name, "must be > 0")
+        req(
+            self.alardGaussBeta > 1,
+            prefix,
+            "alardGaussBeta",
+            "must be > 1 (the ratio of successive sigmas; 1 makes the Gaussians identical)",
+        )
         req(self.alardNGaussDeconv >= 1, prefix, "alardNGaussDeconv", "must be >= 1")
         req(self.alardDegGaussDeconv >= 0, prefix, "alardDegGaussDeconv", "must be >= 0")
 

@@ -192,7 +192,10 @@ def renormalize(
 
 
 def alard_lupton_basis(
-    kernel_size: int, sigmas: tuple[float, ...], degrees: tuple[int, ...]
+    kernel_size: int,
+    sigmas: tuple[float, ...],
+    degrees: tuple[int, ...],
+    degree_field: str = "alardDegGauss",
 ) -> KernelBasis:
     """Alard-Lupton basis: Gaussians times polynomials, renormalized.
 
@@ -205,36 +208,37 @@ def alard_lupton_basis(
     degrees : tuple of int
         Polynomial degree for each Gaussian; Gaussian ``i`` contributes
         ``(d_i + 1)(d_i + 2) / 2`` functions ``x^p y^q``, ``p + q <= d_i``.
+    degree_field : str
+        The config field the degrees come from, for the error messages.
 
     Returns
     -------
     KernelBasis
         With ``conserves_sum`` True and one group per Gaussian.
+
+    Raises
+    ------
+    ConfigError
+        When a function would be dropped as dependent on the others (a degree beyond
+        what its Gaussian resolves on the kernel's pixels, or Gaussians too alike), or
+        the basis is numerically degenerate.
     """
     kernel_size = _check_kernel_size(kernel_size)
     if len(sigmas) != len(degrees) or not sigmas:
         raise ConfigError(
             f"need one polynomial degree per Gaussian: sigmas {sigmas}, degrees {degrees}"
         )
-    half = kernel_size // 2
-    u = np.arange(-half, half + 1, dtype=np.float64)
-    fx, fy, group_sizes = [], [], []
     for sigma, degree in zip(sigmas, degrees, strict=True):
         if sigma <= 0:
             raise ConfigError(f"Alard-Lupton Gaussian sigmas must be > 0, got {sigma}")
         if degree < 0:
             raise ConfigError(f"Alard-Lupton polynomial degrees must be >= 0, got {degree}")
-        gauss = np.exp(-0.5 * (u / sigma) ** 2)
-        n_before = len(fx)
-        for total in range(degree + 1):
-            for q in range(total + 1):
-                p = total - q
-                fx.append(gauss * (u / half) ** p)
-                fy.append(gauss * (u / half) ** q)
-        group_sizes.append(len(fx) - n_before)
-    fx_arr, fy_arr = np.array(fx), np.array(fy)
+    fx_arr, fy_arr, group_sizes = _al_factors(kernel_size, sigmas, degrees)
     native = fy_arr[:, :, None] * fx_arr[:, None, :]
     transform, kept = renormalize(native, np.eye(len(native)))
+    if len(kept) < len(native):
+        # Dropping them silently would give a smaller basis than the one configured.
+        raise _dropped_error(kernel_size, sigmas, degrees, group_sizes, kept, degree_field)
     sums = native.sum(axis=(1, 2)) @ transform
     drift = float(np.max(np.abs(sums[1:]), initial=0.0))
     if drift > 1e-8 or len(kept) > kernel_size**2:
@@ -245,13 +249,8 @@ def alard_lupton_basis(
             f"{kernel_size}x{kernel_size} kernel is numerically degenerate (its zero-sum "
             f"kernels sum to up to {drift:.1e}, {len(kept)} kernels for {kernel_size**2} "
             "pixels); space the sigmas further apart (alardGaussBeta, alardSigGauss), "
-            "lower alardDegGauss or widen the kernel"
+            f"lower {degree_field} or widen the kernel"
         )
-    kept_set = set(kept)
-    groups, start = [], 0
-    for size in group_sizes:
-        groups.append(sum(1 for k in range(start, start + size) if k in kept_set))
-        start += size
     return KernelBasis(
         "alard-lupton",
         kernel_size,
@@ -259,8 +258,60 @@ def alard_lupton_basis(
         transform,
         True,
         (fx_arr, fy_arr),
-        tuple(g for g in groups if g),
+        tuple(group_sizes),
         {"sigmas": [float(s) for s in sigmas], "degrees": [int(d) for d in degrees]},
+    )
+
+
+def _al_factors(
+    kernel_size: int, sigmas: tuple[float, ...], degrees: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """1-D factors ``g_s(u) u^p`` and ``g_s(v) v^q`` of the native AL functions, and the
+    number of functions of each Gaussian."""
+    half = kernel_size // 2
+    u = np.arange(-half, half + 1, dtype=np.float64)
+    fx, fy, group_sizes = [], [], []
+    for sigma, degree in zip(sigmas, degrees, strict=True):
+        gauss = np.exp(-0.5 * (u / sigma) ** 2)
+        for total in range(degree + 1):
+            for q in range(total + 1):
+                p = total - q
+                fx.append(gauss * (u / half) ** p)
+                fy.append(gauss * (u / half) ** q)
+        group_sizes.append((degree + 1) * (degree + 2) // 2)
+    return np.array(fx), np.array(fy), group_sizes
+
+
+def _dropped_error(
+    kernel_size: int,
+    sigmas: tuple[float, ...],
+    degrees: tuple[int, ...],
+    group_sizes: list[int],
+    kept: tuple[int, ...],
+    degree_field: str,
+) -> ConfigError:
+    """Why renormalizing an AL basis dropped functions, naming the field to change."""
+    ends = np.cumsum(group_sizes)
+    lost = np.bincount(np.searchsorted(ends, sorted(set(range(ends[-1])) - set(kept)), "right"))
+    i = int(np.flatnonzero(lost)[0])
+    sigma, degree, limit = sigmas[i], degrees[i], degrees[i]
+    while limit > 0:  # the highest degree whose functions of this Gaussian are independent
+        fx, fy, _ = _al_factors(kernel_size, (sigma,), (limit,))
+        alone = fy[:, :, None] * fx[:, None, :]
+        if len(renormalize(alone, np.eye(len(alone)))[1]) == len(alone):
+            break
+        limit -= 1
+    if limit < degree:
+        return ConfigError(
+            f"{degree_field}: degree {degree} for the {sigma:.3g} px Alard-Lupton Gaussian is "
+            f"more than a {kernel_size}x{kernel_size} kernel resolves (its powers above "
+            f"{limit} are numerically dependent and {lost[i]} of its functions would be "
+            f"dropped); use degree {limit} or less for it"
+        )
+    return ConfigError(
+        f"Alard-Lupton Gaussians of sigmas {[round(float(s), 4) for s in sigmas]} are too "
+        f"alike: {lost[i]} function(s) of the {sigma:.3g} px one repeat earlier ones and "
+        "would be dropped; space the sigmas apart (alardGaussBeta > 1, distinct alardSigGauss)"
     )
 
 
@@ -418,14 +469,19 @@ def al_sigmas_for_fwhm(
 ) -> tuple[list[float], float]:
     """Gaussian widths for an AL basis sized from the two PSF widths.
 
-    The matching kernel of two Gaussian PSFs has ``sigma_k^2 = |s_sci^2 - s_tmpl^2|``.
-    The ladder puts ``sigma_k / beta`` (when above ``min_sigma``) and ``sigma_k``
-    first, then multiplies by ``beta`` up to ``n_gauss`` widths, as ip_diffim does.
+    The matching kernel of two Gaussian PSFs has ``sigma_k^2 = |s_sci^2 - s_tmpl^2|``
+    (floored at ``min_sigma``). With several Gaussians the ladder starts at
+    ``max(min_sigma, sigma_k / beta)`` and multiplies by ``beta``, so that it is centred
+    on ``sigma_k`` where it can be; a single Gaussian is ``sigma_k`` itself. This is
+    ip_diffim's rule since 2026 (``_calculateBasisSigmas``): the earlier rule started
+    at ``sigma_k`` whenever ``sigma_k / beta <= min_sigma``, so every width jumped by a
+    factor ``beta`` as ``sigma_k`` fell below ``beta * min_sigma``, and the kernels of
+    PSFs on either side of that point were unstable.
 
     Returns
     -------
     sigmas : list of float
-        Increasing widths.
+        Increasing widths, continuous in both FWHMs.
     sigma_k : float
         The matching-kernel width (floored at ``min_sigma``).
     """
@@ -433,14 +489,11 @@ def al_sigmas_for_fwhm(
     s_s = science_fwhm / SIGMA_TO_FWHM
     sigma_k = max(float(np.sqrt(abs(s_s**2 - s_t**2))), min_sigma)
     if n_gauss == 1:
-        sigmas = [sigma_k]
-    elif sigma_k / beta > min_sigma:
-        sigmas = [sigma_k / beta, sigma_k]
-    else:
-        sigmas = [sigma_k]
+        return [sigma_k], sigma_k
+    sigmas = [max(min_sigma, sigma_k / beta)]
     while len(sigmas) < n_gauss:
         sigmas.append(sigmas[-1] * beta)
-    return sigmas[:n_gauss], sigma_k
+    return sigmas, sigma_k
 
 
 def _odd_size_clipped(size: float, size_min: int, size_max: int) -> int:
@@ -461,7 +514,7 @@ def basis_from_config(
     science PSF is the narrower (matching would deconvolve), the ``*Deconv``
     fields set the number of Gaussians, their degree and the minimum width. For the
     delta-function basis the size is ``kernelSizeFwhmScaling`` times ``2 sigma_k``
-    (the largest width of the default AL ladder), clipped the same way.
+    (the largest width of the default AL ladder once sigma_k >= 1.4), clipped the same way.
 
     Parameters
     ----------
@@ -483,7 +536,7 @@ def basis_from_config(
         kernel_size = config.kernelSize
         deconvolve = False
         if scale:
-            deconvolve = science_fwhm < template_fwhm
+            deconvolve = bool(science_fwhm < template_fwhm)
             if deconvolve:
                 n_gauss = config.alardNGaussDeconv
                 min_sigma = config.alardMinSigDeconv
@@ -500,7 +553,8 @@ def basis_from_config(
                 config.kernelSizeMin,
                 config.kernelSizeMax,
             )
-        basis = alard_lupton_basis(kernel_size, sigmas, degrees)
+        degree_field = "alardDegGaussDeconv" if deconvolve else "alardDegGauss"
+        basis = alard_lupton_basis(kernel_size, sigmas, degrees, degree_field)
         basis.description.update(
             {
                 "scaled_by_fwhm": scale,

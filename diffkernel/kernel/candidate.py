@@ -1,41 +1,47 @@
-"""Kernel candidates: stamps, basis-convolved stamps and sufficient statistics.
+"""Kernel candidates: stamps and basis-convolved stamps.
 
-For a candidate with science stamp ``s`` (``S x S`` pixels), template cutout ``t``
-(``S + K - 1`` on a side, so that a ``K x K`` convolution is exact over the stamp)
-and per-pixel variance ``v``, the model is ``s ≈ C a`` where column ``j`` of ``C`` is
-the template convolved with basis kernel ``j`` (plus a column of ones for the
-differential background). Every fit and every quality statistic the task needs is
-a function of a few moments of ``C`` and ``s``:
-
-- fit:   ``M_fit = Cᵀ W_fit C``, ``B_fit = Cᵀ W_fit s``
-- stats: ``M = Cᵀ W C``, ``B = Cᵀ W s``, ``sᵀ W s``, ``u = Cᵀ σ⁻¹``, ``Σ s/σ``, ``N``
-
-with ``W = diag(1/v)`` and ``W_fit`` either ``W`` or ``1/mean(v)`` (constant variance
-weighting). The residual mean and standard deviation in units of sigma for *any*
-coefficient vector follow without pixels, so the spatial fit, its assessment and
-the PCA refit run on these small matrices only.
+For a candidate with science stamp ``s`` (``S x S`` pixels) and template cutout ``t``
+(``S + K - 1`` on a side, so that a ``K x K`` convolution is exact over the stamp),
+the columns of the model ``s ≈ C a`` are the template convolved with each basis
+kernel; :mod:`~diffkernel.kernel.moments` makes the sufficient statistics of ``C``
+and ``s`` that every fit and quality statistic uses (re-exported here).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy import fft
 
 from ..image import MaskedImage
 from .basis import KernelBasis
+from .moments import (
+    CandidateStats,
+    FitMoments,
+    compute_stats,
+    concatenate_rows,
+    core_selector,
+    fit_moments,
+    local_background_columns,
+    take_rows,
+)
 
 __all__ = [
     "StampBatch",
     "CandidateStats",
+    "FitMoments",
     "cut_stamps",
+    "valid_convolutions",
     "convolve_stamps",
     "convolve_basis",
     "compute_stats",
+    "fit_moments",
     "core_selector",
     "local_background_columns",
+    "take_rows",
+    "concatenate_rows",
 ]
 
 
@@ -70,12 +76,16 @@ class StampBatch:
 
     def take(self, keep: np.ndarray) -> StampBatch:
         """The stamps of a subset of the batch."""
-        return StampBatch(
-            self.template[keep],
-            self.template_variance[keep],
-            self.science[keep],
-            self.science_variance[keep],
-        )
+        return take_rows(self, keep)
+
+    def difference_variance(self, kernels: np.ndarray) -> np.ndarray:
+        """Variance ``V_s + K² ⊛ V_t`` of ``science - K ⊛ template``, ``(N, S, S)``.
+
+        The difference image's own variance, for ``kernels`` ``(N, K, K)`` (one per
+        candidate): pixels' noise is independent.
+        """
+        kernels = np.asarray(kernels, dtype=np.float64)
+        return self.science_variance + valid_convolutions(self.template_variance, kernels**2)
 
     def template_center(self) -> tuple[np.ndarray, np.ndarray]:
         """Template and template-variance pixels under the science stamp."""
@@ -87,50 +97,16 @@ class StampBatch:
         )
 
 
-def take_rows(record, index: np.ndarray | slice):
-    """A dataclass of per-candidate arrays (first axis: candidate) for a subset.
+def valid_convolutions(images: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """Each image ``(N, H, W)`` convolved with its own kernel ``(N, k, l)``: the valid part.
 
-    Fields that are not arrays (sizes, or None for what was not computed) are kept.
-    An index that picks consecutive rows in order gives views, not copies: the normal
-    matrices of a delta-function basis are over a megabyte per candidate.
+    By FFT at the image's size (cyclic, which the valid part does not see): for stamps,
+    four times faster than a sum over the kernel's pixels.
     """
-    index = _as_slice(index)
-    values = {}
-    for f in fields(record):
-        v = getattr(record, f.name)
-        values[f.name] = v[index] if isinstance(v, np.ndarray) else v
-    return type(record)(**values)
-
-
-def _as_slice(index: np.ndarray | slice) -> np.ndarray | slice:
-    """``index`` as a slice when it selects a run of consecutive rows in order."""
-    if isinstance(index, slice):
-        return index
-    idx = np.asarray(index)
-    if idx.dtype == bool:
-        idx = np.flatnonzero(idx) if idx.ndim == 1 else idx
-    if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu" or idx[0] < 0:
-        return index
-    if np.all(np.diff(idx) == 1):
-        return slice(int(idx[0]), int(idx[0]) + idx.size)
-    return index
-
-
-def concatenate_rows(parts: list):
-    """Dataclasses of per-candidate arrays of several batches stacked, in order.
-
-    Fields that are not arrays are taken from the first part (the parts of one run
-    agree on them).
-    """
-    first = parts[0]
-    values = {}
-    for f in fields(first):
-        v = getattr(first, f.name)
-        if isinstance(v, np.ndarray):
-            values[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
-        else:
-            values[f.name] = v
-    return type(first)(**values)
+    shape = images.shape[-2:]
+    kh, kw = kernels.shape[-2:]
+    product = fft.rfft2(images, axes=(-2, -1)) * fft.rfft2(kernels, shape, axes=(-2, -1))
+    return fft.irfft2(product, shape, axes=(-2, -1))[..., kh - 1 :, kw - 1 :]
 
 
 def cut_stamps(
@@ -321,259 +297,3 @@ def _is_identity(t: np.ndarray) -> bool:
     """Whether ``t`` is a square identity matrix (cheaper than comparing to ``np.eye``)."""
     n = t.shape[0]
     return t.shape == (n, n) and np.count_nonzero(t) == n and bool(np.all(np.diagonal(t) == 1))
-
-
-def core_selector(stamp_size: int, core_radius: int) -> np.ndarray:
-    """Boolean ``(S, S)`` mask of the ``2r x 2r`` core box of a stamp."""
-    c = stamp_size // 2
-    r = int(core_radius)
-    sel = np.zeros((stamp_size, stamp_size), dtype=bool)
-    sel[max(c - r, 0) : c + r, max(c - r, 0) : c + r] = True
-    return sel
-
-
-@dataclass
-class CandidateStats:
-    """Sufficient statistics of a batch of candidates (first axis: candidate).
-
-    The last coefficient is the background when ``has_background``.
-    """
-
-    m_fit: np.ndarray
-    b_fit: np.ndarray
-    m: np.ndarray
-    b: np.ndarray
-    sws: np.ndarray
-    u: np.ndarray
-    su: np.ndarray
-    npix: np.ndarray
-    m_var: np.ndarray | None
-    n_background: int
-    stamp_half: int
-
-    def __len__(self) -> int:
-        return self.m.shape[0]
-
-    @property
-    def has_background(self) -> bool:
-        """Whether background terms follow the kernel terms."""
-        return self.n_background > 0
-
-    @property
-    def n_kernel(self) -> int:
-        """Number of kernel terms."""
-        return self.n_params - self.n_background
-
-    @property
-    def n_params(self) -> int:
-        """Number of coefficients (kernel terms plus background)."""
-        return self.m.shape[-1]
-
-    def take(self, index: np.ndarray | slice) -> CandidateStats:
-        """Statistics of a subset of candidates."""
-        return take_rows(self, index)
-
-    @staticmethod
-    def concatenate(parts: list[CandidateStats]) -> CandidateStats:
-        """Stack the statistics of several batches."""
-        return concatenate_rows(parts)
-
-    def transformed(self, kernel_transform: np.ndarray) -> CandidateStats:
-        """Statistics in a derived basis whose kernels are ``current @ kernel_transform``.
-
-        Parameters
-        ----------
-        kernel_transform : numpy.ndarray
-            ``(n_kernel, m)``; the background terms, if any, are carried unchanged.
-        """
-        t = np.asarray(kernel_transform)
-        if self.has_background:
-            n, m = t.shape
-            nb = self.n_background
-            full = np.zeros((n + nb, m + nb))
-            full[:n, :m] = t
-            full[n:, m:] = np.eye(nb)
-            t = full
-
-        def mat(a):
-            # Two batched products, the large one first: einsum's own plan copies the
-            # (N, n, n) stack, a megabyte per candidate for a delta-function basis.
-            return None if a is None else np.matmul(t.T, np.matmul(a, t))
-
-        return replace(
-            self,
-            m_fit=mat(self.m_fit),
-            b_fit=self.b_fit @ t,
-            m=mat(self.m),
-            b=self.b @ t,
-            u=self.u @ t,
-            m_var=mat(self.m_var),
-        )
-
-    def residual_moments(self, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Residual mean, standard deviation and chi² in units of sigma.
-
-        Parameters
-        ----------
-        coeffs : numpy.ndarray
-            ``(N, n_params)`` coefficient vectors, one per candidate.
-        """
-        a = np.asarray(coeffs)
-        chi2 = np.einsum("ni,nij,nj->n", a, self.m, a) - 2 * np.einsum("ni,ni->n", a, self.b)
-        chi2 = np.maximum(chi2 + self.sws, 0.0)
-        total = self.su - np.einsum("ni,ni->n", a, self.u)
-        mean = total / self.npix
-        var = np.maximum(chi2 / self.npix - mean**2, 0.0) * self.npix / np.maximum(self.npix - 1, 1)
-        return mean, np.sqrt(var), chi2
-
-
-def compute_stats(
-    convolved: np.ndarray,
-    science: np.ndarray,
-    variance: np.ndarray,
-    *,
-    background_order: int | None,
-    constant_variance_weighting: bool,
-    stats_selector: np.ndarray | None = None,
-    with_uncertainty: bool = False,
-) -> CandidateStats:
-    """Sufficient statistics of a batch from its basis-convolved stamps.
-
-    Parameters
-    ----------
-    convolved : numpy.ndarray
-        ``(N, n_kernel, S, S)`` template stamps convolved with each basis kernel.
-    science, variance : numpy.ndarray
-        ``(N, S, S)`` science stamps and the variance of the difference.
-    background_order : int or None
-        Degree of the local background polynomial fitted with the kernel (its
-        columns are the monomials of :func:`local_background_columns`); None for no
-        background.
-    constant_variance_weighting : bool
-        Weight the fit by the stamp's mean inverse variance instead of per pixel.
-    stats_selector : numpy.ndarray, optional
-        ``(S, S)`` boolean mask of the pixels the quality statistics use (the core).
-    with_uncertainty : bool
-        Also keep ``Cᵀ W_fit V W_fit C`` for coefficient covariances.
-    """
-    n, nk, s, _ = convolved.shape
-    p = s * s
-    sci = science.reshape(n, p)
-    var = variance.reshape(n, p)
-    w = 1.0 / var
-    sig_inv = np.sqrt(w)
-    n_bg = 0
-    cols = None
-    if background_order is not None:
-        cols = local_background_columns(s, background_order)
-        n_bg = cols.shape[0]
-    # The design matrix C has the kernel columns (the convolved stamps, used in place:
-    # a copy of them is as large as a delta-function fit's whole working set) and the
-    # background's. Every weighted moment is a product of the whitened A = C W^1/2
-    # with itself or with the whitened science, a few batched BLAS products each.
-    kern = convolved.reshape(n, nk, p)
-    a_k = kern * sig_inv[:, None, :]
-    a_b = None if cols is None else cols * sig_inv[:, None, :]
-    z = sci * sig_inv
-    m_w = b_w = None
-    if not constant_variance_weighting or stats_selector is None:
-        # (With constant weighting and core statistics, nothing uses them.)
-        m_w, b_w = _moments(a_k, a_b, z)
-    if constant_variance_weighting:
-        w_const = 1.0 / var.mean(axis=1)
-        m_fit, b_fit = _moments(kern, cols, sci)
-        m_fit *= w_const[:, None, None]
-        b_fit *= w_const[:, None]
-        m_var = None
-        if with_uncertainty:
-            root = np.sqrt(var) * w_const[:, None]
-            m_var = _moments(kern * root[:, None, :], _times(cols, root), None)[0]
-    else:
-        m_fit, b_fit = m_w, b_w
-        m_var = m_w if with_uncertainty else None
-    if stats_selector is None:
-        m, b, z_s = m_w, b_w, z
-        u = _column_sums(a_k, a_b)
-    else:
-        sel = np.flatnonzero(np.asarray(stats_selector).reshape(p))
-        a_ks, z_s = a_k[:, :, sel], z[:, sel]
-        a_bs = None if a_b is None else a_b[:, :, sel]
-        m, b = _moments(a_ks, a_bs, z_s)
-        u = _column_sums(a_ks, a_bs)
-    return CandidateStats(
-        m_fit=m_fit,
-        b_fit=b_fit,
-        m=m,
-        b=b,
-        sws=np.einsum("np,np->n", z_s, z_s),
-        u=u,
-        su=z_s.sum(axis=1),
-        npix=np.full(n, z_s.shape[1], dtype=np.float64),
-        m_var=m_var,
-        n_background=n_bg,
-        stamp_half=s // 2,
-    )
-
-
-def _times(cols: np.ndarray | None, weights: np.ndarray) -> np.ndarray | None:
-    """Background columns ``(n_bg, P)`` times per-candidate pixel weights ``(N, P)``."""
-    return None if cols is None else cols * weights[:, None, :]
-
-
-def _moments(
-    kern: np.ndarray, bg: np.ndarray | None, y: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``D Dᵀ`` and ``D y`` of the design ``D = [kern; bg]``, built block by block.
-
-    Parameters
-    ----------
-    kern : numpy.ndarray
-        ``(N, nk, P)`` kernel columns.
-    bg : numpy.ndarray or None
-        ``(N, nb, P)`` or ``(nb, P)`` background columns.
-    y : numpy.ndarray or None
-        ``(N, P)``; None for no vector.
-    """
-    n, nk, _ = kern.shape
-    nb = 0 if bg is None else bg.shape[-2]
-    gram = np.empty((n, nk + nb, nk + nb))
-    # kern @ kernᵀ with the same operand on both sides: BLAS's symmetric rank-k update.
-    np.matmul(kern, np.swapaxes(kern, 1, 2), out=gram[:, :nk, :nk])
-    vec = None if y is None else np.empty((n, nk + nb))
-    if y is not None:
-        vec[:, :nk] = np.matmul(kern, y[:, :, None])[:, :, 0]
-    if nb:
-        bg_t = np.swapaxes(bg, -1, -2)
-        cross = np.matmul(kern, bg_t)
-        gram[:, :nk, nk:] = cross
-        gram[:, nk:, :nk] = np.swapaxes(cross, 1, 2)
-        gram[:, nk:, nk:] = np.matmul(bg, bg_t)
-        if y is not None:
-            vec[:, nk:] = np.matmul(bg, y[:, :, None])[..., 0]
-    return gram, vec
-
-
-def _column_sums(kern: np.ndarray, bg: np.ndarray | None) -> np.ndarray:
-    """Sum over pixels of every design column, ``(N, nk + nb)``."""
-    sums = kern.sum(axis=2)
-    if bg is None:
-        return sums
-    return np.concatenate([sums, np.broadcast_to(bg.sum(axis=-1), (len(sums), bg.shape[-2]))], 1)
-
-
-@functools.lru_cache(maxsize=16)
-def local_background_columns(stamp_size: int, order: int) -> np.ndarray:
-    """Local background monomials over a stamp, ``(n_terms, S*S)`` (read-only, cached).
-
-    Term ``(i, j)`` (ordered by total degree, as the spatial functions are) is
-    ``u^i v^j`` with ``u, v`` the pixel offsets from the stamp centre divided by the
-    half-width. The first term is the constant, so the background at the centre is
-    the first background coefficient.
-    """
-    half = stamp_size // 2
-    off = (np.arange(stamp_size) - half) / max(half, 1)
-    v, u = np.meshgrid(off, off, indexing="ij")
-    powers = [(t - j, j) for t in range(order + 1) for j in range(t + 1)]
-    columns = np.stack([(u**i * v**j).ravel() for i, j in powers])
-    columns.flags.writeable = False
-    return columns

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from .candidate import CandidateStats, concatenate_rows, take_rows
+from .moments import CandidateStats, concatenate_rows, take_rows
 
 __all__ = [
     "pad_background",

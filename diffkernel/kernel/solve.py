@@ -10,7 +10,8 @@
       brightest first (:func:`select_per_cell`: a rejected one is replaced by the
       next in its cell);
    b. kernel-sum clipping over them (:func:`clip_kernel_sums`, ``kernelSumClipping``,
-      ``maxKsumSigma``);
+      ``maxKsumSigma``), repeated with the promoted candidates until none of those in
+      use is an outlier (:func:`select_clipped`);
    c. optionally a PCA basis from their kernels, and a BIC choice of its size;
    d. the spatial fit, its orders lowered for few candidates (:func:`spatial_fit`;
       c and d are :mod:`~diffkernel.kernel.spatial_model`);
@@ -18,7 +19,8 @@
       (:func:`assess_spatial_model`, ``spatialKernelClipping``); stop when none is
       rejected;
 3. a last spatial fit when the final round still rejected candidates
-   (:func:`final_fit`), and the outcome (:func:`solve_outcome`).
+   (:func:`final_fit`, after the kernel-sum clipping of the candidates it promotes),
+   and the outcome (:func:`solve_outcome`).
 
 A :class:`SolveState` carries the per-candidate bookkeeping (status, reason, round
 of rejection, spatial residuals) and the metadata from step to step.
@@ -95,7 +97,8 @@ class SolveState:
     rejected_round : numpy.ndarray
         The round it was rejected in: 0 for the single-kernel clipping, -1 when not.
     spatial_mean, spatial_std : numpy.ndarray
-        Residual moments under the latest spatial model that saw the candidate.
+        Residual moments under the latest spatial model that saw the candidate, in
+        units of the difference's sigma under the model's kernel.
     counts : dict
         Rejections per stage: ``single``, ``kernel_sum``, ``spatial``.
     metadata : dict
@@ -168,7 +171,7 @@ class SingleKernels:
     background, background_err : numpy.ndarray
         Local background at the stamp centre and its error (0 and NaN without one).
     resid_mean, resid_std : numpy.ndarray
-        Residual moments of the fits, in units of sigma.
+        Residual moments of the fits, in units of the difference's own sigma.
     """
 
     fit: SingleFit
@@ -314,6 +317,34 @@ def clip_kernel_sums(ksum: np.ndarray, used: np.ndarray, cfg, rnd: int, state: S
     return True
 
 
+def select_clipped(
+    ksum: np.ndarray, cell: np.ndarray, order: np.ndarray, cfg, rnd: int, state: SolveState
+) -> np.ndarray:
+    """Steps 2a-b: the candidates in use, once their kernel sums are clipped.
+
+    A candidate rejected as a kernel-sum outlier is replaced by the next of its cell
+    (:func:`select_per_cell`), and that one may be an outlier too (a variable star
+    among the fainter ones): ip_diffim visits the cells again after a rejection, so
+    the clipping here is repeated over the new selection, statistics included, until
+    it rejects nobody. Every pass that goes on rejects at least one candidate, so
+    there are at most as many passes as candidates. On return no candidate in use
+    lies beyond ``maxKsumSigma`` of their clipped statistics (the last entry of
+    ``metadata["kernel_sum_stats"]``), unless there are too few to clip.
+
+    Returns
+    -------
+    numpy.ndarray
+        Indices of the candidates in use, ascending.
+    """
+    per_cell = int(cfg.nStarPerCell)
+    used = select_per_cell(state.status, cell, order, per_cell)
+    for _ in range(len(ksum)):
+        if not clip_kernel_sums(ksum, used, cfg, rnd, state):
+            break
+        used = select_per_cell(state.status, cell, order, per_cell)
+    return used
+
+
 def spatial_fit(
     cands: CandidateSet,
     basis: KernelBasis,
@@ -382,8 +413,8 @@ def rejection_rounds(
 ) -> SpatialModel | None:
     """Step 2: at most ``maxSpatialIterations`` rounds of selection, clipping and fit.
 
-    Each round takes the candidates in use (:func:`select_per_cell`), clips their
-    kernel sums (then takes them again), fits the spatial model and assesses it;
+    Each round takes the candidates in use and clips their kernel sums
+    (:func:`select_clipped`), fits the spatial model and assesses it;
     the rounds stop when an assessment rejects nobody, or when no candidate is left.
 
     Returns
@@ -394,9 +425,7 @@ def rejection_rounds(
     model = None
     for rnd in range(1, int(cfg.maxSpatialIterations) + 1):
         state.rounds = rnd
-        used = select_per_cell(state.status, cands.cell, order, int(cfg.nStarPerCell))
-        if clip_kernel_sums(single.kernel_sum, used, cfg, rnd, state):
-            used = select_per_cell(state.status, cands.cell, order, int(cfg.nStarPerCell))
+        used = select_clipped(single.kernel_sum, cands.cell, order, cfg, rnd, state)
         if len(used) == 0:
             break
         model = spatial_fit(cands, basis, single, used, cfg, image_shape, state)
@@ -419,14 +448,20 @@ def final_fit(
 
     The last round's model stands when its assessment rejected nobody; otherwise
     (rounds exhausted) the spatial model is fitted once more, without assessment, to
-    the candidates then in use, and a note says so.
+    the candidates then in use, and a note says so. Those include the candidates
+    promoted in place of the last round's rejections, so their kernel sums are
+    clipped first (:func:`select_clipped`, rejections counted in the last round).
 
     Raises
     ------
     NoCandidatesError
         When every candidate has been rejected.
     """
-    used = select_per_cell(state.status, cands.cell, order, int(cfg.nStarPerCell))
+    refit = model is None or state.last_rejected > 0
+    if refit:
+        used = select_clipped(single.kernel_sum, cands.cell, order, cfg, state.rounds, state)
+    else:
+        used = select_per_cell(state.status, cands.cell, order, int(cfg.nStarPerCell))
     if len(used) == 0:
         status, reason = state.status, state.reason
         by_reason = {r: int((reason == r).sum()) for r in sorted(set(reason[status == BAD]))}
@@ -434,7 +469,7 @@ def final_fit(
             f"all {len(status)} kernel candidates were rejected ({by_reason}); check the "
             "inputs, or relax candidateResidualMeanMax/StdMax or maxKsumSigma"
         )
-    if model is None or state.last_rejected > 0:
+    if refit:
         if model is not None:
             state.notes.append(
                 f"candidates were still rejected in round {state.rounds}; final spatial fit "

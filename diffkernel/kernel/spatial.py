@@ -22,7 +22,7 @@ from .basis import KernelBasis
 from .candidate import CandidateStats
 from .fit import condition_numbers, solve_spd
 
-__all__ = ["n_terms", "SpatialFunctions", "SpatialSolution", "fit_spatial"]
+__all__ = ["n_terms", "SpatialFunctions", "SpatialSolution", "fit_spatial", "free_kernel_terms"]
 
 
 def n_terms(order: int) -> int:
@@ -145,7 +145,9 @@ class SpatialSolution:
     condition : float
         Condition number of the (equilibrated) spatial normal matrix.
     covariance : numpy.ndarray or None
-        Covariance of all free parameters when asked for.
+        With ``calculateKernelUncertainty``: the covariance of the fit's free
+        parameters, the free kernel coefficients (:func:`free_kernel_terms`) in
+        row-major order, then the background coefficients.
     """
 
     basis: KernelBasis
@@ -161,6 +163,25 @@ class SpatialSolution:
         """Kernel coefficients at positions, shape ``(*shape(x), n_basis)``."""
         f = self.kernel_functions.evaluate(x, y)
         return f @ self.kernel_coeffs.T
+
+    def kernel_sum_variance(self, x, y) -> np.ndarray:
+        """Variance of the kernel sum at positions, from :attr:`covariance`.
+
+        Raises
+        ------
+        ValueError
+            When the covariance was not computed (``calculateKernelUncertainty``).
+        """
+        if self.covariance is None:
+            raise ValueError(
+                "the spatial solution has no covariance; set calculateKernelUncertainty = True"
+            )
+        free = free_kernel_terms(self.basis, self.kernel_functions).ravel()
+        f = self.kernel_functions.evaluate(x, y)  # (..., n_terms)
+        grad = (self.basis.sums[:, None] * f[..., None, :]).reshape(*f.shape[:-1], -1)
+        grad = grad[..., free]
+        cov = self.covariance[: grad.shape[-1], : grad.shape[-1]]
+        return np.einsum("...i,ij,...j->...", grad, cov, grad)
 
     def background_at(self, x, y) -> np.ndarray:
         """Differential background at positions."""
@@ -238,6 +259,7 @@ def fit_spatial(
     kernel_functions: SpatialFunctions,
     background_functions: SpatialFunctions | None,
     condition_type: str = "EIGENVALUE",
+    with_covariance: bool = False,
 ) -> SpatialSolution:
     """Fit the spatial model to the candidates' normal equations.
 
@@ -255,6 +277,12 @@ def fit_spatial(
         include a background term and forbidden otherwise.
     condition_type : {"EIGENVALUE", "SVD"}
         How to compute the reported condition number.
+    with_covariance : bool
+        Also give the covariance of the free parameters
+        (:attr:`SpatialSolution.covariance`): ``A⁻¹ (Σ_c P_cᵀ V_c P_c) A⁻¹`` with ``A``
+        the spatial normal matrix and ``V_c = stats.m_var`` the covariance of candidate
+        ``c``'s right-hand side, which is ``A⁻¹`` itself when the fit weights are the
+        inverse variances; ``A⁻¹`` when ``stats.m_var`` was not kept.
 
     Raises
     ------
@@ -272,26 +300,14 @@ def fit_spatial(
     n_kernel = n - nbg
     f = kernel_functions.evaluate(x, y)  # (N, LK)
     lk = f.shape[1]
-    mkk = stats.m_fit[:, :n_kernel, :n_kernel]
-    g_kk = np.einsum("cij,ck,cl->ikjl", mkk, f, f, optimize=True).reshape(n_kernel * lk, -1)
-    r_k = np.einsum("ci,ck->ik", stats.b_fit[:, :n_kernel], f).ravel()
-    active = np.ones((n_kernel, lk), dtype=bool)
-    if basis.conserves_sum:
-        active[0, 1:] = False
-    act = active.ravel()
-    blocks_a = g_kk[np.ix_(act, act)]
-    rhs = r_k[act]
+    act = free_kernel_terms(basis, kernel_functions).ravel()
+    jac = None
     if background_functions is not None:
         jac = background_local_map(background_functions, x, y, stats.stamp_half, _local_order(nbg))
-        mkb = stats.m_fit[:, :n_kernel, n_kernel:]
-        mbb = stats.m_fit[:, n_kernel:, n_kernel:]
-        g_kb = np.einsum("cim,ck,cml->ikl", mkb, f, jac, optimize=True).reshape(n_kernel * lk, -1)
-        g_bb = np.einsum("cma,cmn,cnb->ab", jac, mbb, jac, optimize=True)
-        r_b = np.einsum("cma,cm->a", jac, stats.b_fit[:, n_kernel:])
-        g_kb = g_kb[act]
-        blocks_a = np.block([[blocks_a, g_kb], [g_kb.T, g_bb]])
-        rhs = np.concatenate([rhs, r_b])
-    a_mat = blocks_a
+    a_mat = _spatial_normal_matrix(stats.m_fit, f, jac, act, n_kernel)
+    rhs = np.einsum("ci,ck->ik", stats.b_fit[:, :n_kernel], f).ravel()[act]
+    if jac is not None:
+        rhs = np.concatenate([rhs, np.einsum("cma,cm->a", jac, stats.b_fit[:, n_kernel:])])
     cond = float(condition_numbers(a_mat, condition_type))
     if not np.isfinite(cond):
         raise SpatialFitError(
@@ -305,6 +321,54 @@ def fit_spatial(
     kernel_coeffs[act] = theta[:n_act]
     kernel_coeffs = kernel_coeffs.reshape(n_kernel, lk)
     bg_coeffs = theta[n_act:].copy()
+    covariance = None
+    if with_covariance:
+        inverse = _spd_inverse(a_mat)
+        covariance = inverse
+        if stats.m_var is not None:
+            middle = _spatial_normal_matrix(stats.m_var, f, jac, act, n_kernel)
+            covariance = inverse @ middle @ inverse
+        covariance = 0.5 * (covariance + covariance.T)
     return SpatialSolution(
-        basis, kernel_functions, kernel_coeffs, background_functions, bg_coeffs, cond
+        basis, kernel_functions, kernel_coeffs, background_functions, bg_coeffs, cond, covariance
     )
+
+
+def free_kernel_terms(basis: KernelBasis, kernel_functions: SpatialFunctions) -> np.ndarray:
+    """Which kernel coefficients the spatial fit frees, ``(n_basis, n_terms)`` booleans.
+
+    All of them, except the spatial terms of the kernel sum (coefficient 0) when the
+    basis conserves it. The free parameters of a fit (and the rows of its covariance)
+    are the free kernel coefficients in row-major order, then the background's.
+    """
+    free = np.ones((basis.size, kernel_functions.size), dtype=bool)
+    if basis.conserves_sum:
+        free[0, 1:] = False
+    return free
+
+
+def _spatial_normal_matrix(
+    m: np.ndarray, f: np.ndarray, jac: np.ndarray | None, act: np.ndarray, n_kernel: int
+) -> np.ndarray:
+    """``Σ_c P_cᵀ m_c P_c`` over the free parameters, ``P_c`` candidate ``c``'s map from
+    them to its local coefficients (kernel functions ``f``, background map ``jac``)."""
+    mkk = m[:, :n_kernel, :n_kernel]
+    g_kk = np.einsum("cij,ck,cl->ikjl", mkk, f, f, optimize=True).reshape(n_kernel * f.shape[1], -1)
+    out = g_kk[np.ix_(act, act)]
+    if jac is None:
+        return out
+    mkb = m[:, :n_kernel, n_kernel:]
+    mbb = m[:, n_kernel:, n_kernel:]
+    g_kb = np.einsum("cim,ck,cml->ikl", mkb, f, jac, optimize=True).reshape(
+        n_kernel * f.shape[1], -1
+    )[act]
+    g_bb = np.einsum("cma,cmn,cnb->ab", jac, mbb, jac, optimize=True)
+    return np.block([[out, g_kb], [g_kb.T, g_bb]])
+
+
+def _spd_inverse(a: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix, equilibrated first: its kernel
+    and background blocks differ by many orders of magnitude."""
+    d = np.sqrt(np.abs(np.diagonal(a)))
+    d = np.where(d > 0, d, 1.0)
+    return np.linalg.pinv(a / np.outer(d, d), hermitian=True) / np.outer(d, d)

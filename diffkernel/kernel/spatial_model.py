@@ -155,18 +155,26 @@ def pca_basis(
 
 
 def bic_truncation(stats: CandidateStats, basis: KernelBasis, cfg) -> int:
-    """Number of leading basis kernels minimizing the summed BIC of the candidates."""
+    """Number of leading basis kernels minimizing the summed BIC of the candidates.
+
+    Each candidate is refitted with every prefix of the basis that ends on a group
+    boundary; its BIC is ``chi2 + (m + n_background) ln(npix)`` for ``m`` kernels. The
+    smallest size whose summed BIC is within a relative 1e-9 of the minimum wins, so a
+    component that lowers the chi² by less than ``ln(npix)`` per candidate (one that
+    fits noise) is dropped.
+    """
     sizes = np.cumsum(basis.groups)
     n_bg = stats.n_background
-    best, best_bic = basis.size, np.inf
-    for m in sizes:
+    bics = np.empty(len(sizes))
+    for i, m in enumerate(sizes):
         sub = stats.transformed(np.eye(basis.size)[:, :m])
         fit = fit_single_kernels(sub, cfg)
         _, _, chi2 = sub.residual_moments(fit.coeffs)
-        bic = float(np.sum(chi2 + (m + n_bg) * np.log(sub.npix)))
-        if bic < best_bic - 1e-9 * abs(best_bic):
-            best, best_bic = int(m), bic
-    return best
+        bics[i] = np.sum(chi2 + (m + n_bg) * np.log(sub.npix))
+    # Against the minimum, not a running best started at inf: inf - 1e-9 * inf is NaN,
+    # which no BIC is below, so the whole basis would always be kept.
+    best = np.min(bics)
+    return int(sizes[np.flatnonzero(bics <= best + 1e-9 * abs(best))[0]])
 
 
 def spatial_basis(
@@ -297,7 +305,14 @@ def fit_spatial_model(
     kf = SpatialFunctions(cfg.spatialModelType, k_order, bbox)
     bf = SpatialFunctions(cfg.spatialModelType, bg_order, bbox) if has_bg else None
     sol = fit_spatial(
-        fit_stats.take(used), x[used], y[used], fit_basis, kf, bf, cfg.conditionNumberType
+        fit_stats.take(used),
+        x[used],
+        y[used],
+        fit_basis,
+        kf,
+        bf,
+        cfg.conditionNumberType,
+        with_covariance=bool(cfg.calculateKernelUncertainty),
     )
     if cfg.checkConditionNumber and sol.condition > cfg.maxSpatialConditionNumber:
         raise SpatialFitError(
@@ -318,8 +333,10 @@ def spatial_residuals(
     The model's kernel and background at each candidate's centre are written as the
     coefficients of a single-kernel fit (a local background polynomial of degree
     ``local_order``), so the candidate's sufficient statistics give the moments of
-    the difference the model leaves on its stamp, in units of sigma.
+    the difference the model leaves on its stamp, in units of its sigma under the
+    model's kernel.
     """
     local = model.solution.local_coefficients(x[used], y[used], model.stats.stamp_half, local_order)
-    mean, std, _ = model.stats.take(used).residual_moments(local)
+    kernels = model.basis.kernel_image(local[:, : model.basis.size])
+    mean, std, _ = model.stats.take(used).residual_moments(local, kernels)
     return mean, std

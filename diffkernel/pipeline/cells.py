@@ -12,7 +12,7 @@ the number of workers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from astropy.table import Table
@@ -28,11 +28,13 @@ from ..kernel.candidate import (
     convolve_basis,
     core_selector,
     cut_stamps,
+    fit_moments,
+    valid_convolutions,
 )
 from ..kernel.fit import SingleFit, fit_single_kernels
 from ..kernel.photometry import StampPhotometry, stamp_photometry
 from ..kernel.solve import BAD, CandidateSet, SolveOutcome, solve
-from ..prep.selection import aperture_flux_snr, assign_cells, place_centres, vet_positions
+from ..prep.selection import aperture_flux_snr, assign_cells, core_snr, place_centres, vet_positions
 
 __all__ = [
     "single_threaded_blas",
@@ -44,6 +46,7 @@ __all__ = [
     "cell_region",
     "fit_cell",
     "candidate_stats",
+    "variance_response",
     "SourcePlacement",
     "reduce_cells",
     "candidate_table",
@@ -144,7 +147,8 @@ class CellResult:
     reason : numpy.ndarray of str
         Vetting rejection per source ('' for a candidate).
     snr_template, snr_science, rating : numpy.ndarray
-        Aperture S/N in each image and the ranking flux (NaN where not measured).
+        Aperture S/N in each image and the rating, the mean S/N per pixel of the
+        science image's core (NaN where not measured).
     stats : CandidateStats or None
         Sufficient statistics of the candidates (sources with ``reason == ''``), in
         source order.
@@ -265,11 +269,13 @@ def fit_cell(
         radius = plan.aperture_radius
         half_snr = int(min(plan.half_stamp, max(np.ceil(2.5 * radius), 8)))
         xo, yo = lx[ok], ly[ok]
-        ft, snr_t[ok] = aperture_flux_snr(
+        _, snr_t[ok] = aperture_flux_snr(
             template.image, template.variance, xo, yo, half_snr, radius
         )
-        fs, snr_s[ok] = aperture_flux_snr(science.image, science.variance, xo, yo, half_snr, radius)
-        rating[ok] = ft + fs
+        _, snr_s[ok] = aperture_flux_snr(science.image, science.variance, xo, yo, half_snr, radius)
+        # Ranked as ip_diffim does: by the mean S/N of the core of the image matched to.
+        core = plan.kernel_config.candidateCoreRadius
+        rating[ok] = core_snr(science.image, science.variance, xo, yo, plan.half_stamp, core)
         low = ~((snr_t[ok] >= plan.min_snr) & (snr_s[ok] >= plan.min_snr))
         reason[ok[low]] = "low S/N"
     keep = np.flatnonzero(reason == "")
@@ -299,37 +305,70 @@ def candidate_stats(
 ) -> tuple[CandidateStats, SingleFit]:
     """Sufficient statistics of a batch and their single-kernel fits.
 
-    With ``iterateSingleKernel``, the statistics are made a second time with the
-    variance seen through the first fit's kernels. ``regularization`` is
-    :func:`~diffkernel.kernel.basis.regularization_for` of ``basis`` and ``kcfg``.
+    The fits are weighted by the science variance plus the template's under the
+    stamp; with ``iterateSingleKernel`` they are made a second time weighted by the
+    variance seen through the first fit's kernels. The residual statistics are in
+    units of the difference's own sigma, ``V_s + K² ⊛ V_t`` with ``K`` the
+    candidate's final kernel: what the difference image's variance plane says, so a
+    good fit has residuals of unit standard deviation whatever the template's depth.
+    ``regularization`` is :func:`~diffkernel.kernel.basis.regularization_for` of
+    ``basis`` and ``kcfg``.
     """
     conv = convolve_basis(basis, stamps.template)
     selector = (
         core_selector(stamps.stamp_size, kcfg.candidateCoreRadius) if kcfg.useCoreStats else None
     )
     _, tvar_center = stamps.template_center()
-    variance = stamps.science_variance + tvar_center
+    fit_variance = stamps.science_variance + tvar_center
+    with_uncertainty = bool(kcfg.calculateKernelUncertainty)
     kwargs = dict(
         background_order=int(kcfg.spatialBgOrder) if kcfg.fitForBackground else None,
         constant_variance_weighting=bool(kcfg.constantVarianceWeighting),
-        stats_selector=selector,
-        with_uncertainty=bool(kcfg.calculateKernelUncertainty),
     )
-    stats = compute_stats(conv, stamps.science, variance, **kwargs)
     if kcfg.iterateSingleKernel:
-        first = fit_single_kernels(stats, kcfg, regularization)
-        kernels = basis.kernel_image(first.coeffs[:, : basis.size])
-        # Better variance: science variance plus the template variance seen
-        # through the fitted kernel squared.
-        from numpy.lib.stride_tricks import sliding_window_view
+        first = fit_single_kernels(
+            fit_moments(conv, stamps.science, fit_variance, **kwargs), kcfg, regularization
+        )
+        fit_variance = stamps.difference_variance(basis.kernel_image(first.coeffs[:, : basis.size]))
+    moments = fit_moments(
+        conv, stamps.science, fit_variance, with_uncertainty=with_uncertainty, **kwargs
+    )
+    single = fit_single_kernels(moments, kcfg, regularization, with_uncertainty)
+    # The fit keeps the weights above, as ip_diffim's does (it weights by the variance
+    # it has before any iteration): only the units of the residuals follow the kernel.
+    variance = stamps.difference_variance(basis.kernel_image(single.coeffs[:, : basis.size]))
+    stats = compute_stats(
+        conv, stamps.science, variance, stats_selector=selector, fit=moments, **kwargs
+    )
+    var_science, var_template = variance_response(stamps, variance, selector)
+    return replace(stats, var_science=var_science, var_template=var_template), single
 
-        s = stamps.stamp_size
-        win = sliding_window_view(stamps.template_variance, (s, s), axis=(1, 2))
-        tvar_conv = np.einsum("nji,njixy->nxy", kernels[:, ::-1, ::-1] ** 2, win)
-        variance = stamps.science_variance + tvar_conv
-        stats = compute_stats(conv, stamps.science, variance, **kwargs)
-    with_uncertainty = bool(kcfg.calculateKernelUncertainty)
-    return stats, fit_single_kernels(stats, kcfg, regularization, with_uncertainty)
+
+def variance_response(
+    stamps: StampBatch, variance: np.ndarray, selector: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The terms that put statistics in units of ``variance`` in another kernel's units.
+
+    Returns
+    -------
+    var_science : numpy.ndarray
+        ``(N,)``: the mean over the statistics' pixels (``selector``'s, or the
+        stamp's) of the science variance over ``variance``.
+    var_template : numpy.ndarray
+        ``(N, K, K)``: per kernel pixel, the mean of the template variance it carries
+        into the difference over ``variance``; so the mean ratio of the difference's
+        variance under kernels ``K`` to ``variance`` is ``var_science + Σ K² var_template``
+        (:meth:`~diffkernel.kernel.candidate.CandidateStats.residual_moments`).
+    """
+    weight = 1.0 / variance
+    if selector is not None:
+        weight = weight * selector
+    weight /= weight.shape[1] * weight.shape[2] if selector is None else selector.sum()
+    # The template variance each window offset puts under the weights (a correlation),
+    # then flipped: window offsets run opposite to the kernel's pixels.
+    per_offset = valid_convolutions(stamps.template_variance, weight[:, ::-1, ::-1])
+    var_template = np.ascontiguousarray(per_offset[:, ::-1, ::-1])
+    return np.einsum("nxy,nxy->n", stamps.science_variance, weight), var_template
 
 
 @dataclass

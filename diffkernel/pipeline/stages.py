@@ -20,6 +20,10 @@ Both :class:`diffkernel.MakeKernelTask` (in memory) and
 6. *basis and plan*: the kernel basis sized by the widths, the run-wide constants of
    the cells and every source placed in its cell.
 
+Fields whose rules only the inputs can check are refused on the way, as ``validate()``
+refuses the others: mask plane names neither standard nor declared by an input, a
+background mesh cell larger than the image, a candidate core larger than the stamp.
+
 What differs between the executors is only how the pixel work is done: on arrays
 in this process, or as Dask tasks reading Zarr in the workers. That is a
 :class:`PixelWork`, whose methods the stages call in the order above; the order,
@@ -30,6 +34,7 @@ results (tested bit-identical).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +43,7 @@ from astropy.table import Table
 
 from ..config import MakeKernelConfig
 from ..errors import ConfigError, InputError, NoCandidatesError
-from ..image import MaskedImage
+from ..image import DEFAULT_MASK_PLANES, MaskedImage
 from ..io.fits import SATURATION_KEYS
 from ..kernel.basis import KernelBasis, basis_from_config, regularization_for
 from ..prep.psf import exposure_fwhm
@@ -54,6 +59,10 @@ __all__ = [
     "PreparedFit",
     "prepare_fit",
     "check_mode",
+    "check_plane_names",
+    "check_bin_size",
+    "refuse_field",
+    "PLANE_FIELDS",
     "needs_alignment",
     "exempt_planes",
     "detect_kernel_sources",
@@ -75,8 +84,8 @@ class PixelWork(ABC):
     Attributes
     ----------
     template, science : Exposure or ZarrImage
-        The pair as the stages see it (``shape``, ``wcs``, ``meta``); ``template`` is
-        the warped one once :meth:`align` ran.
+        The pair as the stages see it (``shape``, ``wcs``, ``meta``, ``mask_planes``);
+        ``template`` is the warped one once :meth:`align` ran.
     """
 
     template: Any
@@ -179,9 +188,11 @@ def prepare_fit(
     PreparedFit
     """
     kcfg = cfg.kernel.active
+    check_plane_names(cfg, work.template.mask_planes, work.science.mask_planes)
     meta: dict[str, Any] = {"aligned": align_pair(work, kcfg)}
     meta["preconvolved"] = bool(preconvolved)
     if kcfg.useAfwBackground:
+        check_bin_size(cfg, work.science.shape)
         work.remove_backgrounds()
     sources = kernel_sources(work, cfg, sources, meta)
     x, y = source_positions(sources, work.science)
@@ -200,6 +211,71 @@ def prepare_fit(
     plan = make_cell_plan(cfg, basis, work.science.shape)
     placement = SourcePlacement.from_positions(ids, x, y, plan)
     return PreparedFit(meta, mode, basis, plan, placement)
+
+
+def refuse_field(cfg: MakeKernelConfig, field: str, rule: str) -> ConfigError:
+    """The one-line error ``validate()`` gives, for a rule on a field of the active kernel
+    config (``field`` dotted below it) that only the inputs can check."""
+    value = cfg.kernel.active.get(field)
+    return ConfigError(f"invalid config kernel.{cfg.kernel.name}.{field} = {value!r}: {rule}")
+
+
+#: The fields of the active kernel config that name mask planes.
+PLANE_FIELDS = (
+    "badMaskPlanes",
+    "detectionConfig.badMaskPlanes",
+    "warpingConfig.growFullMask",
+    "afwBackgroundConfig.ignoredPixelMask",
+)
+
+
+def check_plane_names(cfg: MakeKernelConfig, *declared: Mapping[str, int]) -> None:
+    """Refuse a mask plane name that is neither a standard plane nor declared by an input.
+
+    A plane that no image has can never be set, so a misspelt name (``SATT``) would
+    silently let every pixel it was meant to exclude through. Only here are the inputs'
+    own planes (``MP_*`` cards, Zarr attributes) known.
+
+    Parameters
+    ----------
+    cfg : MakeKernelConfig
+        The configuration.
+    *declared : mapping of str to int
+        The mask planes of each input.
+
+    Raises
+    ------
+    ConfigError
+        Naming the field, the unknown plane and the planes that are known.
+    """
+    known = set(DEFAULT_MASK_PLANES).union(*declared)
+    for field in PLANE_FIELDS:
+        unknown = [name for name in cfg.kernel.active.get(field) if name not in known]
+        if unknown:
+            extra = sorted(known - set(DEFAULT_MASK_PLANES))
+            inputs = f"; the inputs also declare {', '.join(extra)}" if extra else ""
+            raise refuse_field(
+                cfg,
+                field,
+                f"no mask plane {unknown[0]!r} (standard planes: "
+                f"{', '.join(DEFAULT_MASK_PLANES)}{inputs}); correct the name or remove it",
+            )
+
+
+def check_bin_size(cfg: MakeKernelConfig, shape: tuple[int, int]) -> None:
+    """Refuse a background mesh cell larger than the image (``afwBackgroundConfig.binSize``).
+
+    The mesh would be one cell clipped to the image along that axis: not the mesh asked
+    for, and a background flat along it.
+    """
+    bin_size = cfg.kernel.active.afwBackgroundConfig.binSize
+    if bin_size > min(shape):
+        raise refuse_field(
+            cfg,
+            "afwBackgroundConfig.binSize",
+            f"larger than the {shape[0]} x {shape[1]} image (a mesh cell must fit in it); "
+            f"use at most {min(shape)}",
+        )
 
 
 def check_mode(mode: str) -> None:
@@ -367,6 +443,16 @@ def make_cell_plan(cfg: MakeKernelConfig, basis: KernelBasis, shape: tuple[int, 
         raise ConfigError(
             f"stamp of {2 * half_s + 1} px is smaller than the {basis.kernel_size} px kernel; "
             "raise detectionConfig.fpGrowPix/fpGrowMin or lower kernelSize"
+        )
+    if kcfg.candidateCoreRadius > half_s:
+        # The core would be cut at the stamp's edge: neither the core statistics nor the
+        # ratings would be over the core asked for.
+        raise refuse_field(
+            cfg,
+            "candidateCoreRadius",
+            f"its {2 * kcfg.candidateCoreRadius} px core does not fit in the "
+            f"{2 * half_s + 1} px candidate stamp; use at most {half_s}, or enlarge the "
+            "stamp (detectionConfig.fpGrowKernelScaling, fpGrowMin, fpGrowPix)",
         )
     return CellPlan(
         basis,

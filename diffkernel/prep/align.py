@@ -4,8 +4,9 @@ Uses ``reproject.reproject_interp`` on the image, variance and each mask plane.
 The variance is interpolated with the same weights as the image, which slightly
 overestimates it between pixels (the exact propagation uses squared weights): the
 difference image's variance stays conservative rather than optimistic. Output
-pixels that no template pixel covers, or that come out non-finite, are set to NaN
-and flagged ``NO_DATA`` and ``EDGE``.
+pixels that no template pixel covers, whose image interpolation draws on a
+non-finite template pixel, or that come out non-finite, are set to NaN and flagged
+``NO_DATA`` and ``EDGE``.
 
 The warp is done in fixed tiles of :data:`WARP_TILE` output pixels, each from the
 part of the template its footprint covers (plus a margin for the interpolation), so
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 from reproject import reproject_interp
+from scipy.ndimage import binary_dilation
 
 from ..errors import InputError
 from ..image import Exposure, MaskedImage, with_mask_planes
@@ -44,6 +46,17 @@ _ORDERS = {
     "bilinear": "bilinear",
     "biquadratic": "biquadratic",
     "bicubic": "bicubic",
+}
+
+#: The template pixels an interpolation draws on: a spline of order n uses n + 1 pixels
+#: per axis (scipy's map_coordinates: round(t) for order 0, floor(t)..floor(t)+1 for 1,
+#: round(t)-1..round(t)+1 for 2, floor(t)-1..floor(t)+2 for 3). That is where a
+#: nearest or bilinear warp of a flag plane grown by ``grow`` pixels is non-zero.
+_SUPPORT = {
+    "nearest-neighbor": (0, "nearest-neighbor"),
+    "bilinear": (0, "bilinear"),
+    "biquadratic": (1, "nearest-neighbor"),
+    "bicubic": (1, "bilinear"),
 }
 
 
@@ -141,11 +154,12 @@ def warp_region(
             (np.where(bad, 0.0, part.variance), wcs_in), wcs_out, shape_out=shape, order=order
         )
         covered = footprint > 0
+
+        def reach(flags: np.ndarray) -> np.ndarray:
+            return _reach(flags, config.warpingKernelName, wcs_in, wcs_out, shape)
+
         if bad.any():
-            reach, _ = reproject_interp(
-                (bad.astype(np.float64), wcs_in), wcs_out, shape_out=shape, order="bilinear"
-            )
-            covered &= ~(np.nan_to_num(reach, nan=1.0) > 0)
+            covered &= ~reach(bad)
         mask_order = _ORDERS[config.maskWarpingKernelName]
         grow = set(config.growFullMask)
         for name, bit in part.mask_planes.items():
@@ -155,8 +169,11 @@ def warp_region(
             warped, _ = reproject_interp(
                 (plane, wcs_in), wcs_out, shape_out=shape, order=mask_order
             )
-            warped = np.nan_to_num(warped, nan=0.0)
-            hit = warped > 0 if name in grow else warped >= 0.5
+            hit = np.nan_to_num(warped, nan=0.0) >= 0.5
+            if name in grow:
+                # Whatever the mask kernel, the plane covers every pixel whose image
+                # value drew on a flagged pixel: those values are contaminated.
+                hit |= reach(plane > 0)
             mask[hit] |= np.int32(1 << planes[name])
     out = MaskedImage(image, variance, mask, planes)
     missing = ~covered | ~np.isfinite(out.image) | ~np.isfinite(out.variance)
@@ -165,6 +182,17 @@ def warp_region(
     out.image[missing] = np.nan
     out.variance[missing] = np.nan
     return out, bool(covered.any())
+
+
+def _reach(flags: np.ndarray, kernel: str, wcs_in, wcs_out, shape) -> np.ndarray:
+    """Output pixels whose ``kernel`` interpolation draws on a True pixel of ``flags``."""
+    grow, order = _SUPPORT[kernel]
+    if grow:
+        flags = binary_dilation(flags, structure=np.ones((2 * grow + 1, 2 * grow + 1), bool))
+    warped, _ = reproject_interp(
+        (flags.astype(np.float64), wcs_in), wcs_out, shape_out=shape, order=order
+    )
+    return np.nan_to_num(warped, nan=0.0) > 0
 
 
 def check_overlap(covered: list[bool]) -> None:
@@ -190,9 +218,11 @@ def warp_exposure(template: Exposure, science: Exposure, config) -> Exposure:
     template, science : Exposure
         Both need a celestial WCS.
     config : WarpingConfig
-        ``warpingKernelName`` (image and variance), ``maskWarpingKernelName`` (mask
-        planes) and ``growFullMask`` (planes set wherever any covering template pixel
-        had them; other planes where the warped plane is at least one half).
+        ``warpingKernelName`` (image and variance), ``maskWarpingKernelName`` (each
+        plane is set where its warp with this kernel is at least one half) and
+        ``growFullMask`` (these planes are also set on every pixel whose image
+        interpolation draws on a template pixel that has them: the full width of the
+        image kernel, 1 to 4 pixels per axis).
 
     Raises
     ------

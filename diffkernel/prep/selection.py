@@ -3,8 +3,9 @@
 A source becomes a candidate when its whole template cutout (stamp plus kernel
 border) lies inside the image, no pixel of that cutout or of the science stamp is
 flagged in ``badMaskPlanes``, and it has enough signal to noise in both images.
-Candidates are ranked by their core flux in the two images (brightest first) and
-placed in spatial cells of ``sizeCellX`` by ``sizeCellY`` pixels.
+Candidates are rated by the mean S/N of the science image in their core
+(``candidateCoreRadius``; highest first) and placed in spatial cells of
+``sizeCellX`` by ``sizeCellY`` pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "assign_cells",
     "core_flux_snr",
     "aperture_flux_snr",
+    "core_snr",
 ]
 
 
@@ -193,22 +195,60 @@ def aperture_flux_snr(
         Aperture radius in pixels.
     """
     ring_dy, ring_dx, ap_dy, ap_dx = _aperture_offsets(int(half), float(radius))
+    sky = _row_medians(_gather(image, xc, yc, ring_dy, ring_dx))
+    flux = (_gather(image, xc, yc, ap_dy, ap_dx) - sky[:, None]).sum(axis=1)
+    noise = np.sqrt(_gather(variance, xc, yc, ap_dy, ap_dx).sum(axis=1))
+    return flux, flux / noise
+
+
+def core_snr(
+    image: np.ndarray,
+    variance: np.ndarray,
+    xc: np.ndarray,
+    yc: np.ndarray,
+    half: int,
+    core_radius: int,
+) -> np.ndarray:
+    """Mean signal to noise per pixel in the core of each stamp: a candidate's rating.
+
+    As ip_diffim's ``KernelCandidate`` rates candidates (the mean of pixel / sigma over
+    the core of the image matched to), with the local sky, the median of the stamp's
+    outer ring as in :func:`aperture_flux_snr`, subtracted first, since inputs here may
+    keep their sky. The core is the ``2 r x 2 r`` box of the core statistics
+    (:func:`~diffkernel.kernel.candidate.core_selector`: offsets ``-r .. r - 1``).
+
+    Parameters
+    ----------
+    image, variance : numpy.ndarray
+        2-D planes holding every stamp.
+    xc, yc : numpy.ndarray
+        Integer centres, at least ``half`` pixels inside the planes.
+    half : int
+        Half-width of the stamps (``half >= core_radius``).
+    core_radius : int
+        ``candidateCoreRadius``.
+    """
+    ring_dy, ring_dx, _, _ = _aperture_offsets(int(half), 0.0)
+    r = int(core_radius)
+    dy, dx = (d.ravel() for d in np.mgrid[-r:r, -r:r])
+    sky = _row_medians(_gather(image, xc, yc, ring_dy, ring_dx))
+    signal = _gather(image, xc, yc, dy, dx) - sky[:, None]
+    return (signal / np.sqrt(_gather(variance, xc, yc, dy, dx))).mean(axis=1)
+
+
+def _gather(
+    plane: np.ndarray, xc: np.ndarray, yc: np.ndarray, dy: np.ndarray, dx: np.ndarray
+) -> np.ndarray:
+    """``(N, P)`` pixels at offsets ``(dy, dx)`` from each integer centre, as float64."""
     xc = np.asarray(xc, dtype=np.intp)[:, None]
     yc = np.asarray(yc, dtype=np.intp)[:, None]
-
-    def gather(plane: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
-        flat = _flat_rows(plane)
-        if flat is not None:  # one flat index per pixel: several times faster
-            flat, width = flat
-            values = np.take(flat, (yc * width + xc) + (dy * width + dx))
-        else:
-            values = plane[yc + dy, xc + dx]
-        return values.astype(np.float64, copy=False)
-
-    sky = _row_medians(gather(image, ring_dy, ring_dx))
-    flux = (gather(image, ap_dy, ap_dx) - sky[:, None]).sum(axis=1)
-    noise = np.sqrt(gather(variance, ap_dy, ap_dx).sum(axis=1))
-    return flux, flux / noise
+    flat = _flat_rows(plane)
+    if flat is not None:  # one flat index per pixel: several times faster
+        flat, width = flat
+        values = np.take(flat, (yc * width + xc) + (dy * width + dx))
+    else:
+        values = plane[yc + dy, xc + dx]
+    return values.astype(np.float64, copy=False)
 
 
 def _flat_rows(plane: np.ndarray) -> tuple[np.ndarray, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import tomllib
@@ -451,7 +452,19 @@ INVALID = [
     ("AL", "kernel.AL.candidateResidualMeanMax", 0, "candidateResidualMeanMax = 0.0: must be"),
     ("AL", "kernel.AL.candidateResidualStdMax", -1, "candidateResidualStdMax = -1.0: must be"),
     ("AL", "kernel.AL.maxKsumSigma", 0, "maxKsumSigma = 0.0: must be > 0"),
-    ("AL", "kernel.AL.maxConditionNumber", 1, "maxConditionNumber = 1.0: must be > 1"),
+    ("AL", "kernel.AL.maxConditionNumber", 1, "maxConditionNumber = 1.0: must be finite and > 1"),
+    ("AL", "kernel.AL.maxConditionNumber", -5, "maxConditionNumber = -5.0: must be finite"),
+    ("AL", "kernel.AL.maxConditionNumber", math.inf, "maxConditionNumber = inf: must be finite"),
+    ("DF", "kernel.DF.maxConditionNumber", math.inf, "set checkConditionNumber = False"),
+    ("AL", "kernel.AL.maxSpatialConditionNumber", math.inf, "maxSpatialConditionNumber = inf"),
+    ("AL", "kernel.AL.alardGaussBeta", 1.0, "alardGaussBeta = 1.0: must be > 1"),
+    ("AL", "kernel.AL.alardGaussBeta", 0.5, "alardGaussBeta = 0.5: must be > 1"),
+    ("AL", "kernel.AL.alardSigGauss", [1.5, 0.7, 1.5], "alardSigGauss = (1.5, 0.7, 1.5): sigmas"),
+    ("AL", "kernel.AL.badMaskPlanes", ["SAT", "SAT "], "badMaskPlanes = ('SAT', 'SAT '): 'SAT '"),
+    ("DF", "kernel.DF.badMaskPlanes", ["NO_DATA", ""], "'' is not a mask plane name"),
+    ("AL", "kernel.AL.detectionConfig.badMaskPlanes", ["NO DATA"], "'NO DATA' is not a mask"),
+    ("AL", "kernel.AL.warpingConfig.growFullMask", [" EDGE"], "warpingConfig.growFullMask = "),
+    ("AL", "kernel.AL.afwBackgroundConfig.ignoredPixelMask", [""], "ignoredPixelMask = ('',)"),
     ("DF", "kernel.DF.maxSpatialConditionNumber", 0.5, "maxSpatialConditionNumber = 0.5"),
     ("AL", "kernel.AL.fwhmExposureGrid", 0, "fwhmExposureGrid = 0: must be >= 1"),
     ("AL", "kernel.AL.fwhmExposureBuffer", 0.5, "fwhmExposureBuffer = 0.5: must satisfy"),

@@ -441,3 +441,63 @@ def test_basis_from_config_even_kernel_size_raises(cls):
     cfg.kernelSize = 20
     with pytest.raises(ConfigError, match="kernelSize must be odd and >= 3, got 20"):
         basis_from_config(cfg)
+
+
+def test_al_sigmas_follow_the_2026_rule():
+    """Several Gaussians start at max(min_sigma, sigma_k / beta), then multiply by beta.
+
+    Between min_sigma and beta * min_sigma (here 0.7 < sigma_k < 1.4) the ladder is
+    [0.7, 1.4, 2.8]; the rule before 2026 gave [sigma_k, 2 sigma_k, 4 sigma_k] there.
+    """
+    sig, sk = al_sigmas_for_fwhm(3.0, 4.0, 3, 2.0, 0.7)
+    assert 0.7 < sk < 1.4
+    np.testing.assert_allclose(sig, [0.7, 1.4, 2.8])
+    for fwhm_s in np.linspace(3.0, 9.0, 61):
+        sig, sk = al_sigmas_for_fwhm(3.0, fwhm_s, 3, 2.0, 0.7)
+        np.testing.assert_allclose(sig, max(0.7, sk / 2.0) * 2.0 ** np.arange(3))
+
+
+@pytest.mark.parametrize("fwhm_t, min_sigma, deconv", [(3.0, 0.7, False), (5.0, 0.4, True)])
+def test_al_widths_are_continuous_in_the_fwhm(fwhm_t, min_sigma, deconv):
+    """No jump in the widths or the kernel size as a FWHM crosses the point where
+    sigma_k = beta * min_sigma (the old rule's discontinuity: every width x beta)."""
+    sk_jump = 2.0 * min_sigma
+    s_t = fwhm_t / SIGMA_TO_FWHM
+    sign = -1.0 if deconv else 1.0
+    fwhm_at_jump = SIGMA_TO_FWHM * np.sqrt(s_t**2 + sign * sk_jump**2)
+    fwhms = fwhm_at_jump + np.linspace(-0.05, 0.05, 201)
+    cfg = PsfMatchConfigAL()
+    widths, sizes = [], []
+    for fwhm_s in fwhms:
+        b = basis_from_config(cfg, fwhm_t, fwhm_s)
+        assert b.description["deconvolution"] is deconv
+        widths.append(b.description["sigmas"])
+        sizes.append(b.kernel_size)
+    ratio = np.asarray(widths)[1:] / np.asarray(widths)[:-1]
+    assert np.abs(ratio - 1).max() < 0.01
+    assert np.abs(np.diff(sizes)).max() <= 2
+
+
+def test_al_degree_beyond_what_the_gaussian_resolves_is_refused():
+    """A 0.7 px Gaussian on 21 pixels has independent powers up to degree 6; degree 10
+    used to be cut silently to 37 of its 66 functions: now refused, naming the limit."""
+    assert alard_lupton_basis(21, (0.7,), (6,)).size == 28
+    with pytest.raises(ConfigError, match=r"alardDegGauss: degree 10 for the 0.7 px .* 6 or less"):
+        alard_lupton_basis(21, (0.7,), (10,))
+    cfg = PsfMatchConfigAL(scaleByFwhm=False, alardDegGauss=(10, 2, 2))
+    with pytest.raises(ConfigError, match="alardDegGauss: degree 10 .* use degree 6 or less"):
+        basis_from_config(cfg)
+    # When deconvolving, the degrees come from alardDegGaussDeconv, and the message says so.
+    cfg = PsfMatchConfigAL(alardDegGaussDeconv=9)
+    with pytest.raises(ConfigError, match="alardDegGaussDeconv: degree 9 for the 0.4 px"):
+        basis_from_config(cfg, 3.1, 3.0)
+
+
+@pytest.mark.parametrize("sigmas", [(1.4, 1.4, 2.8), (0.7, 1.5, 1.5)])
+def test_al_identical_gaussians_are_refused(sigmas):
+    """Identical widths (alardGaussBeta = 1 or a repeated alardSigGauss) used to shrink the
+    basis silently (27 to 15 functions): now refused."""
+    with pytest.raises(ConfigError, match="too alike: 6 function.* space the sigmas apart"):
+        alard_lupton_basis(21, sigmas, (4, 2, 2))
+    with pytest.raises(ConfigError, match="too alike"):
+        basis_from_config(PsfMatchConfigAL(alardGaussBeta=1.0), 3.0, 5.0)

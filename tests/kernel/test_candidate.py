@@ -21,6 +21,7 @@ from diffkernel.kernel.candidate import (
     convolve_stamps,
     core_selector,
     cut_stamps,
+    fit_moments,
     local_background_columns,
 )
 
@@ -240,6 +241,83 @@ def test_transformed_equals_direct_stats(stamp_data, order, use_core):
         )
     assert moved.n_background == direct.n_background
     assert moved.n_kernel == 4
+
+
+@pytest.mark.parametrize("constant_weighting", [False, True])
+@pytest.mark.parametrize("use_core", [False, True])
+def test_stats_on_fit_moments_made_with_another_variance(stamp_data, constant_weighting, use_core):
+    """With ``fit``, the fit's moments are taken as given and ``variance`` sets the units
+    of the residual statistics only: a fit weighted before the kernel was known."""
+    _, conv, science, var_const, var_pix = stamp_data
+    kwargs = dict(background_order=1, constant_variance_weighting=constant_weighting)
+    selector = core_selector(S, 2) if use_core else None
+    moments = fit_moments(conv, science, var_const, with_uncertainty=True, **kwargs)
+    both = compute_stats(conv, science, var_pix, stats_selector=selector, fit=moments, **kwargs)
+    fit_only = compute_stats(conv, science, var_const, with_uncertainty=True, **kwargs)
+    stats_only = compute_stats(conv, science, var_pix, stats_selector=selector, **kwargs)
+    for name in ("m_fit", "b_fit", "m_var"):
+        np.testing.assert_array_equal(getattr(both, name), getattr(fit_only, name), err_msg=name)
+    for name in ("m", "b", "sws", "u", "su", "npix"):
+        np.testing.assert_array_equal(getattr(both, name), getattr(stats_only, name), err_msg=name)
+    assert len(moments) == 4 and moments.n_background == 3
+    with pytest.raises(ValueError, match="fit moments of 4 candidates with 3 background"):
+        compute_stats(
+            conv,
+            science,
+            var_pix,
+            background_order=0,
+            constant_variance_weighting=True,
+            fit=moments,
+        )
+
+
+def test_difference_variance_is_the_template_variance_through_the_kernel_squared():
+    """V_s + K² ⊛ V_t, as a pixel-by-pixel convolution makes it."""
+    rng = np.random.default_rng(17)
+    batch = StampBatch(
+        rng.normal(size=(3, H, H)),
+        rng.uniform(1.0, 5.0, size=(3, H, H)),
+        rng.normal(size=(3, S, S)),
+        rng.uniform(1.0, 5.0, size=(3, S, S)),
+    )
+    kernels = rng.normal(size=(3, K, K))
+    pairs = zip(batch.template_variance, kernels, strict=True)
+    expected = batch.science_variance + np.array(
+        [convolve2d(v, k**2, mode="valid") for v, k in pairs]
+    )
+    np.testing.assert_allclose(batch.difference_variance(kernels), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("use_core", [False, True])
+def test_residual_moments_under_other_kernels_with_uniform_variances(stamp_data, use_core):
+    """With uniform variances (their ratio uniform over the stamp), the moments given
+    other kernels are exactly those over the difference's sigma under them."""
+    basis, conv, science, _, _ = stamp_data
+    n = len(science)
+    selector = core_selector(S, 2) if use_core else None
+    v_s, v_t = 4.0, 3.0
+    own = np.random.default_rng(18).normal(size=(n, basis.size + 1))
+    own_var = v_s + v_t * (basis.kernel_image(own[:, :-1]) ** 2).sum(axis=(1, 2))
+    stats = compute_stats(
+        conv,
+        science,
+        np.broadcast_to(own_var[:, None, None], science.shape),
+        background_order=0,
+        constant_variance_weighting=True,
+        stats_selector=selector,
+    )
+    stats.var_science = v_s / own_var
+    stats.var_template = np.full((n, K, K), v_t) / own_var[:, None, None]
+    other = own + np.random.default_rng(19).normal(size=own.shape)
+    kernels = basis.kernel_image(other[:, :-1])
+    other_var = v_s + v_t * (kernels**2).sum(axis=(1, 2))
+    mean, std, chi2 = stats.residual_moments(other, kernels)
+    e_mean, e_std, e_chi2 = explicit_moments(
+        conv, science, np.broadcast_to(other_var[:, None, None], science.shape), other, 0, selector
+    )
+    np.testing.assert_allclose(chi2, e_chi2, rtol=1e-9)
+    np.testing.assert_allclose(mean, e_mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std, e_std, rtol=1e-8)
 
 
 def test_take_and_concatenate(stamp_data):

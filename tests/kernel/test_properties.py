@@ -62,16 +62,21 @@ def test_al_basis_conserves_kernel_sum(ladder, seed):
 
 
 @pytest.mark.parametrize(
-    "kernel_size, sigmas, degrees",
-    [(5, (0.3, 0.45, 0.8), (5, 2, 4)), (13, (4.57, 4.69, 5.11), (4, 4, 3))],
+    "kernel_size, sigmas, degrees, match",
+    [
+        (5, (0.3, 0.45, 0.8), (5, 2, 4), "degree 5 for the 0.3 px .* more than a 5x5"),
+        (13, (4.57, 4.69, 5.11), (4, 4, 3), "too alike"),
+        (13, (4.57, 4.69), (4, 4), "numerically degenerate"),
+    ],
 )
-def test_al_basis_refuses_near_dependent_gaussians(kernel_size, sigmas, degrees):
+def test_al_basis_refuses_near_dependent_gaussians(kernel_size, sigmas, degrees, match):
     """Near-equal or kernel-sized Gaussians cannot conserve the sum: a clear ConfigError.
 
     (Renormalizing them needs huge cancelling coefficients; their zero-sum kernels
-    summed to up to ~700, and a 5x5 kernel got 26 basis kernels.)
+    summed to up to ~700, and a 5x5 kernel got 26 basis kernels.) Those whose functions
+    are outright dependent are refused first, naming the degree or the widths to change.
     """
-    with pytest.raises(ConfigError, match="numerically degenerate"):
+    with pytest.raises(ConfigError, match=match):
         alard_lupton_basis(kernel_size, sigmas, degrees)
 
 

@@ -260,3 +260,69 @@ def test_grid_factors_match_evaluate(model):
     np.testing.assert_allclose(np.einsum("ly,lx->yxl", fy, fx), full, rtol=1e-13)
     c = np.random.default_rng(3).normal(size=functions.size)
     np.testing.assert_allclose(functions.grid_sum(c, xs, ys), full @ c, rtol=1e-12, atol=1e-12)
+
+
+# --- covariance of the spatial fit (calculateKernelUncertainty) -----------------------
+
+
+def _noisy_star_stats(rng, basis, x, y, kf, coeffs, constant_weighting):
+    """Statistics of Gaussian stars convolved with a spatial kernel (spatial coefficients
+    ``coeffs`` over ``kf``), with a constant background of 3 and Poisson-like noise."""
+    from diffkernel.kernel.candidate import compute_stats, convolve_basis
+
+    stamp, k = 15, basis.kernel_size
+    side = stamp + k - 1
+    yy, xx = np.mgrid[0:side, 0:side] - side // 2
+    template = 4e3 * np.exp(-0.5 * (xx**2 + yy**2) / 1.2**2)[None] * np.ones((len(x), 1, 1))
+    conv = convolve_basis(basis, template)
+    local = kf.evaluate(x, y) @ coeffs.T  # (N, n_basis)
+    model = np.einsum("nj,njyx->nyx", local, conv) + 3.0
+    variance = 20.0 + np.abs(model)  # sky plus the star: not constant over a stamp
+    science = model + rng.normal(size=model.shape) * np.sqrt(variance)
+    return compute_stats(
+        conv,
+        science,
+        variance,
+        background_order=0,
+        constant_variance_weighting=constant_weighting,
+        with_uncertainty=True,
+    )
+
+
+@pytest.mark.parametrize("constant_weighting", [False, True])
+def test_spatial_covariance_matches_the_scatter_of_noisy_fits(al3, constant_weighting):
+    """The kernel-sum and background errors at the centre from the covariance equal the
+    scatter of the fits over noise realisations (the sandwich form with constant
+    variance weighting, whose weights are not the inverse variances)."""
+    rng = np.random.default_rng(5)
+    x, y = positions(rng, 14)
+    kf = SpatialFunctions("chebyshev1", 1, BBOX)
+    bf = SpatialFunctions("chebyshev1", 0, BBOX)
+    coeffs = np.array([[1.2, 0.0, 0.0], [0.05, 0.02, -0.01], [0.03, -0.02, 0.01]])
+    centre = (199.5, 149.5)
+    sums, bgs, variances = [], [], []
+    for _ in range(300):
+        stats = _noisy_star_stats(rng, al3, x, y, kf, coeffs, constant_weighting)
+        sol = fit_spatial(stats, x, y, al3, kf, bf, with_covariance=True)
+        sums.append(sol.coefficients_at(*centre) @ al3.sums)
+        bgs.append(sol.background_at(*centre))
+        variances.append((sol.kernel_sum_variance(*centre), sol.covariance[-1, -1]))
+    n_free = 1 + 2 * 3  # the kernel sum's constant, then two kernels of three terms each
+    assert sol.covariance.shape == (n_free + 1, n_free + 1)
+    assert np.all(np.linalg.eigvalsh(sol.covariance) > 0)
+    predicted = np.sqrt(np.mean(variances, axis=0))
+    observed = np.array([np.std(sums), np.std(bgs)])
+    np.testing.assert_allclose(observed, predicted, rtol=0.15)
+
+
+def test_spatial_covariance_only_when_asked(al3):
+    """Without with_covariance the solution has none, and its kernel-sum variance says so."""
+    rng = np.random.default_rng(6)
+    x, y = positions(rng, 10)
+    kf = SpatialFunctions("chebyshev1", 1, BBOX)
+    coeffs = np.array([[1.0, 0.0, 0.0], [0.05, 0.02, -0.01], [0.03, -0.02, 0.01]])
+    stats = _noisy_star_stats(rng, al3, x, y, kf, coeffs, True)
+    sol = fit_spatial(stats, x, y, al3, kf, SpatialFunctions("chebyshev1", 0, BBOX))
+    assert sol.covariance is None
+    with pytest.raises(ValueError, match="calculateKernelUncertainty"):
+        sol.kernel_sum_variance(0.0, 0.0)

@@ -199,7 +199,9 @@ def test_difference_of_two_exposures_of_one_scene():
 
 def test_saturated_star_rejected_when_masked_and_by_residuals_when_not():
     """A star saturated in the science image: vetting rejects it as 'masked'; with the SAT
-    plane cleared, single-kernel residual clipping rejects it."""
+    plane cleared, its own fit rejects it: by its residuals or, when the wild kernel that
+    fit makes (sum ~10) carries enough template variance into the difference to keep its
+    residuals in their own sigma below the limit, by its kernel sum."""
     pair = make_pair((512, 512), seed=4, saturation=3.0e4, n_saturated=3, template_depth=4)
     sat_ids = set(pair.truth.sources["id"][pair.truth.sources["saturated"]])
     cfg = al_config(nStarPerCell=-1)
@@ -214,7 +216,8 @@ def test_saturated_star_rejected_when_masked_and_by_residuals_when_not():
     rows = table[np.isin(table["id"], list(sat_ids)) & (table["reason"] != "edge")]
     assert len(rows) > 0
     assert all(rows["status"] == "BAD")
-    assert set(rows["reason"]) == {"single-kernel residuals"}
+    assert set(rows["reason"]) <= {"single-kernel residuals", "kernel sum outlier"}
+    assert "single-kernel residuals" in set(rows["reason"])
 
 
 def test_variable_star_rejected_by_kernel_sum_clipping():
@@ -334,6 +337,10 @@ def test_kernel_uncertainty_and_core_stats_and_iteration(noisy_pair):
     # The scatter of kernel sums is consistent with their errors (a pull of order 1).
     pull = (good["kernel_sum"] - np.median(good["kernel_sum"])) / good["kernel_sum_err"]
     assert 0.5 < 1.4826 * np.median(np.abs(pull)) < 2.0
+    # The spatial solution has its covariance too: the kernel sum at the centre, fitted
+    # on every good candidate, is better known than any one candidate's.
+    ksum_err = np.sqrt(base.psfMatchingKernel.solution.kernel_sum_variance(512.0, 512.0))
+    assert 0 < ksum_err < np.median(good["kernel_sum_err"])
     core = MakeKernelTask(al_config(useCoreStats=True, candidateCoreRadius=4)).run(
         noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources
     )
@@ -354,7 +361,7 @@ def test_kernel_uncertainty_and_core_stats_and_iteration(noisy_pair):
 
 def test_pca_and_bic_for_al(noisy_pair):
     """usePcaForSpatialKernel gives a PCA basis of numPrincipalComponents kernels; BIC
-    picks a size no larger than that."""
+    picks a smaller size when the extra components fit noise."""
     pca = MakeKernelTask(al_config(usePcaForSpatialKernel=True, numPrincipalComponents=4)).run(
         noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources
     )
@@ -363,7 +370,9 @@ def test_pca_and_bic_for_al(noisy_pair):
     bic = MakeKernelTask(
         al_config(usePcaForSpatialKernel=True, numPrincipalComponents=4, useBicForKernelBasis=True)
     ).run(noisy_pair.template, noisy_pair.science, noisy_pair.truth.sources)
-    assert 1 <= bic.metadata["bic_basis_size"] <= 4
+    # On this pair the kernel hardly varies: the components after the mean kernel
+    # mostly fit noise, and the BIC drops them.
+    assert 1 <= bic.metadata["bic_basis_size"] < 4
     assert bic.metadata["basis_size"] == bic.metadata["bic_basis_size"]
 
 

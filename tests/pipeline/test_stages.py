@@ -15,7 +15,7 @@ from astropy.table import Table
 
 from diffkernel import MakeKernelConfig, MakeKernelTask
 from diffkernel.errors import InputError, NoCandidatesError
-from diffkernel.image import Exposure, MaskedImage
+from diffkernel.image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
 from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.stages import PixelWork, basis_metadata, prepare_fit
 from diffkernel.simulate import make_pair
@@ -37,13 +37,14 @@ def config(**kernel) -> MakeKernelConfig:
 
 
 class Image:
-    """What the stages read of an image: shape, WCS, header and PSF model."""
+    """What the stages read of an image: shape, WCS, header, PSF model and mask planes."""
 
     def __init__(self, shape, meta=None, psf_fwhm=None):
         self.shape = shape
         self.wcs = None
         self.meta = dict(meta or {})
         self.psf_fwhm = psf_fwhm
+        self.mask_planes = dict(DEFAULT_MASK_PLANES)
 
 
 class RecordingWork(PixelWork):

@@ -77,3 +77,53 @@ def test_bicubic_warp_of_a_template_with_no_data(rotated):
     full = align.warp_exposure(template, science, config).masked_image
     far = ~missing & np.isfinite(full.image)
     assert far.mean() > 0.85
+
+
+def _drawn_on(template, science, flags, kernel):
+    """Science pixels whose ``kernel`` interpolation uses a True pixel of ``flags``,
+    from the template coordinates of each science pixel and scipy's spline supports."""
+    ny, nx = science.shape
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    world = science.wcs.pixel_to_world_values(xx.ravel().astype(float), yy.ravel().astype(float))
+    tx, ty = (np.asarray(v) for v in template.wcs.world_to_pixel_values(*world))
+    first, width = {
+        "nearest-neighbor": (lambda t: np.floor(t + 0.5), 1),
+        "bilinear": (np.floor, 2),
+        "biquadratic": (lambda t: np.floor(t + 0.5) - 1, 3),
+        "bicubic": (lambda t: np.floor(t) - 1, 4),
+    }[kernel]
+    x0, y0 = first(tx).astype(int), first(ty).astype(int)
+    hit = np.zeros(tx.size, dtype=bool)
+    for dy in range(width):
+        for dx in range(width):
+            u, v = x0 + dx, y0 + dy
+            inside = (u >= 0) & (u < flags.shape[1]) & (v >= 0) & (v < flags.shape[0])
+            hit[inside] |= flags[v[inside], u[inside]]
+    return hit.reshape(ny, nx)
+
+
+@pytest.mark.parametrize("mask_kernel", ["nearest-neighbor", "bilinear"])
+@pytest.mark.parametrize("kernel", ["nearest-neighbor", "bilinear", "biquadratic", "bicubic"])
+def test_grow_full_mask_covers_the_image_kernel(rotated, kernel, mask_kernel):
+    """A growFullMask plane is set on exactly the pixels whose image interpolation draws on
+    a flagged template pixel, whatever the mask kernel (with nearest-neighbour mask warping
+    it used to be the plain warp: growFullMask did nothing)."""
+    template, science = rotated
+    mi = template.masked_image.copy()
+    flags = np.zeros(mi.shape, dtype=bool)
+    flags[80:84, 100:103] = True
+    flags[30, 40] = True
+    mi.set_plane("CR", flags)
+    cr = Exposure(mi, template.wcs, template.psf_fwhm)
+    config = WarpingConfig()
+    config.warpingKernelName = kernel
+    config.maskWarpingKernelName = mask_kernel
+    config.growFullMask = ("NO_DATA", "CR")
+    grown = align.warp_exposure(cr, science, config).masked_image
+    config.growFullMask = ("NO_DATA",)
+    plain = align.warp_exposure(cr, science, config).masked_image
+    covered = ~grown.plane("NO_DATA")
+    expected = _drawn_on(template, science, flags, kernel) & covered
+    np.testing.assert_array_equal(grown.plane("CR") & covered, expected | plain.plane("CR"))
+    if kernel != "nearest-neighbor":
+        assert grown.plane("CR").sum() > plain.plane("CR").sum()

@@ -46,7 +46,7 @@ from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import SubtractionKernels, check_fft_options, merged_mask_planes
 from ...quality import assess, footprint_radius, histogram_metrics
 from ..cells import SourcePlacement
-from ..stages import PreparedFit, check_mode, prepare_fit
+from ..stages import PreparedFit, check_mode, check_plane_names, prepare_fit
 from .cluster import connect, default_tile_size
 from .fitting import CellTasks, Reduction, submit_cells
 from .prefit import ClusterWork
@@ -164,6 +164,8 @@ def run_pair(
             f"tile_size {tile} must be a positive multiple of the science chunks {sci.chunks} "
             "(tiles write whole chunks)"
         )
+    # (prepare_fit checks it too; here a misspelt plane is refused before any cluster.)
+    check_plane_names(cfg, tmpl.mask_planes, sci.mask_planes)
     check_mode(mode)
     check_fft_options(precision, device)
     if cells_per_task is not None and int(cells_per_task) < 1:

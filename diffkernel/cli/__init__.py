@@ -1,0 +1,51 @@
+"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo``.
+
+Each command has ``--help`` and lives in a module of its own, which exports
+``add_parser`` and ``run``; a command imports what it needs only when it runs, so
+``diffkernel --help`` stays quick. Errors of the user's making (bad input, config or
+store) print one line naming the problem and exit with status 2; an incomplete result
+store makes ``inspect`` exit with status 1. A result whose quality verdict is ``fail``
+(:mod:`diffkernel.quality`) is written all the same, and ``subtract`` (and ``batch``,
+when no pair crashed) exit with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import DiffkernelError
+from . import batch, demo, ingest, inspect, subtract
+from .common import EXIT_QUALITY_FAIL
+
+__all__ = ["main", "EXIT_QUALITY_FAIL"]
+
+#: The commands, in the order ``--help`` lists them.
+COMMANDS = (demo, ingest, subtract, inspect, batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffkernel`` argument parser with every command."""
+    parser = argparse.ArgumentParser(
+        prog="diffkernel", description="PSF-matching kernels and image subtraction."
+    )
+    parser.add_argument("--version", action="version", version=f"diffkernel {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``diffkernel`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DiffkernelError as err:
+        print(f"diffkernel {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
