@@ -36,6 +36,8 @@ __all__ = [
     "valid_convolutions",
     "convolve_stamps",
     "convolve_basis",
+    "basis_columns",
+    "ShiftedTemplates",
     "compute_stats",
     "fit_moments",
     "core_selector",
@@ -261,11 +263,71 @@ def convolve_stamps(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndar
         out[:, plan.order] = _separable_convolutions(plan, tc, s)
         return out
     if basis.kind == "delta-function":
-        windows = sliding_window_view(tc, (s, s), axis=(1, 2))  # (N, K, K, S, S)
-        return np.ascontiguousarray(windows[:, ::-1, ::-1]).reshape(n, k * k, s, s)
+        return _shifted(tc, k)
     # Generic native images: direct valid convolution through windows.
     windows = sliding_window_view(tc, (s, s), axis=(1, 2))[:, ::-1, ::-1]
     return np.einsum("rji,njixy->nrxy", basis.native_images, windows, optimize=True)
+
+
+def _shifted(tc: np.ndarray, k: int) -> np.ndarray:
+    """The delta-function columns ``(N, K*K, S, S)``: every shift of the cutouts.
+
+    Column ``(a, b)`` (row-major) is the cutout at offset ``(K-1-a, K-1-b)``, the
+    'valid' convolution with a unit pixel at ``(a, b)``. Made one kernel row at a
+    time from windows over x: a 5-d reversed window view copies element by element.
+    """
+    n, ht, _ = tc.shape
+    s = ht - k + 1
+    out = np.empty((n, k, k, s, s))
+    rows = sliding_window_view(tc, s, axis=2)  # rows[n, u, b, x] = tc[n, u, b + x]
+    for a in range(k):
+        out[:, k - 1 - a] = rows[:, a : a + s, ::-1, :].transpose(0, 2, 1, 3)
+    return out.reshape(n, k * k, s, s)
+
+
+class ShiftedTemplates:
+    """The columns of a delta-function basis, made a few candidates at a time.
+
+    What :func:`~diffkernel.kernel.moments.fit_moments` and
+    :func:`~diffkernel.kernel.moments.compute_stats` read of the convolved stamps: a
+    ``shape`` and slices over candidates, here made when asked. All of a cell's
+    columns at once are 6.5 MB a candidate for a 21 x 21 kernel, which the moments
+    need only one block of candidates at a time.
+
+    Parameters
+    ----------
+    template_cutouts : numpy.ndarray
+        ``(N, S+K-1, S+K-1)``.
+    kernel_size : int
+        ``K``.
+    """
+
+    def __init__(self, template_cutouts: np.ndarray, kernel_size: int):
+        self.template = np.asarray(template_cutouts, dtype=np.float64)
+        self.kernel_size = int(kernel_size)
+        n, ht, _ = self.template.shape
+        s = ht - self.kernel_size + 1
+        self.shape = (n, self.kernel_size**2, s, s)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        """The columns ``(n, K*K, S, S)`` of the candidates ``index`` (a slice)."""
+        return _shifted(self.template[index], self.kernel_size)
+
+
+def basis_columns(
+    basis: KernelBasis, template_cutouts: np.ndarray
+) -> np.ndarray | ShiftedTemplates:
+    """The model's kernel columns for the moments: :func:`convolve_basis`, or lazily.
+
+    A delta-function basis (its own native set) gives :class:`ShiftedTemplates`;
+    any other basis its convolved stamps.
+    """
+    if basis.kind == "delta-function" and _is_identity(basis.transform):
+        return ShiftedTemplates(template_cutouts, basis.kernel_size)
+    return convolve_basis(basis, template_cutouts)
 
 
 def convolve_basis(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarray:

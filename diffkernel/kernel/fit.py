@@ -120,7 +120,10 @@ class SingleFit:
     coeffs : numpy.ndarray
         ``(N, n)`` kernel coefficients, then the local background terms if fitted.
     condition : numpy.ndarray
-        ``(N,)`` condition number of the solved matrix.
+        ``(N,)`` condition number of the solved matrix; NaN where it was not computed:
+        for bases of more than ``CONDITION_ALWAYS`` terms (delta functions) unless
+        ``checkConditionNumber`` uses it, since their eigendecompositions cost more
+        than the fits.
     lam : numpy.ndarray
         ``(N,)`` regularization strength used (0 without regularization).
     covariance : numpy.ndarray or None
@@ -244,6 +247,12 @@ def inverse_quadratic_forms(
                 work[pattern] += lam[i] * h[pattern]
             out[k] = v @ np.linalg.pinv(work, hermitian=True) @ v
     return out
+
+
+#: Single-kernel condition numbers are computed for bases up to this many terms (and
+#: for any with ``checkConditionNumber``): an eigendecomposition of a delta-function
+#: matrix (441 terms for a 21 x 21 kernel) took 2.5 times as long as its fit.
+CONDITION_ALWAYS = 128
 
 
 # --- the risk scan of the regularization strength ----------------------------------------
@@ -470,7 +479,10 @@ def fit_single_kernels(
     # The solve and the condition number share one equilibrated copy.
     meq, d = _equilibrate(np.asarray(m, dtype=np.float64))
     coeffs = _equilibrated_solve(meq, np.asarray(b, dtype=np.float64) / d) / d
-    condition = _equilibrated_condition(meq, cfg.conditionNumberType)
+    if cfg.checkConditionNumber or m.shape[-1] <= CONDITION_ALWAYS:
+        condition = _equilibrated_condition(meq, cfg.conditionNumberType)
+    else:
+        condition = np.full(n, np.nan)
     covariance = None
     if with_uncertainty:
         s_mat = np.linalg.pinv(m, hermitian=True)

@@ -230,6 +230,19 @@ def _background(stamp_size: int, background_order: int | None) -> np.ndarray | N
     return local_background_columns(stamp_size, background_order)
 
 
+# Design arrays (the columns of a few candidates, whitened) are made this many bytes at a
+# time: a delta-function candidate's are 6.5 MB, and arrays this size stay in memory the
+# allocator reuses; stacks of hundreds of megabytes are fresh pages every time, which
+# cost more to touch than the products cost to compute.
+_BLOCK_BYTES = 1 << 23
+
+
+def _blocks(n: int, n_columns: int, n_pixels: int) -> list[slice]:
+    """Slices of the candidates whose design arrays hold about ``_BLOCK_BYTES``."""
+    step = max(1, _BLOCK_BYTES // (8 * max(n_columns * n_pixels, 1)))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def fit_moments(
     convolved: np.ndarray,
     science: np.ndarray,
@@ -247,21 +260,30 @@ def fit_moments(
     p = s * s
     cols = _background(s, background_order)
     n_bg = 0 if cols is None else cols.shape[0]
-    kern = convolved.reshape(n, nk, p)
+    n_par = nk + n_bg
     sci, var = science.reshape(n, p), variance.reshape(n, p)
+    m_fit, b_fit = np.empty((n, n_par, n_par)), np.empty((n, n_par))
+    uncertainty = with_uncertainty and constant_variance_weighting
+    m_var = np.empty((n, n_par, n_par)) if uncertainty else None
+    w_const = 1.0 / var.mean(axis=1)
+    sig_inv = np.sqrt(1.0 / var)
+    for blk in _blocks(n, nk, p):
+        kern = np.asarray(convolved[blk]).reshape(-1, nk, p)
+        if constant_variance_weighting:
+            _moments(kern, cols, sci[blk], m_fit[blk], b_fit[blk])
+            if uncertainty:
+                root = np.sqrt(var[blk]) * w_const[blk, None]
+                _moments(kern * root[:, None, :], _times(cols, root), None, m_var[blk])
+        else:
+            si = sig_inv[blk]
+            kern = kern * si[:, None, :]
+            _moments(kern, _times(cols, si), sci[blk] * si, m_fit[blk], b_fit[blk])
     if constant_variance_weighting:
-        w_const = 1.0 / var.mean(axis=1)
-        m_fit, b_fit = _moments(kern, cols, sci)
         m_fit *= w_const[:, None, None]
         b_fit *= w_const[:, None]
-        m_var = None
-        if with_uncertainty:
-            root = np.sqrt(var) * w_const[:, None]
-            m_var = _moments(kern * root[:, None, :], _times(cols, root), None)[0]
-        return FitMoments(m_fit, b_fit, m_var, n_bg)
-    sig_inv = np.sqrt(1.0 / var)
-    m_w, b_w = _moments(kern * sig_inv[:, None, :], _times(cols, sig_inv), sci * sig_inv)
-    return FitMoments(m_w, b_w, m_w if with_uncertainty else None, n_bg)
+    elif with_uncertainty:
+        m_var = m_fit
+    return FitMoments(m_fit, b_fit, m_var, n_bg)
 
 
 def compute_stats(
@@ -280,7 +302,9 @@ def compute_stats(
     Parameters
     ----------
     convolved : numpy.ndarray
-        ``(N, n_kernel, S, S)`` template stamps convolved with each basis kernel.
+        ``(N, n_kernel, S, S)`` template stamps convolved with each basis kernel, or
+        any object of that ``shape`` whose slices over candidates are such arrays
+        (:class:`~diffkernel.kernel.candidate.ShiftedTemplates`).
     science, variance : numpy.ndarray
         ``(N, S, S)`` science stamps and the variance of the difference.
     background_order : int or None
@@ -326,21 +350,33 @@ def compute_stats(
             f"terms given for {n} candidates with {n_bg}"
         )
     sig_inv = np.sqrt(1.0 / variance.reshape(n, p))
-    a_k = convolved.reshape(n, nk, p) * sig_inv[:, None, :]
-    a_b = _times(cols, sig_inv)
     z = science.reshape(n, p) * sig_inv
+    sel = slice(None)
     if stats_selector is not None:
         sel = np.flatnonzero(np.asarray(stats_selector).reshape(p))
-        a_k, z = a_k[:, :, sel], z[:, sel]
-        a_b = None if a_b is None else a_b[:, :, sel]
-    m, b = (fit.m_fit, fit.b_fit) if shared else _moments(a_k, a_b, z)
+        z = z[:, sel]
+    a_b = _times(cols, sig_inv)
+    a_b = None if a_b is None else a_b[:, :, sel]
+    n_par = nk + n_bg
+    if shared:
+        m, b = fit.m_fit, fit.b_fit
+    else:
+        m, b = np.empty((n, n_par, n_par)), np.empty((n, n_par))
+    u = np.empty((n, n_par))
+    for blk in _blocks(n, nk, p):
+        a_k = np.asarray(convolved[blk]).reshape(-1, nk, p)
+        a_k = (a_k * sig_inv[blk, None, :])[:, :, sel]
+        bg = None if a_b is None else a_b[blk]
+        if not shared:
+            _moments(a_k, bg, z[blk], m[blk], b[blk])
+        u[blk] = _column_sums(a_k, bg)
     return CandidateStats(
         m_fit=fit.m_fit,
         b_fit=fit.b_fit,
         m=m,
         b=b,
         sws=np.einsum("np,np->n", z, z),
-        u=_column_sums(a_k, a_b),
+        u=u,
         su=z.sum(axis=1),
         npix=np.full(n, z.shape[1], dtype=np.float64),
         m_var=fit.m_var,
@@ -355,9 +391,13 @@ def _times(cols: np.ndarray | None, weights: np.ndarray) -> np.ndarray | None:
 
 
 def _moments(
-    kern: np.ndarray, bg: np.ndarray | None, y: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``D Dᵀ`` and ``D y`` of the design ``D = [kern; bg]``, built block by block.
+    kern: np.ndarray,
+    bg: np.ndarray | None,
+    y: np.ndarray | None,
+    gram: np.ndarray,
+    vec: np.ndarray | None = None,
+) -> None:
+    """``D Dᵀ`` and ``D y`` of the design ``D = [kern; bg]``, into ``gram`` and ``vec``.
 
     Parameters
     ----------
@@ -367,13 +407,14 @@ def _moments(
         ``(N, nb, P)`` or ``(nb, P)`` background columns.
     y : numpy.ndarray or None
         ``(N, P)``; None for no vector.
+    gram, vec : numpy.ndarray
+        ``(N, nk + nb, nk + nb)`` and ``(N, nk + nb)`` outputs (``vec`` unused
+        without ``y``).
     """
-    n, nk, _ = kern.shape
+    nk = kern.shape[1]
     nb = 0 if bg is None else bg.shape[-2]
-    gram = np.empty((n, nk + nb, nk + nb))
     # kern @ kernᵀ with the same operand on both sides: BLAS's symmetric rank-k update.
     np.matmul(kern, np.swapaxes(kern, 1, 2), out=gram[:, :nk, :nk])
-    vec = None if y is None else np.empty((n, nk + nb))
     if y is not None:
         vec[:, :nk] = np.matmul(kern, y[:, :, None])[:, :, 0]
     if nb:
@@ -384,7 +425,6 @@ def _moments(
         gram[:, nk:, nk:] = np.matmul(bg, bg_t)
         if y is not None:
             vec[:, nk:] = np.matmul(bg, y[:, :, None])[..., 0]
-    return gram, vec
 
 
 def _column_sums(kern: np.ndarray, bg: np.ndarray | None) -> np.ndarray:

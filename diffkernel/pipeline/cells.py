@@ -23,9 +23,9 @@ from ..kernel.basis import KernelBasis
 from ..kernel.candidate import (
     CandidateStats,
     StampBatch,
+    basis_columns,
     compute_stats,
     concatenate_rows,
-    convolve_basis,
     core_selector,
     cut_stamps,
     fit_moments,
@@ -314,7 +314,7 @@ def candidate_stats(
     ``regularization`` is :func:`~diffkernel.kernel.basis.regularization_for` of
     ``basis`` and ``kcfg``.
     """
-    conv = convolve_basis(basis, stamps.template)
+    conv = basis_columns(basis, stamps.template)
     selector = (
         core_selector(stamps.stamp_size, kcfg.candidateCoreRadius) if kcfg.useCoreStats else None
     )
