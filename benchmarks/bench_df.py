@@ -7,9 +7,11 @@ Usage::
     python benchmarks/bench_df.py 768 --repeats 3 --baseline-steps 20
 
 Table 1, for each size: a simulated pair (``make_pair((n, n), seed=1, template_depth=4)``,
-the true source list given) fitted by ``MakeKernelTask`` with the specification's AL and
-DF configurations, alternately, ``--repeats`` times in one process per code tree; the
-best time of each and the DF/AL ratio of the best times. The trees run one after the
+the true source list given) fitted by ``MakeKernelTask`` with AL and DF, alternately,
+``--repeats`` times in one process per code tree and configuration (the specification's,
+``MakeKernelConfig()``, and ``default_subtraction()``), one BLAS thread; the best wall
+and CPU time of each and the DF/AL ratios of the best times (CPU time is the steadier
+on a shared machine). The trees run one after the
 other, in a fresh process each, so compare their ratios rather than their seconds.
 
 Table 2: the DF single-kernel fits of the 768 pair's candidates, timed on the same
@@ -41,21 +43,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 TASK = r"""
 import json, sys, time
+from threadpoolctl import threadpool_limits
 from diffkernel import MakeKernelConfig, MakeKernelTask
 from diffkernel.simulate import make_pair
-n, repeats = int(sys.argv[1]), int(sys.argv[2])
+n, repeats, which = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 pair = make_pair((n, n), seed=1, template_depth=4)
 times = {"AL": [], "DF": []}
+cpu = {"AL": [], "DF": []}
 info = {}
-for _ in range(repeats):
-    for name in ("AL", "DF"):
-        cfg = MakeKernelConfig()
-        cfg.kernel.name = name
-        t0 = time.perf_counter()
-        result = MakeKernelTask(cfg).run(pair.template, pair.science, pair.truth.sources)
-        times[name].append(time.perf_counter() - t0)
-        info[name] = [int(result.metadata["n_good"]), int(result.metadata["n_candidates"])]
-print(json.dumps({"times": times, "info": info}))
+with threadpool_limits(1, user_api="blas"):
+    for _ in range(repeats):
+        for name in ("AL", "DF"):
+            if which == "subtraction":
+                cfg = MakeKernelConfig.default_subtraction()
+            else:
+                cfg = MakeKernelConfig()
+            cfg.kernel.name = name
+            t0, c0 = time.perf_counter(), time.process_time()
+            result = MakeKernelTask(cfg).run(pair.template, pair.science, pair.truth.sources)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+            info[name] = [int(result.metadata["n_good"]), int(result.metadata["n_candidates"])]
+print(json.dumps({"times": times, "cpu": cpu, "info": info}))
 """
 
 SCAN = r"""
@@ -165,21 +174,24 @@ def export(rev: str, dest: Path) -> Path:
 
 def task_table(sizes: list[int], trees: dict[str, Path], repeats: int) -> None:
     header = (
-        f"{'size':>6} {'code':>9} {'AL s':>7} {'DF s':>7} {'DF/AL':>6} "
-        f"{'AL good/cand':>13} {'DF good/cand':>13}"
+        f"{'size':>6} {'config':>11} {'code':>9} {'AL s':>6} {'DF s':>6} {'DF/AL':>6} "
+        f"{'AL cpu':>7} {'DF cpu':>7} {'DF/AL':>6} {'AL good/cand':>13} {'DF good/cand':>13}"
     )
     print(header)
     print("-" * len(header))
     for n in sizes:
-        for tree, path in trees.items():
-            out = run(TASK, str(n), str(repeats), path=path)
-            al, df = min(out["times"]["AL"]), min(out["times"]["DF"])
-            ia, idf = out["info"]["AL"], out["info"]["DF"]
-            print(
-                f"{n:>6} {tree:>9} {al:>7.2f} {df:>7.2f} {df / al:>6.1f} "
-                f"{ia[0]:>6}/{ia[1]:<6} {idf[0]:>6}/{idf[1]:<6}",
-                flush=True,
-            )
+        for which in ("spec", "subtraction"):
+            for tree, path in trees.items():
+                out = run(TASK, str(n), str(repeats), which, path=path)
+                al, df = min(out["times"]["AL"]), min(out["times"]["DF"])
+                al_c, df_c = min(out["cpu"]["AL"]), min(out["cpu"]["DF"])
+                ia, idf = out["info"]["AL"], out["info"]["DF"]
+                print(
+                    f"{n:>6} {which:>11} {tree:>9} {al:>6.2f} {df:>6.2f} {df / al:>6.1f} "
+                    f"{al_c:>7.2f} {df_c:>7.2f} {df_c / al_c:>6.1f} "
+                    f"{ia[0]:>6}/{ia[1]:<6} {idf[0]:>6}/{idf[1]:<6}",
+                    flush=True,
+                )
 
 
 def scan_table(baseline_fit: str, baseline_steps: int, repeats: int) -> None:

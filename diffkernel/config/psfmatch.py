@@ -343,10 +343,27 @@ class PsfMatchConfigAL(PsfMatchConfig):
         "enters only indirectly.",
     )
 
+    alardRegularization = Field(
+        float,
+        0.0,
+        "Strength of a roughness penalty on Alard-Lupton kernels (not in ip_diffim; 0 for "
+        "none): the squared 9-point Laplacian of the kernel image, summed, in units of the "
+        "fit's chi². It constrains the high-frequency kernel modes that the template's PSF "
+        "hides from the data: without it they are fitted to noise, held down only by the "
+        "template's own noise, so deeper templates gave worse kernels. Applied to the "
+        "single-kernel and the spatial fits. default_subtraction() sets 30.",
+    )
+
     def _check(self, prefix: str) -> None:
         super()._check(prefix)
         req = self._require
         req(self.alardNGauss >= 1, prefix, "alardNGauss", "must be >= 1")
+        req(
+            math.isfinite(self.alardRegularization) and self.alardRegularization >= 0,
+            prefix,
+            "alardRegularization",
+            "must be finite and >= 0",
+        )
         for name in ("alardSigGauss", "alardDegGauss"):
             req(
                 len(getattr(self, name)) == self.alardNGauss,
@@ -556,7 +573,9 @@ class MakeKernelConfig(Config):
         to the normal matrices of bright stars: their unregularized kernels are noise,
         and a PCA basis made of them (``usePcaForSpatialKernel``, on by default for DF)
         gave kernel sums 1.5-3% low (up to 8%) and kernel errors 1.3-1.8 times larger
-        (``benchmarks/bench_df_pca.py``; README, "How it works").
+        (``benchmarks/bench_df_pca.py``; README, "How it works"). Alard-Lupton kernels
+        get a roughness penalty (``alardRegularization = 30``), without which kernels
+        fitted from deeper templates came out worse (``benchmarks/bench_depth.py``).
         """
         config = cls()
         config.kernel.name = "AL"
@@ -566,4 +585,5 @@ class MakeKernelConfig(Config):
             kernel.spatialBgOrder = 2
         config.kernel.DF.lambdaType = "relative"
         config.kernel.DF.lambdaScaling = 1e-3
+        config.kernel.AL.alardRegularization = 30.0
         return config

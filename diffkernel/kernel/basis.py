@@ -440,8 +440,16 @@ def regularization_matrix(
 def regularization_for(basis: KernelBasis, config) -> np.ndarray | None:
     """The penalty ``H`` a configuration asks for on ``basis``, or None.
 
-    Only delta-function bases are regularized (``useRegularization``).
+    Delta-function bases are regularized with ``useRegularization`` (the strength
+    comes from ``lambdaType``); Alard-Lupton ones with ``alardRegularization > 0``:
+    then ``H`` is that strength times the 9-point Laplacian penalty of the kernel
+    image, written in the basis (``B H_pix Bᵀ``, ``B`` the basis images).
     """
+    strength = float(getattr(config, "alardRegularization", 0.0))
+    if basis.kind == "alard-lupton" and strength > 0:
+        images = basis.images.reshape(basis.size, -1)
+        laplacian = regularization_matrix(basis.kernel_size, "centralDifference", 9, (1,), 0.0)
+        return strength * (images @ laplacian @ images.T)
     if basis.kind != "delta-function" or not getattr(config, "useRegularization", False):
         return None
     return regularization_matrix(

@@ -431,8 +431,11 @@ def _direct_risks(
 
 def _choose_lambda(stats: CandidateStats, h: np.ndarray, cfg) -> np.ndarray:
     """Regularization strength per candidate, as ``cfg.lambdaType`` says."""
-    kind = cfg.lambdaType
     n = len(stats)
+    kind = getattr(cfg, "lambdaType", None)
+    if kind is None:
+        # Alard-Lupton: the penalty comes with its strength (alardRegularization).
+        return np.ones(n)
     if kind == "absolute":
         return np.full(n, float(cfg.lambdaValue))
     if kind == "relative":

@@ -91,6 +91,7 @@ AL_DEFAULTS = {
     "alardNGaussDeconv": 3,
     "alardDegGaussDeconv": 3,
     "alardMinSigDeconv": 0.4,
+    "alardRegularization": 0.0,
 }
 
 DF_DEFAULTS = {
