@@ -9,7 +9,7 @@ and ``s`` that every fit and quality statistic uses (re-exported here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -38,6 +38,7 @@ __all__ = [
     "convolve_basis",
     "basis_columns",
     "ShiftedTemplates",
+    "noise_corrected",
     "compute_stats",
     "fit_moments",
     "core_selector",
@@ -88,6 +89,20 @@ class StampBatch:
         """
         kernels = np.asarray(kernels, dtype=np.float64)
         return self.science_variance + valid_convolutions(self.template_variance, kernels**2)
+
+    def template_noise_response(self, weights: np.ndarray) -> np.ndarray:
+        """Per kernel pixel, the template variance it carries under ``weights``, ``(N, K, K)``.
+
+        ``R[a, b] = Σ_p w(p) V_t(p - (a, b))`` (in the kernel's pixel layout): the noise of
+        the template convolved with a unit pixel at ``(a, b)``, summed with the weights
+        ``(N, S, S)`` over the stamp. Pixels' noise being independent, what the noise of
+        the convolved template adds on average to the normal matrix of kernels
+        ``B`` (rows: kernel images) is ``B diag(R) Bᵀ``.
+        """
+        weights = np.asarray(weights, dtype=np.float64)
+        # A correlation: the window offsets run opposite to the kernel's pixels.
+        per_offset = valid_convolutions(self.template_variance, weights[:, ::-1, ::-1])
+        return np.ascontiguousarray(per_offset[:, ::-1, ::-1])
 
     def template_center(self) -> tuple[np.ndarray, np.ndarray]:
         """Template and template-variance pixels under the science stamp."""
@@ -359,3 +374,43 @@ def _is_identity(t: np.ndarray) -> bool:
     """Whether ``t`` is a square identity matrix (cheaper than comparing to ``np.eye``)."""
     n = t.shape[0]
     return t.shape == (n, n) and np.count_nonzero(t) == n and bool(np.all(np.diagonal(t) == 1))
+
+
+def noise_corrected(
+    moments: FitMoments,
+    stamps: StampBatch,
+    basis: KernelBasis,
+    variance: np.ndarray,
+    *,
+    constant_variance_weighting: bool,
+    correct: bool = True,
+) -> FitMoments:
+    """The fit's moments less what the convolved image's own noise adds to them.
+
+    Least squares on a noisy convolved image shrinks the kernel (errors in variables):
+    the noise adds ``B diag(R) Bᵀ`` to the normal matrix on average
+    (:meth:`StampBatch.template_noise_response`, ``R`` under the fit's weights: the
+    inverse of ``variance``, or of its stamp mean with constant variance weighting,
+    as ``moments`` were made) and nothing to its vector; taking it out leaves normal
+    equations unbiased for the kernel. The covariance moments (``m_var``) keep it:
+    they are what the data scatter by. ``correct`` False returns ``moments``
+    (``correctConvolvedNoise``).
+    """
+    if not correct:
+        return moments
+    n = variance.shape[0]
+    weights = 1.0 / variance
+    if constant_variance_weighting:
+        mean_weight = 1.0 / variance.reshape(n, -1).mean(axis=1)
+        weights = np.broadcast_to(mean_weight[:, None, None], variance.shape)
+    response = stamps.template_noise_response(weights).reshape(n, -1)
+    nk = basis.size
+    m_fit = moments.m_fit.copy()
+    kernel_block = m_fit[:, :nk, :nk]
+    if basis.kind == "delta-function" and _is_identity(basis.transform):
+        # The basis kernels are the unit pixels, in the same order: a diagonal.
+        kernel_block[:, np.arange(nk), np.arange(nk)] -= response
+    else:
+        images = basis.images.reshape(nk, -1)
+        kernel_block -= np.matmul(images * response[:, None, :], images.T)
+    return replace(moments, m_fit=m_fit)

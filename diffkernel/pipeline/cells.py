@@ -29,6 +29,7 @@ from ..kernel.candidate import (
     core_selector,
     cut_stamps,
     fit_moments,
+    noise_corrected,
     valid_convolutions,
 )
 from ..kernel.fit import SingleFit, fit_single_kernels
@@ -327,11 +328,27 @@ def candidate_stats(
     )
     if kcfg.iterateSingleKernel:
         first = fit_single_kernels(
-            fit_moments(conv, stamps.science, fit_variance, **kwargs), kcfg, regularization
+            noise_corrected(
+                fit_moments(conv, stamps.science, fit_variance, **kwargs),
+                stamps,
+                basis,
+                fit_variance,
+                constant_variance_weighting=bool(kcfg.constantVarianceWeighting),
+                correct=kcfg.correctConvolvedNoise,
+            ),
+            kcfg,
+            regularization,
         )
         fit_variance = stamps.difference_variance(basis.kernel_image(first.coeffs[:, : basis.size]))
-    moments = fit_moments(
-        conv, stamps.science, fit_variance, with_uncertainty=with_uncertainty, **kwargs
+    moments = noise_corrected(
+        fit_moments(
+            conv, stamps.science, fit_variance, with_uncertainty=with_uncertainty, **kwargs
+        ),
+        stamps,
+        basis,
+        fit_variance,
+        constant_variance_weighting=bool(kcfg.constantVarianceWeighting),
+        correct=kcfg.correctConvolvedNoise,
     )
     single = fit_single_kernels(moments, kcfg, regularization, with_uncertainty)
     # The fit keeps the weights above, as ip_diffim's does (it weights by the variance

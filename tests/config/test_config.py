@@ -74,6 +74,7 @@ SHARED_DEFAULTS = {
     "maxSpatialConditionNumber": 1.0e10,
     "iterateSingleKernel": False,
     "constantVarianceWeighting": True,
+    "correctConvolvedNoise": False,
     "calculateKernelUncertainty": False,
     "useBicForKernelBasis": False,
     "fwhmExposureGrid": 10,

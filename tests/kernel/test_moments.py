@@ -10,16 +10,19 @@ from diffkernel.kernel import moments
 from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis
 from diffkernel.kernel.candidate import (
     ShiftedTemplates,
+    StampBatch,
     basis_columns,
     compute_stats,
     convolve_basis,
     fit_moments,
+    noise_corrected,
 )
 from diffkernel.kernel.fit import CONDITION_ALWAYS, fit_single_kernels
 
 K = 7
 S = 11
 H = S + K - 1
+AL_SMALL = alard_lupton_basis(3, (0.6, 1.2), (1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,38 @@ def test_delta_function_condition_numbers_only_when_checked(stamps):
     np.testing.assert_array_equal(checked.coeffs, skipped.coeffs)
     small = fit_single_kernels(st, PsfMatchConfigDF(), np.eye(K * K))
     assert np.all(np.isfinite(small.condition))
+
+
+@pytest.mark.parametrize("make_basis", [lambda: delta_function_basis(3), lambda: AL_SMALL])
+@pytest.mark.parametrize("constant", [True, False])
+def test_noise_correction_is_the_expected_noise_gram(make_basis, constant):
+    """What is taken out is E[Cₙᵀ W Cₙ], the convolved noise's normal matrix, exactly.
+
+    ``C_i = A_i t`` with ``A_i`` the matrix of the valid convolution with basis kernel
+    ``i``; for noise of covariance ``diag(V)`` the expectation is ``tr(W A_i V A_jᵀ)``.
+    """
+    basis = make_basis()
+    k, s = 3, 5
+    h = s + k - 1
+    rng = np.random.default_rng(21)
+    tvar = rng.uniform(1.0, 4.0, size=(2, h, h))
+    svar = rng.uniform(1.0, 4.0, size=(2, s, s))
+    template = rng.normal(size=(2, h, h))
+    science = rng.normal(size=(2, s, s))
+    stamps = StampBatch(template, tvar, science, svar)
+    conv = convolve_basis(basis, template)
+    kwargs = dict(background_order=None, constant_variance_weighting=constant)
+    moments = fit_moments(conv, science, svar, **kwargs)
+    got = noise_corrected(moments, stamps, basis, svar, constant_variance_weighting=constant)
+    for c in range(2):
+        # A_i column by column: the convolution of each unit template pixel.
+        units = np.eye(h * h).reshape(h * h, h, h)
+        a = convolve_basis(basis, units).reshape(h * h, basis.size, s * s).transpose(1, 2, 0)
+        w = np.full(s * s, 1.0 / svar[c].mean()) if constant else 1.0 / svar[c].ravel()
+        expected = np.einsum("p,ipq,q,jpq->ij", w, a, tvar[c].ravel(), a)
+        np.testing.assert_allclose(moments.m_fit[c] - got.m_fit[c], expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(got.b_fit, moments.b_fit)
+    same = noise_corrected(
+        moments, stamps, basis, svar, constant_variance_weighting=constant, correct=False
+    )
+    assert same is moments
