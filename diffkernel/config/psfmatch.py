@@ -356,7 +356,7 @@ class PsfMatchConfigAL(PsfMatchConfig):
         "Roughness penalty on AL kernels (0: none, as ip_diffim): the summed squared 9-point "
         "Laplacian of the kernel image, in chi² units, in the single and spatial fits. It "
         "holds down the modes the template's PSF hides, which deeper templates otherwise "
-        "fit to noise. default_subtraction() sets 30.",
+        "fit to noise. default_subtraction() sets 60.",
     )
 
     def _check(self, prefix: str) -> None:
@@ -575,7 +575,7 @@ class MakeKernelConfig(Config):
         and a PCA basis made of them (``usePcaForSpatialKernel``, on by default for DF)
         gave kernel sums 1.5-3% low (up to 8%) and kernel errors 1.3-1.8 times larger
         (``benchmarks/bench_df_pca.py``; README, "How it works"). Alard-Lupton kernels
-        get a roughness penalty (``alardRegularization = 30``), without which kernels
+        get a roughness penalty (``alardRegularization = 60``), without which kernels
         fitted from deeper templates came out worse (``benchmarks/bench_depth.py``), and
         ``correctConvolvedNoise``, without which their kernel sums came out ~1% low where
         the convolved image is as noisy as the other or noisier (not for delta
@@ -590,6 +590,6 @@ class MakeKernelConfig(Config):
             kernel.spatialBgOrder = 2
         config.kernel.DF.lambdaType = "relative"
         config.kernel.DF.lambdaScaling = 1e-3
-        config.kernel.AL.alardRegularization = 30.0
+        config.kernel.AL.alardRegularization = 60.0
         config.kernel.AL.correctConvolvedNoise = True
         return config
