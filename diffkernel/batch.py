@@ -132,7 +132,7 @@ def _hash_path(digest, path: Path) -> None:
                 digest.update(block)
 
 
-def fingerprint(spec: PairSpec, config: MakeKernelConfig) -> str:
+def fingerprint(spec: PairSpec, config: MakeKernelConfig, decorrelate: bool = True) -> str:
     """SHA-256 of the pair's input bytes, its configuration and the package version."""
     digest = hashlib.sha256()
     for value in (spec.science, spec.template, spec.sources):
@@ -144,6 +144,8 @@ def fingerprint(spec: PairSpec, config: MakeKernelConfig) -> str:
         _hash_path(digest, Path(location))
     digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(__version__.encode())
+    if not decorrelate:  # (so fingerprints of decorrelated results stay as they were)
+        digest.update(b"no-decorrelate")
     return digest.hexdigest()
 
 
@@ -189,6 +191,7 @@ def _run_one(
     config: MakeKernelConfig,
     chunks: int,
     stop: threading.Event,
+    decorrelate: bool = True,
 ) -> None:
     import shutil
     import uuid
@@ -201,7 +204,7 @@ def _run_one(
     if stop.is_set():
         return
     started = time.perf_counter()
-    print_ = fingerprint(spec, config)
+    print_ = fingerprint(spec, config, decorrelate)
     if _is_current(spec.output, print_):
         from .io.zarr.results import open_result
 
@@ -226,6 +229,7 @@ def _run_one(
             client=client,
             overwrite=True,
             provenance={"batch_fingerprint": print_},
+            decorrelate=decorrelate,
         )
         book.update(
             status,
@@ -259,6 +263,7 @@ def run_batch(
     n_workers: int | None = None,
     concurrent: int = 2,
     chunks: int = 512,
+    decorrelate: bool = True,
 ) -> list[PairStatus]:
     """Process every pair of a manifest; skip those already done with the same inputs.
 
@@ -277,6 +282,8 @@ def run_batch(
         Pairs in flight at once (their tasks share the cluster).
     chunks : int
         Chunk side used when ingesting FITS inputs.
+    decorrelate : bool
+        Decorrelate the differences (:func:`~diffkernel.pipeline.dask.driver.run_pair`).
 
     Returns
     -------
@@ -296,7 +303,7 @@ def run_batch(
     stop = threading.Event()
     with connect(client, scheduler, n_workers) as cl, ThreadPoolExecutor(concurrent) as pool:
         pending = {
-            pool.submit(_run_one, spec, status, book, cl, cfg, chunks, stop)
+            pool.submit(_run_one, spec, status, book, cl, cfg, chunks, stop, decorrelate)
             for spec, status in zip(specs, statuses, strict=True)
         }
         try:

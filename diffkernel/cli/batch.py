@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
     batch.add_argument("--concurrent", type=int, default=2, help="pairs in flight at once")
     batch.add_argument("--chunks", type=int, default=512, help="chunk side for FITS inputs")
+    batch.add_argument(
+        "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
+    )
     batch.set_defaults(func=run)
 
 
@@ -47,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
             n_workers=args.workers,
             concurrent=args.concurrent,
             chunks=args.chunks,
+            decorrelate=not args.no_decorrelate,
         )
     except KeyboardInterrupt:
         print(f"diffkernel batch: stopped; see {Path(args.out) / STATUS_FILE}", file=sys.stderr)

@@ -64,6 +64,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     subtract.add_argument(
         "--preconvolved", action="store_true", help="the science was convolved with its PSF"
     )
+    subtract.add_argument(
+        "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
+    )
+    subtract.add_argument(
+        "--score",
+        action="store_true",
+        help="also write the score image (S/N of a point source; FITS: <fits-out>.score.fits)",
+    )
     subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     subtract.add_argument("--quiet", action="store_true", help="no progress bars")
     subtract.set_defaults(func=run)
@@ -75,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
 
     from astropy.table import Table
 
-    from ..image import Exposure
-    from ..io.fits import write_exposure
     from ..io.inputs import open_input
     from ..pipeline.dask.driver import run_pair
 
@@ -102,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             preconvolved=args.preconvolved,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            decorrelate=not args.no_decorrelate,
+            score=args.score,
         )
         if args.plots:
             from ..plots import write_plots
@@ -112,14 +120,9 @@ def run(args: argparse.Namespace) -> int:
     from ..quality import describe, fits_cards
 
     if args.fits_out:
-        diff = run.result.difference
-        ny, nx = diff.shape
-        write_exposure(
-            args.fits_out,
-            Exposure(diff.read(0, ny, 0, nx), wcs=diff.wcs),
-            overwrite=args.overwrite,
-            extra_header=fits_cards(run.quality),
-        )
+        from .common import write_result_fits
+
+        write_result_fits(run.result, args.fits_out, args.overwrite, fits_cards(run.quality))
     summary = {**run.summary, "timing_s": run.timings, "output": str(run.result.path)}
     print(json.dumps(summary, indent=2, default=str))
     print(describe(run.quality), file=sys.stderr)
