@@ -208,7 +208,7 @@ class PsfMatchConfig(Config):
         False,
         "Take out of each normal matrix what the convolved image's noise adds on average "
         "(errors in variables shrink the kernel: sums ~1% low otherwise). Not in ip_diffim; "
-        "default_subtraction() turns it on for AL (delta functions overshot, 3-4% high).",
+        "for AL (with delta functions it overshot: sums 3-4% high).",
     )
     calculateKernelUncertainty = Field(
         bool,
@@ -356,7 +356,7 @@ class PsfMatchConfigAL(PsfMatchConfig):
         "Roughness penalty on AL kernels (0: none, as ip_diffim): the summed squared 9-point "
         "Laplacian of the kernel image, in chi² units, in the single and spatial fits. It "
         "holds down the modes the template's PSF hides, which deeper templates otherwise "
-        "fit to noise. default_subtraction() sets 60.",
+        "fit to noise. 60 measured best (benchmarks/bench_depth.py).",
     )
 
     def _check(self, prefix: str) -> None:
@@ -574,13 +574,7 @@ class MakeKernelConfig(Config):
         to the normal matrices of bright stars: their unregularized kernels are noise,
         and a PCA basis made of them (``usePcaForSpatialKernel``, on by default for DF)
         gave kernel sums 1.5-3% low (up to 8%) and kernel errors 1.3-1.8 times larger
-        (``benchmarks/bench_df_pca.py``; README, "How it works"). Alard-Lupton kernels
-        get a roughness penalty (``alardRegularization = 60``), without which kernels
-        fitted from deeper templates came out worse (``benchmarks/bench_depth.py``), and
-        ``correctConvolvedNoise``, without which their kernel sums came out ~1% low where
-        the convolved image is as noisy as the other or noisier (not for delta
-        functions: their regularized kernels were within 0.3% without it, and 3-4% high
-        with it).
+        (``benchmarks/bench_df_pca.py``; README, "How it works").
         """
         config = cls()
         config.kernel.name = "AL"
@@ -590,6 +584,4 @@ class MakeKernelConfig(Config):
             kernel.spatialBgOrder = 2
         config.kernel.DF.lambdaType = "relative"
         config.kernel.DF.lambdaScaling = 1e-3
-        config.kernel.AL.alardRegularization = 60.0
-        config.kernel.AL.correctConvolvedNoise = True
         return config

@@ -29,7 +29,11 @@ def worst_raw_error(depth: float, name: str, fields: dict) -> float:
 
 
 @pytest.mark.parametrize(
-    ("name", "fields"), [("AL", {}), ("DF", {"usePcaForSpatialKernel": False})]
+    ("name", "fields"),
+    [
+        ("AL", {"alardRegularization": 60.0, "correctConvolvedNoise": True}),
+        ("DF", {"usePcaForSpatialKernel": False}),
+    ],
 )
 def test_deeper_template_gives_no_worse_raw_kernel(name, fields):
     """The kernel's high-frequency modes, hidden by the template's PSF, are penalized.
