@@ -208,7 +208,7 @@ class PsfMatchConfig(Config):
         False,
         "Take out of each normal matrix what the convolved image's noise adds on average "
         "(errors in variables shrink the kernel: sums ~1% low otherwise). Not in ip_diffim; "
-        "for AL (with delta functions it overshot: sums 3-4% high).",
+        "on for AL in default_subtraction() (with delta functions it overshot: 3-4% high).",
     )
     calculateKernelUncertainty = Field(
         bool,
@@ -356,7 +356,7 @@ class PsfMatchConfigAL(PsfMatchConfig):
         "Roughness penalty on AL kernels (0: none, as ip_diffim): the summed squared 9-point "
         "Laplacian of the kernel image, in chi² units, in the single and spatial fits. It "
         "holds down the modes the template's PSF hides, which deeper templates otherwise "
-        "fit to noise. 60 measured best (benchmarks/bench_depth.py).",
+        "fit to noise. default_subtraction() sets 60 (benchmarks/bench_depth.py).",
     )
 
     def _check(self, prefix: str) -> None:
@@ -574,7 +574,10 @@ class MakeKernelConfig(Config):
         to the normal matrices of bright stars: their unregularized kernels are noise,
         and a PCA basis made of them (``usePcaForSpatialKernel``, on by default for DF)
         gave kernel sums 1.5-3% low (up to 8%) and kernel errors 1.3-1.8 times larger
-        (``benchmarks/bench_df_pca.py``; README, "How it works").
+        (``benchmarks/bench_df_pca.py``; README, "How it works"). AL kernels get a
+        roughness penalty (``alardRegularization = 60``; deeper templates gave worse
+        kernels without it) and ``correctConvolvedNoise`` (sums ~1% low without it where
+        the convolved image is the noisier; ``benchmarks/bench_depth.py``).
         """
         config = cls()
         config.kernel.name = "AL"
@@ -584,4 +587,6 @@ class MakeKernelConfig(Config):
             kernel.spatialBgOrder = 2
         config.kernel.DF.lambdaType = "relative"
         config.kernel.DF.lambdaScaling = 1e-3
+        config.kernel.AL.alardRegularization = 60.0
+        config.kernel.AL.correctConvolvedNoise = True
         return config

@@ -449,7 +449,10 @@ def regularization_for(basis: KernelBasis, config) -> np.ndarray | None:
     if basis.kind == "alard-lupton" and strength > 0:
         images = basis.images.reshape(basis.size, -1)
         laplacian = regularization_matrix(basis.kernel_size, "centralDifference", 9, (1,), 0.0)
-        return strength * (images @ laplacian @ images.T)
+        # einsum's own loops, not BLAS: a threaded product's rounding depends on the
+        # thread count, and H must be the same wherever the fit runs.
+        rough = np.einsum("ip,pq->iq", images, laplacian)
+        return strength * np.einsum("iq,jq->ij", rough, images)
     if basis.kind != "delta-function" or not getattr(config, "useRegularization", False):
         return None
     return regularization_matrix(

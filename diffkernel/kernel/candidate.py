@@ -412,5 +412,6 @@ def noise_corrected(
         kernel_block[:, np.arange(nk), np.arange(nk)] -= response
     else:
         images = basis.images.reshape(nk, -1)
-        kernel_block -= np.matmul(images * response[:, None, :], images.T)
+        # (einsum's loops: BLAS's rounding would depend on its thread count.)
+        kernel_block -= np.einsum("ip,np,jp->nij", images, response, images)
     return replace(moments, m_fit=m_fit)
