@@ -1,4 +1,5 @@
-"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo | apply``.
+"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo | apply |
+config``.
 
 Each command has ``--help`` and lives in a module of its own, which exports
 ``add_parser`` and ``run``; a command imports what it needs only when it runs, so
@@ -16,13 +17,13 @@ import sys
 
 from .. import __version__
 from ..errors import DiffkernelError
-from . import apply, batch, demo, ingest, inspect, subtract
-from .common import EXIT_QUALITY_FAIL
+from . import apply, batch, config, demo, ingest, inspect, subtract
+from .common import EXIT_QUALITY_FAIL, setup_logging
 
 __all__ = ["main", "EXIT_QUALITY_FAIL"]
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (demo, ingest, subtract, inspect, batch, apply)
+COMMANDS = (demo, ingest, subtract, inspect, batch, apply, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffkernel`` command."""
     args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
         return int(args.func(args))
     except DiffkernelError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,8 @@ import dask
 from ...errors import InputError
 
 __all__ = ["WORKER_ENVIRON", "connect", "default_tile_size"]
+
+log = logging.getLogger("diffkernel")
 
 #: Environment of LocalCluster workers. It replaces Dask's default, which also sets
 #: MALLOC_TRIM_THRESHOLD_=65536 and with it switches off glibc's adaptive mmap
@@ -55,22 +58,30 @@ def connect(
     n_workers: int | None = None,
     progress: bool = False,
 ) -> Iterator[Any]:
-    """A ``distributed.Client``: the one given, one to ``scheduler``, or a LocalCluster.
+    """A ``distributed.Client``: the one given, one to ``scheduler``, the active one, or a
+    LocalCluster.
 
     Parameters
     ----------
     client : distributed.Client, optional
-        Used as is (not closed).
+        Used as is (not closed). When neither it, ``scheduler`` nor ``n_workers`` is
+        given, the active client (``distributed.default_client()``, e.g. one a notebook
+        made) is used as is, rather than a new LocalCluster beside it.
     scheduler : str, optional
         Address such as ``tcp://host:8786`` of a running scheduler.
     n_workers : int, optional
         Worker processes of the LocalCluster started when neither is given
         (default: one per core), each single-threaded.
     progress : bool
-        Print the dashboard link.
+        Unused: the scheduler and its dashboard link are logged (logger ``diffkernel``,
+        INFO) whatever its value.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, default_client
 
+    if client is None and scheduler is None and n_workers is None:
+        with contextlib.suppress(ValueError):  # no active client
+            client = default_client()
+            log.info("using the active Dask client, dashboard %s", client.dashboard_link)
     if client is not None:
         yield client
         return
@@ -80,8 +91,7 @@ def connect(
         except OSError as err:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
         try:
-            if progress:
-                print(f"diffkernel: scheduler {scheduler}, dashboard {own.dashboard_link}")
+            log.info("scheduler %s, dashboard %s", scheduler, own.dashboard_link)
             yield own
         finally:
             own.close()
@@ -99,6 +109,5 @@ def connect(
         ) as cluster,
         Client(cluster) as own,
     ):
-        if progress:
-            print(f"diffkernel: LocalCluster of {workers} workers, dashboard {own.dashboard_link}")
+        log.info("LocalCluster of %d workers, dashboard %s", workers, own.dashboard_link)
         yield own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from .tasks import in_task_process
 
 __all__ = ["TaskRunner"]
+
+log = logging.getLogger("diffkernel")
 
 
 class TaskRunner:
@@ -56,8 +59,8 @@ class TaskRunner:
         """
         from distributed import progress, wait
 
+        log.info("%s (%d tasks)", stage, len(futures))
         if self.progress:
-            print(f"diffkernel: {stage} ({len(futures)} tasks)")
             progress(futures)
             print()
         values = None
