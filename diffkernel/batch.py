@@ -8,7 +8,10 @@ outputs from the batch's output folder.
 Each pair gets a *fingerprint*: SHA-256 over the bytes of its input files, the
 configuration and the package version. A pair whose output is a complete result
 with the same fingerprint is skipped; any other is (re)done, its output published
-atomically, so an interrupted batch simply runs again. Pairs run concurrently on
+atomically, so an interrupted batch simply runs again. A rerun first skips, without
+reading their inputs, the pairs whose files have not changed since they were found
+current (:mod:`diffkernel.batch_state`), and starts no cluster when that is all of
+them. Pairs run concurrently on
 one Dask client; a failing pair is recorded with its error and does not stop the
 others. ``batch-status.json`` in the output folder records every pair's state
 (rewritten atomically after each pair).
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .batch_state import CurrentPairs
 from .config import MakeKernelConfig
 from .errors import InputError
 
@@ -290,8 +294,6 @@ def run_batch(
     list of PairStatus
         One per manifest row. Failed pairs carry their error; the batch goes on.
     """
-    from .pipeline.dask.cluster import connect
-
     cfg = MakeKernelConfig.default_subtraction() if config is None else config
     cfg.validate()
     if concurrent < 1:
@@ -301,10 +303,21 @@ def run_batch(
     statuses = [PairStatus(s.row, str(s.output)) for s in specs]
     book = _StatusBook(out_dir / STATUS_FILE, statuses)
     stop = threading.Event()
-    with connect(client, scheduler, n_workers) as cl, ThreadPoolExecutor(concurrent) as pool:
+    # (its stamps, as the fingerprint, depend on the options that change the result)
+    current = CurrentPairs(out_dir, cfg, "" if decorrelate else "no-decorrelate")
+    due = current.skip_known(specs, statuses, book)
+    if not due:  # nothing to do: no cluster started
+        return statuses
+    from .pipeline.dask.cluster import connect
+
+    with (
+        current,
+        connect(client, scheduler, n_workers) as cl,
+        ThreadPoolExecutor(concurrent) as pool,
+    ):
         pending = {
             pool.submit(_run_one, spec, status, book, cl, cfg, chunks, stop, decorrelate)
-            for spec, status in zip(specs, statuses, strict=True)
+            for spec, status in due
         }
         try:
             while pending:
