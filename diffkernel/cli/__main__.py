@@ -1,0 +1,7 @@
+"""``python -m diffkernel.cli``: the ``diffkernel`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
