@@ -4,7 +4,9 @@ Each command has ``--help`` and lives in a module of its own, which exports
 ``add_parser`` and ``run``; a command imports what it needs only when it runs, so
 ``diffkernel --help`` stays quick. Errors of the user's making (bad input, config or
 store) print one line naming the problem and exit with status 2; an incomplete result
-store makes ``inspect`` exit with status 1. A result whose quality verdict is ``fail``
+store makes ``inspect`` exit with status 1. Anything else is one line too (exit 2 for a
+file-system error, 1 for a bug; ``DIFFKERNEL_DEBUG=1`` shows its traceback), and
+SIGTERM stops a command as SIGINT does (exit 130). A result whose quality verdict is ``fail``
 (:mod:`diffkernel.quality`) is written all the same, and ``subtract`` (and ``batch``,
 when no pair crashed) exit with status 3.
 """
@@ -15,9 +17,8 @@ import argparse
 import sys
 
 from .. import __version__
-from ..errors import DiffkernelError
 from . import batch, demo, ingest, inspect, subtract
-from .common import EXIT_QUALITY_FAIL
+from .common import EXIT_QUALITY_FAIL, run_command
 
 __all__ = ["main", "EXIT_QUALITY_FAIL"]
 
@@ -40,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffkernel`` command."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except DiffkernelError as err:
-        print(f"diffkernel {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return run_command(args)  # one line and an exit status for every error
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import EXIT_QUALITY_FAIL, load_config
+from .common import EXIT_QUALITY_FAIL, check_subtract_outputs, load_config, positive
 
 __all__ = ["add_parser", "run"]
 
@@ -73,16 +73,16 @@ def run(args: argparse.Namespace) -> int:
     import shutil
     import uuid
 
-    from astropy.table import Table
-
     from ..image import Exposure
     from ..io.fits import write_exposure
-    from ..io.inputs import open_input
+    from ..io.inputs import open_input, read_sources
     from ..pipeline.dask.driver import run_pair
 
     cfg = load_config(args.config)
+    positive("--workers", args.workers)
+    check_subtract_outputs(args)  # before any work: a bad output path costs nothing
     out = Path(args.out)
-    sources = Table.read(args.sources) if args.sources else None
+    sources = read_sources(args.sources) if args.sources else None
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
     try:
         science = open_input(args.science, work, "science", args.chunks)

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import ConfigError
 from .tomlfile import toml_dumps
 
-__all__ = ["Field", "Config"]
+__all__ = ["Field", "Config", "MAX_NESTING", "nesting_depth", "overridden_fields"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,47 @@ _DERIVED_SEGMENTS = frozenset({"active"})
 # ---------------------------------------------------------------------------------------
 # Fields
 # ---------------------------------------------------------------------------------------
+
+
+#: Deepest nesting of tables a config file may have (the config tree is 3 deep).
+MAX_NESTING = 8
+
+
+def nesting_depth(data: Any) -> int:
+    """How many mappings deep ``data`` nests (0 for a scalar); iterative, so any depth."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            deepest = max(deepest, depth)
+            stack.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend((value, depth) for value in node)
+    return deepest
+
+
+def overridden_fields(config: Config, base: Config | None = None) -> list[str]:
+    """Notes on the fields of ``config`` set away from ``base`` that another field overrides.
+
+    Such a field would be silently ignored (``kernelSize`` while ``scaleByFwhm`` is
+    true); each note names the field, the one that wins and what to do.
+    """
+    base = type(config)() if base is None else base
+    old = base.to_dict(flat=True)
+    notes = []
+    for key, value in config.to_dict(flat=True).items():
+        if key in old and old[key] == value:
+            continue
+        node, name = config._resolve(key)
+        rule = type(node).OVERRIDDEN_BY.get(name)
+        if rule is not None and getattr(node, rule[0]) == rule[1]:
+            prefix = key.rpartition(".")[0]
+            winner = f"{prefix}.{rule[0]}" if prefix else rule[0]
+            notes.append(
+                f"{key} = {json.dumps(value)} is ignored because {winner} = "
+                f"{json.dumps(rule[1])}: {rule[2]}"
+            )
+    return notes
 
 
 def _type_name(tp: type) -> str:
@@ -278,6 +319,9 @@ class Config:
     """
 
     _fields: ClassVar[Mapping[str, Field[Any]]] = MappingProxyType({})
+    #: Fields that another field's value makes ignored, ``{field: (other, value, why)}``:
+    #: setting one then gets a note (:func:`overridden_fields`), not silence.
+    OVERRIDDEN_BY: ClassVar[Mapping[str, tuple[str, Any, str]]] = MappingProxyType({})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -502,6 +546,14 @@ class Config:
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             kind = suffix[1:].upper()
             raise ConfigError(f"config file {str(file)!r} is not valid {kind}: {exc}") from exc
+        except RecursionError:
+            data = None  # nested past what the parser can hold: refused just below
+        depth = nesting_depth(data)
+        if data is None or depth > MAX_NESTING:
+            raise ConfigError(
+                f"config file {str(file)!r} nests tables {'too' if data is None else depth} "
+                f"deep; a config is at most {MAX_NESTING} tables deep"
+            )
         if not isinstance(data, dict):
             raise ConfigError(
                 f"config file {str(file)!r} must hold a table of fields, got {type(data).__name__}"

@@ -30,6 +30,8 @@ __all__ = [
 _ALARD_LUPTON = "alard-lupton"
 _DELTA_FUNCTION = "delta-function"
 _MAX_SPATIAL_ORDER = 6
+#: Largest kernel side accepted (pixels): 10x the usual 21-35, far past any seeing.
+MAX_KERNEL_SIZE = 255
 
 
 class PsfMatchConfig(Config):
@@ -37,6 +39,14 @@ class PsfMatchConfig(Config):
 
     #: The basis a subclass stands for; ``None`` for the base class.
     _basis: ClassVar[str | None] = None
+    OVERRIDDEN_BY = {
+        "kernelSize": (
+            "scaleByFwhm",
+            True,
+            "the size comes from the PSF widths (kernelSizeFwhmScaling, within "
+            "kernelSizeMin..kernelSizeMax); set scaleByFwhm = false to fix it",
+        )
+    }
 
     warpingConfig = Field(WarpingConfig, doc="Alignment of Exposures onto a common pixel grid.")
     detectionConfig = Field(
@@ -236,15 +246,16 @@ class PsfMatchConfig(Config):
                 f"{type(self).__name__} is the {self._basis!r} kernel config; "
                 f"select kernel.name = {other!r} for the other basis",
             )
-        req(
-            self.kernelSize >= 3 and self.kernelSize % 2 == 1,
-            prefix,
-            "kernelSize",
-            "must be odd and >= 3",
-        )
-        for name in ("kernelSizeMin", "kernelSizeMax"):
+        # The upper bound keeps a typo (10001) from filling the memory: the basis
+        # and every candidate's normal equations grow as the kernel size squared.
+        for name in ("kernelSize", "kernelSizeMin", "kernelSizeMax"):
             value = getattr(self, name)
-            req(value >= 3 and value % 2 == 1, prefix, name, "must be odd and >= 3")
+            req(
+                3 <= value <= MAX_KERNEL_SIZE and value % 2 == 1,
+                prefix,
+                name,
+                f"must be odd and in 3..{MAX_KERNEL_SIZE}",
+            )
         req(
             self.kernelSizeMin <= self.kernelSizeMax,
             prefix,

@@ -31,11 +31,12 @@ from ..errors import InputError
 from ..image import Exposure, MaskedImage
 from .fits import read_exposure
 from .nddata import from_nddata
+from .paths import check_chunks, overlaps
 from .zarr.image import ZarrImage
 from .zarr.layout import DEFAULT_CHUNKS, Chunks, PathLike
 from .zarr.write import write_image
 
-__all__ = ["ingest", "open_input"]
+__all__ = ["ingest", "open_input", "read_sources"]
 
 #: What :func:`ingest` stores.
 Source = PathLike | Exposure | MaskedImage | NDData
@@ -77,6 +78,9 @@ def ingest(
     StoreError
         If the FITS file is missing or the store cannot be written.
     """
+    check_chunks(chunks)
+    if isinstance(source, str | os.PathLike) and overlaps(source, path):
+        raise InputError(f"cannot ingest {str(source)!r} onto itself: give another output path")
     return write_image(path, _in_memory(source), chunks=chunks, overwrite=overwrite)
 
 
@@ -117,6 +121,7 @@ def open_input(
         if not source.is_file():
             return ZarrImage.open(source, group or None)
         spec = source
+    check_chunks(chunks)
     data = _in_memory(spec)
     Path(work).mkdir(parents=True, exist_ok=True)
     return write_image(Path(work) / f"{name}.zarr", data, chunks=chunks)
@@ -134,3 +139,24 @@ def _in_memory(source: Source) -> Exposure | MaskedImage:
         f"source must be a FITS path, an Exposure, a MaskedImage or an astropy NDData, "
         f"got {type(source).__name__}"
     )
+
+
+def read_sources(path: str | os.PathLike):
+    """A table of kernel candidates (``x, y`` or ``ra, dec``) from a file astropy reads.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or not a table astropy can read, naming the file.
+    """
+    from astropy.table import Table
+
+    if not Path(path).is_file():
+        raise InputError(f"sources file {str(path)!r} does not exist")
+    try:
+        return Table.read(path)
+    except Exception as exc:  # astropy raises many kinds for a file it cannot parse
+        raise InputError(
+            f"sources file {str(path)!r} is not a table astropy can read "
+            f"(ECSV, FITS, VOTable...): {type(exc).__name__}: {exc}"
+        ) from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import dask
 
 from ...errors import InputError
 
-__all__ = ["WORKER_ENVIRON", "connect", "default_tile_size"]
+__all__ = ["LOCAL_HOST", "WORKER_ENVIRON", "connect", "default_tile_size"]
 
 #: Environment of LocalCluster workers. It replaces Dask's default, which also sets
 #: MALLOC_TRIM_THRESHOLD_=65536 and with it switches off glibc's adaptive mmap
@@ -48,12 +49,20 @@ def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = N
     return tile
 
 
+#: Where the LocalCluster's scheduler, workers and dashboard listen: this machine
+#: only. The dashboard shows paths and task names, and whoever can reach a scheduler
+#: can run code on its workers (Dask's trust model), so nothing is opened to the
+#: network unless a scheduler is started on purpose (see the README).
+LOCAL_HOST = "127.0.0.1"
+
+
 @contextlib.contextmanager
 def connect(
     client=None,
     scheduler: str | None = None,
     n_workers: int | None = None,
     progress: bool = False,
+    announce: bool = False,
 ) -> Iterator[Any]:
     """A ``distributed.Client``: the one given, one to ``scheduler``, or a LocalCluster.
 
@@ -65,23 +74,30 @@ def connect(
         Address such as ``tcp://host:8786`` of a running scheduler.
     n_workers : int, optional
         Worker processes of the LocalCluster started when neither is given
-        (default: one per core), each single-threaded.
+        (default: one per core), each single-threaded. It listens on
+        :data:`LOCAL_HOST` only, dashboard included.
     progress : bool
-        Print the dashboard link.
+        Print the dashboard link on stdout.
+    announce : bool
+        Print the dashboard link on stderr (for commands whose stdout is data).
+
+    Raises
+    ------
+    InputError
+        If ``n_workers`` is below 1, or ``scheduler`` is not a reachable Dask scheduler
+        (a malformed address, nothing listening, or another kind of service).
     """
     from distributed import Client, LocalCluster
 
+    if n_workers is not None and int(n_workers) < 1:
+        raise InputError(f"workers must be at least 1, got {n_workers}")
     if client is not None:
         yield client
         return
     if scheduler is not None:
+        own = _client_of(scheduler)
         try:
-            own = Client(scheduler, timeout="20s")
-        except OSError as err:
-            raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
-        try:
-            if progress:
-                print(f"diffkernel: scheduler {scheduler}, dashboard {own.dashboard_link}")
+            _tell(f"scheduler {scheduler}, dashboard {own.dashboard_link}", progress, announce)
             yield own
         finally:
             own.close()
@@ -95,10 +111,42 @@ def connect(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=":0",
+            host=LOCAL_HOST,
+            dashboard_address=f"{LOCAL_HOST}:0",
         ) as cluster,
         Client(cluster) as own,
     ):
-        if progress:
-            print(f"diffkernel: LocalCluster of {workers} workers, dashboard {own.dashboard_link}")
+        line = f"LocalCluster of {workers} workers, dashboard {own.dashboard_link}"
+        _tell(line, progress, announce)
         yield own
+
+
+def _tell(line: str, progress: bool, announce: bool) -> None:
+    if progress:
+        print(f"diffkernel: {line}")
+    elif announce:
+        print(f"diffkernel: {line}", file=sys.stderr, flush=True)
+
+
+def _client_of(scheduler: str):
+    """A client of the scheduler at ``scheduler``; one line naming the cause if not."""
+    from distributed import Client
+
+    hint = "give the address of a running Dask scheduler, like tcp://host:8786"
+    try:
+        return Client(scheduler, timeout="20s")
+    except (ValueError, TypeError) as err:
+        raise InputError(f"scheduler {scheduler!r} is not a Dask address: {err}; {hint}") from None
+    except (OSError, TimeoutError) as err:
+        raise InputError(f"cannot reach a Dask scheduler at {scheduler}: {err}; {hint}") from None
+    except MemoryError:
+        # Dask reads a length prefix first: another protocol's bytes read as exabytes.
+        raise InputError(
+            f"the service at {scheduler} does not speak Dask's protocol (is it another "
+            f"kind of server?); {hint}"
+        ) from None
+    except Exception as err:
+        raise InputError(
+            f"cannot connect to a Dask scheduler at {scheduler}: {type(err).__name__}: {err}; "
+            f"{hint}"
+        ) from None
