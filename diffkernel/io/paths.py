@@ -264,8 +264,7 @@ def replace_refusal(output: Path, marker: str) -> str | None:
     else:
         kind = "not a diffkernel result"
     return (
-        f"{str(output)!r} exists and is {kind}; it is left alone: remove it or choose "
-        "another path"
+        f"{str(output)!r} exists and is {kind}; it is left alone: remove it or choose another path"
     )
 
 

@@ -345,6 +345,12 @@ def _check_image_info(info: Mapping[str, Any], where: str) -> None:
             raise StoreError(f"{where}: attribute {ATTR_KEY}.{key} must be two positive integers")
     if not isinstance(info["mask_planes"], dict):
         raise StoreError(f"{where}: attribute {ATTR_KEY}.mask_planes must be a mapping")
+    fwhm = info.get("psf_fwhm")
+    if fwhm is not None and (type(fwhm) not in (int, float) or not np.isfinite(fwhm) or fwhm <= 0):
+        raise StoreError(
+            f"{where}: attribute {ATTR_KEY}.psf_fwhm must be a positive number of pixels "
+            f"(or absent), got {fwhm!r}"
+        )
 
 
 def _check_arrays(arrays: Mapping[str, zarr.Array], info: Mapping[str, Any], where: str) -> None:
