@@ -47,7 +47,7 @@ def load_config(path: str | None):
     ``scaleByFwhm``) are named on stderr: they would otherwise be silently ignored.
     """
     from ..config import MakeKernelConfig
-    from ..config.base import overridden_fields
+    from ..config.tomlfile import overridden_fields
 
     base = MakeKernelConfig.default_subtraction()
     cfg = base if path is None else MakeKernelConfig.from_file(path, base=base)

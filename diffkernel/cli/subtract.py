@@ -64,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     subtract.add_argument(
         "--preconvolved", action="store_true", help="the science was convolved with its PSF"
     )
+    subtract.add_argument(
+        "--timeout", type=float, help="seconds the run may take on the cluster before it stops"
+    )
     subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     subtract.add_argument("--quiet", action="store_true", help="no progress bars")
     subtract.set_defaults(func=run)
@@ -102,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             preconvolved=args.preconvolved,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            timeout=args.timeout,
         )
         if args.plots:
             from ..plots import write_plots

@@ -24,9 +24,9 @@ from typing import Any, ClassVar, Generic, Self, TypeVar, overload
 import numpy as np
 
 from ..errors import ConfigError
-from .tomlfile import toml_dumps
+from .tomlfile import MAX_NESTING, nesting_depth, toml_dumps
 
-__all__ = ["Field", "Config", "MAX_NESTING", "nesting_depth", "overridden_fields"]
+__all__ = ["Field", "Config"]
 
 T = TypeVar("T")
 
@@ -38,47 +38,6 @@ _DERIVED_SEGMENTS = frozenset({"active"})
 # ---------------------------------------------------------------------------------------
 # Fields
 # ---------------------------------------------------------------------------------------
-
-
-#: Deepest nesting of tables a config file may have (the config tree is 3 deep).
-MAX_NESTING = 8
-
-
-def nesting_depth(data: Any) -> int:
-    """How many mappings deep ``data`` nests (0 for a scalar); iterative, so any depth."""
-    deepest, stack = 0, [(data, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, Mapping):
-            deepest = max(deepest, depth)
-            stack.extend((value, depth + 1) for value in node.values())
-        elif isinstance(node, list | tuple):
-            stack.extend((value, depth) for value in node)
-    return deepest
-
-
-def overridden_fields(config: Config, base: Config | None = None) -> list[str]:
-    """Notes on the fields of ``config`` set away from ``base`` that another field overrides.
-
-    Such a field would be silently ignored (``kernelSize`` while ``scaleByFwhm`` is
-    true); each note names the field, the one that wins and what to do.
-    """
-    base = type(config)() if base is None else base
-    old = base.to_dict(flat=True)
-    notes = []
-    for key, value in config.to_dict(flat=True).items():
-        if key in old and old[key] == value:
-            continue
-        node, name = config._resolve(key)
-        rule = type(node).OVERRIDDEN_BY.get(name)
-        if rule is not None and getattr(node, rule[0]) == rule[1]:
-            prefix = key.rpartition(".")[0]
-            winner = f"{prefix}.{rule[0]}" if prefix else rule[0]
-            notes.append(
-                f"{key} = {json.dumps(value)} is ignored because {winner} = "
-                f"{json.dumps(rule[1])}: {rule[2]}"
-            )
-    return notes
 
 
 def _type_name(tp: type) -> str:
@@ -320,7 +279,7 @@ class Config:
 
     _fields: ClassVar[Mapping[str, Field[Any]]] = MappingProxyType({})
     #: Fields that another field's value makes ignored, ``{field: (other, value, why)}``:
-    #: setting one then gets a note (:func:`overridden_fields`), not silence.
+    #: setting one then gets a note (:func:`~.tomlfile.overridden_fields`), not silence.
     OVERRIDDEN_BY: ClassVar[Mapping[str, tuple[str, Any, str]]] = MappingProxyType({})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

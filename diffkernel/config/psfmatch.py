@@ -250,11 +250,12 @@ class PsfMatchConfig(Config):
         # and every candidate's normal equations grow as the kernel size squared.
         for name in ("kernelSize", "kernelSizeMin", "kernelSizeMax"):
             value = getattr(self, name)
+            req(value >= 3 and value % 2 == 1, prefix, name, "must be odd and >= 3")
             req(
-                3 <= value <= MAX_KERNEL_SIZE and value % 2 == 1,
+                value <= MAX_KERNEL_SIZE,
                 prefix,
                 name,
-                f"must be odd and in 3..{MAX_KERNEL_SIZE}",
+                f"must be <= {MAX_KERNEL_SIZE} (memory grows as its square)",
             )
         req(
             self.kernelSizeMin <= self.kernelSizeMax,
