@@ -220,3 +220,17 @@ def test_a_rerun_cleans_what_killed_runs_left(inputs, client, finished, tmp_path
     assert not any(p.exists() for p in stale)
     assert unrelated.exists()
     assert not list(out.glob("b.zarr.old-*"))
+
+
+def test_inspect_of_a_tampered_store_is_one_line(finished, tmp_path, capsys):
+    """A result whose metadata attribute was replaced by a string: one line naming the
+    attribute, exit 2 (it was a raw AttributeError)."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(finished / "a.zarr", tmp_path / "a.zarr")
+    zarr.open_group(str(tmp_path / "a.zarr"), mode="r+").attrs["metadata"] = "tampered"
+    assert main(["inspect", str(tmp_path / "a.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "attribute 'metadata' is not a table" in err and err.count("\n") == 1

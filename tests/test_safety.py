@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 
+import numpy as np
 import pytest
 
 from diffkernel import MakeKernelConfig
@@ -287,3 +288,54 @@ def test_local_cluster_listens_on_this_machine_only():
     with pytest.raises(InputError, match="at least 1"):
         with connect(n_workers=-2):
             pass
+
+
+def test_the_loser_of_two_runs_on_one_out_is_told_the_truth(tmp_path):
+    """Two runs on one --out: the second to finish was told its result "is left at"
+    a partial folder that had just been deleted; now it is told it was discarded."""
+    from diffkernel.io.zarr.results import ResultWriter, open_result
+    from diffkernel.kernel.basis import delta_function_basis
+    from diffkernel.kernel.spatial import SpatialFunctions, SpatialSolution
+
+    basis = delta_function_basis(3)
+    functions = SpatialFunctions("chebyshev1", 0, (0.0, 0.0, 31.0, 31.0))
+    solution = SpatialSolution(
+        basis, functions, np.ones((basis.size, 1)), None, np.zeros(0), 1.0, None, []
+    )
+    from astropy.table import Table
+
+    table = Table({"x": [1.0], "status": ["GOOD"]})
+    path = tmp_path / "same.zarr"
+    writers = [ResultWriter(path), ResultWriter(path)]
+    for writer in writers:
+        writer.create_difference((32, 32), 32, {})
+    writers[0].finalize(solution, table, {}, {}, {"run": "first"})
+    with pytest.raises(StoreError, match="this run's result was discarded") as info:
+        writers[1].finalize(solution, table, {}, {}, {"run": "second"})
+    assert "left at" not in str(info.value)
+    assert not writers[1].partial_path.exists()
+    assert open_result(path).provenance == {"run": "first"}
+
+
+def test_messages_name_the_real_cause(files, tmp_path, capsys):
+    """A 1x1 image and an image smaller than the kernel were "no 2-D image" and "no
+    sources found"; now each names the size."""
+    from astropy.io import fits
+
+    fits.PrimaryHDU(np.ones((1, 1), np.float32)).writeto(tmp_path / "one.fits")
+    code = main(["subtract", str(tmp_path / "one.fits"), str(files / "template.fits"),
+                 "--out", str(tmp_path / "a.zarr"), "--quiet"])  # fmt: skip
+    assert code == 2
+    one_line_error(capsys, "at least 2x2 pixels", "0:1x1")
+    for name in ("science", "template"):
+        with fits.open(files / f"{name}.fits") as hdul:
+            small = [fits.PrimaryHDU()] + [
+                fits.ImageHDU(h.data[:15, :15], h.header, name=h.name) for h in hdul[1:]
+            ]
+            fits.HDUList(small).writeto(tmp_path / f"{name}-small.fits")
+    code = main(["subtract", str(tmp_path / "science-small.fits"),
+                 str(tmp_path / "template-small.fits"), "--out", str(tmp_path / "b.zarr"),
+                 "--workers", "1", "--quiet"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "15x15 pixels, no larger than the kernel (21 px, kernelSizeMin)" in err, err
