@@ -339,3 +339,40 @@ def test_messages_name_the_real_cause(files, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "15x15 pixels, no larger than the kernel (21 px, kernelSizeMin)" in err, err
+
+
+def test_an_interrupted_ingest_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while zarr still writes chunks: the partial store was left
+    behind, raced by zarr's IO thread. The interrupt is sent when the first chunk is
+    written (an event, not a sleep), so writes are in flight when it lands."""
+    from zarr.storage import LocalStore
+
+    from diffkernel.image import MaskedImage
+
+    rng = np.random.default_rng(5)
+    image = rng.normal(100.0, 10.0, (1024, 1024)).astype(np.float32)
+    masked = MaskedImage(image, np.full_like(image, 100.0), np.zeros(image.shape, np.int32))
+    first_write = threading.Event()
+    real_set = LocalStore.set
+
+    async def watched_set(self, key, value, *args, **kwargs):
+        if "/c/" in key:
+            first_write.set()
+        return await real_set(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", watched_set)
+
+    def interrupt():
+        first_write.wait(timeout=300)
+        # A real SIGINT at the main thread: it wakes the thread from its wait on zarr.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        ingest(masked, tmp_path / "big.zarr", chunks=32)
+        for _ in range(10**7):  # if the write won the race, the interrupt lands here
+            pass
+    thread.join()
+    assert first_write.is_set()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
