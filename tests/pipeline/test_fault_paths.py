@@ -162,3 +162,19 @@ def test_run_timeout_stops_with_one_line(pair, cluster, tmp_path):
             run(pair, tmp_path / "out.zarr", client, timeout=1e-9)
     assert result_status(tmp_path / "out.zarr") == "missing"
     assert not list(tmp_path.glob("out.zarr.partial-*"))
+
+
+def test_a_stage_whose_tasks_are_cancelled_is_one_line(cluster):
+    """Tasks the scheduler gave up on (all their workers lost) were a raw
+    FutureCancelledError; now a ClusterError naming the stage."""
+    import time
+
+    from diffkernel.pipeline.dask.runner import TaskRunner
+
+    with distributed.Client(cluster) as client:
+        runner = TaskRunner(client)
+        for gather in (True, False):
+            lost = client.submit(sum, [1, 2], pure=False)
+            client.cancel(lost)
+            with pytest.raises(ClusterError, match="cancelled the cells stage's tasks"):
+                runner.wait([lost], "cells", time.perf_counter(), gather=gather)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import CancelledError
 from typing import Any
 
 from ...errors import ClusterError, ConfigError
@@ -141,19 +142,26 @@ class TaskRunner:
             print(f"diffkernel: {stage} ({len(futures)} tasks)")
             progress(futures)
             print()
-        if self.deadline is not None:
-            try:
-                wait(futures, timeout=self.remaining())
-            except TimeoutError:
-                raise self.timed_out() from None
         values = None
-        if gather:
-            values = self.client.gather(futures)
-        else:
-            wait(futures)
-            for future in futures:
-                if future.status == "error":
-                    future.result()  # raises the task's exception here
+        try:
+            if self.deadline is not None:
+                try:
+                    wait(futures, timeout=self.remaining())
+                except TimeoutError:
+                    raise self.timed_out() from None
+            if gather:
+                values = self.client.gather(futures)
+            else:
+                wait(futures)
+                for future in futures:
+                    if future.status == "error":
+                        future.result()  # raises the task's exception here
+        except CancelledError as err:  # distributed's Future(s)CancelledError
+            # The scheduler gave up on a task (its workers all lost, or its inputs
+            # gone): one line, not distributed's internals.
+            raise ClusterError(
+                f"the Dask cluster cancelled the {stage} stage's tasks (workers lost?): {err}"
+            ) from err
         self.timings[stage] = time.perf_counter() - started
         return values
 
@@ -177,8 +185,11 @@ class TaskRunner:
                 return future.result(timeout=self.remaining())
             except TimeoutError:
                 raise self.timed_out() from None
-            except FutureCancelledError:
+            except FutureCancelledError as err:
                 if attempt == attempts:
-                    raise
+                    raise ClusterError(
+                        f"the Dask cluster lost a task's result {attempts} times (workers "
+                        f"lost?): {err}"
+                    ) from err
                 future = redo(attempt)
         raise AssertionError("unreachable")  # pragma: no cover
