@@ -376,3 +376,18 @@ def test_an_interrupted_ingest_leaves_nothing(tmp_path, monkeypatch):
     thread.join()
     assert first_write.is_set()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_missing_chunk_file_is_named(files, tmp_path):
+    """A chunk file deleted from an input store read as NaN: "16384 pixels are NaN";
+    now the check names the missing file."""
+    import shutil
+
+    from diffkernel.pipeline.dask.checks import check_tile
+
+    shutil.copytree(files / "science.zarr", tmp_path / "s.zarr")
+    image = ZarrImage.open(tmp_path / "s.zarr")
+    assert check_tile(image, 0, 64, 0, 64, ())[0]["nan_image"] == 0
+    (tmp_path / "s.zarr" / "image" / "c" / "1" / "0").unlink()
+    with pytest.raises(StoreError, match=r"1 chunk file\(s\) missing, e.g. .*image/c/1/0"):
+        check_tile(ZarrImage.open(tmp_path / "s.zarr"), 0, 64, 0, 64, ())
