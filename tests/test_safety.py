@@ -391,3 +391,15 @@ def test_a_missing_chunk_file_is_named(files, tmp_path):
     (tmp_path / "s.zarr" / "image" / "c" / "1" / "0").unlink()
     with pytest.raises(StoreError, match=r"1 chunk file\(s\) missing, e.g. .*image/c/1/0"):
         check_tile(ZarrImage.open(tmp_path / "s.zarr"), 0, 64, 0, 64, ())
+
+
+def test_an_image_larger_than_memory_is_refused(files, tmp_path, monkeypatch):
+    """A FITS image that would not fit in memory is refused from its header (it was read
+    until the OOM killer ended the process)."""
+    import diffkernel.io.paths as paths
+
+    monkeypatch.setattr(paths, "physical_memory", lambda: 64 * 64 * paths.BYTES_PER_PIXEL - 1)
+    with pytest.raises(InputError, match="4,096-pixel image needs about .* more than"):
+        ingest(files / "science.fits", tmp_path / "s.zarr", chunks=32)
+    monkeypatch.setattr(paths, "physical_memory", lambda: 64 * 64 * paths.BYTES_PER_PIXEL)
+    assert ingest(files / "science.fits", tmp_path / "s.zarr", chunks=32).shape == (64, 64)

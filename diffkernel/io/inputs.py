@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..image import Exposure, MaskedImage
 from .fits import read_exposure
 from .nddata import from_nddata
-from .paths import check_chunks, overlaps
+from .paths import check_chunks, check_fits_memory, overlaps
 from .zarr.image import ZarrImage
 from .zarr.layout import DEFAULT_CHUNKS, Chunks, PathLike
 from .zarr.write import write_image
@@ -130,6 +130,7 @@ def open_input(
 def _in_memory(source: Source) -> Exposure | MaskedImage:
     """The image of a FITS path, an NDData or an exposure, in memory."""
     if isinstance(source, str | os.PathLike):
+        check_fits_memory(source)  # refused, not killed by the OOM killer
         return read_exposure(source)
     if isinstance(source, Exposure | MaskedImage):
         return source

@@ -30,6 +30,7 @@ __all__ = [
     "MAX_CHUNK",
     "Output",
     "check_chunks",
+    "check_fits_memory",
     "check_outputs",
     "clean_leftovers",
     "confined_name",
@@ -37,6 +38,7 @@ __all__ = [
     "leftovers",
     "location",
     "overlaps",
+    "physical_memory",
     "replace_refusal",
 ]
 
@@ -332,3 +334,54 @@ def clean_leftovers(outputs: Iterable[Path]) -> list[Path]:
             remove(path)
             removed.append(path)
     return removed
+
+
+#: Bytes per pixel an in-memory exposure takes while it is read and stored: float64
+#: image and variance, int32 mask, and as much again in temporaries (conversions,
+#: the variance model of a plain image).
+BYTES_PER_PIXEL = 2 * (8 + 8 + 4)
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, or None where it cannot be told."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_memory(path: str | os.PathLike) -> None:
+    """Refuse a FITS file whose largest image would not fit in this machine's memory.
+
+    A FITS input is read whole before it is stored in chunks; one larger than the
+    memory would be ended by the kernel's OOM killer (taking the machine's other work
+    with it) instead of refused. Only the headers are read here.
+
+    Raises
+    ------
+    InputError
+        Naming the image size, the memory it needs and the machine's.
+    """
+    from astropy.io import fits
+
+    memory = physical_memory()
+    if memory is None:
+        return
+    try:
+        with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+            sizes = [
+                int(h.header.get("ZNAXIS1", h.header.get("NAXIS1", 0)))
+                * int(h.header.get("ZNAXIS2", h.header.get("NAXIS2", 0)))
+                for h in hdul
+                if int(h.header.get("ZNAXIS", h.header.get("NAXIS", 0))) >= 2
+            ]
+    except Exception:  # unreadable: the reader says why, with its own message
+        return
+    pixels = max(sizes, default=0)
+    need = pixels * BYTES_PER_PIXEL
+    if need > memory:
+        raise InputError(
+            f"{str(path)!r}: its {pixels:,}-pixel image needs about {need / 2**30:.1f} GiB of "
+            f"memory to be read, more than this machine's {memory / 2**30:.1f} GiB; store it "
+            "in pieces (several FITS files) or ingest it on a larger machine"
+        )
