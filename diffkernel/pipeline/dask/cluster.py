@@ -138,7 +138,7 @@ def _client_of(scheduler: str):
     except (ValueError, TypeError) as err:
         raise InputError(f"scheduler {scheduler!r} is not a Dask address: {err}; {hint}") from None
     except (OSError, TimeoutError) as err:
-        raise InputError(f"cannot reach a Dask scheduler at {scheduler}: {err}; {hint}") from None
+        raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}; {hint}") from None
     except MemoryError:
         # Dask reads a length prefix first: another protocol's bytes read as exabytes.
         raise InputError(
