@@ -74,7 +74,9 @@ def ingest(
     ------
     InputError
         If ``source`` is of another type, or unreadable as an image (a FITS file or NDData
-        whose variance is unusable at every pixel with data included).
+        whose variance is unusable at every pixel with data included), larger than this
+        machine's memory, or ``path`` itself (even with ``overwrite``); or if ``chunks``
+        is outside :data:`~diffkernel.io.paths.MIN_CHUNK`..:data:`~diffkernel.io.paths.MAX_CHUNK`.
     StoreError
         If the FITS file is missing or the store cannot be written.
     """
