@@ -154,6 +154,8 @@ def read_sources(path: str | os.PathLike):
     """
     from astropy.table import Table
 
+    if Path(path).is_dir():
+        raise InputError(f"sources file {str(path)!r} is a folder, not a table file")
     if not Path(path).is_file():
         raise InputError(f"sources file {str(path)!r} does not exist")
     try:
