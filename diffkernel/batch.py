@@ -60,7 +60,7 @@ __all__ = [
 #: Name of the status file in the batch's output folder.
 STATUS_FILE = "batch-status.json"
 #: Lock file in the output folder, held while a batch runs there.
-LOCK_FILE = ".batch.lock"
+LOCK_FILE = ".diffkernel-batch.lock"
 #: Provenance key of a batch's results: its pair's fingerprint. A batch replaces no
 #: existing output without it.
 BATCH_MARK = "batch_fingerprint"
