@@ -442,6 +442,17 @@ class Exposure:
         """The mask planes the pixels declare (name to bit)."""
         return self.masked_image.mask_planes
 
+    def astype(self, dtype: Any) -> Exposure:
+        """The exposure with image and variance of ``dtype`` (float32: as cameras deliver
+        them and Zarr keeps them); mask, WCS, PSF and metadata carried over."""
+        mi = self.masked_image
+        return Exposure(
+            MaskedImage(mi.image.astype(dtype), mi.variance.astype(dtype), mi.mask, mi.mask_planes),
+            self.wcs,
+            self.psf_fwhm,
+            dict(self.meta),
+        )
+
     def fwhm_at(self, x: float, y: float) -> float | None:
         """PSF FWHM in pixels at pixel ``(x, y)``, or None when unknown."""
         if self.psf_fwhm is None:

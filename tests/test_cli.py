@@ -11,6 +11,16 @@ from diffkernel.cli import main
 from diffkernel.io.zarr.results import open_result
 
 
+def assert_right_but_maybe_unverified(quality):
+    """Every check passes but, on a small field, the kernel sum's check of the stars'
+    flux ratio, which may say that it is too uncertain to verify the kernel sum."""
+    assert quality["verdict"] in ("pass", "warn"), quality["reasons"]
+    for check in quality["checks"]:
+        if check["level"] != "pass":
+            assert check["name"] == "kernel_sum", check
+            assert "cannot be checked" in check["message"]
+
+
 def test_demo_writes_a_zarr_result_and_summary(tmp_path, capsys):
     """A small demo runs on a 2-worker LocalCluster and writes an honest difference."""
     out = tmp_path / "demo"
@@ -68,7 +78,8 @@ def test_ingest_subtract_inspect(tmp_path, capsys):
     assert result.config["kernel"]["AL"]["fitForBackground"] is True
     assert result.solution.kernel_functions.order == 1
     diff = read_exposure(tmp_path / "diff.fits")
-    assert diff.meta["DKVERDCT"] == result.quality["verdict"] == "pass"
+    assert diff.meta["DKVERDCT"] == result.quality["verdict"]
+    assert_right_but_maybe_unverified(result.quality)
     stored = result.difference.read(0, 256, 0, 256)
     np.testing.assert_array_equal(diff.masked_image.mask, stored.mask)
     assert diff.wcs is not None
@@ -77,9 +88,9 @@ def test_ingest_subtract_inspect(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["status"] == "complete" and report["candidates"]["good"] == printed["n_good"]
     assert report["residuals"]["robust_std"] == pytest.approx(1.0, abs=0.1)
-    assert report["quality"]["verdict"] == "pass"
+    assert_right_but_maybe_unverified(report["quality"])
     assert main(["inspect", str(out)]) == 0
-    assert "quality: PASS" in capsys.readouterr().out
+    assert f"quality: {result.quality['verdict'].upper()}" in capsys.readouterr().out
     # The same output again is refused without --overwrite, with one clear line.
     assert main(args) == 2
     assert "already exists" in capsys.readouterr().err
@@ -179,8 +190,12 @@ def test_subtract_defaults_are_right_and_a_failed_verdict_exits_3(tmp_path, caps
     out = tmp_path / "good.zarr"
     assert main(["subtract", str(science), str(template), "--out", str(out), *common]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out)["quality"]["verdict"] == "pass"
-    assert "quality: PASS" in captured.err
+    quality = json.loads(captured.out)["quality"]
+    # Ten faint stars on a bright sky: the kernel is right, but the stars give the
+    # flux ratio to only +-4%, and the verdict says so.
+    assert quality["verdict"] == "warn"
+    assert quality["reasons"] and all("cannot be checked" in r for r in quality["reasons"])
+    assert "quality: WARN" in captured.err
     assert open_result(out).solution.kernel_functions.order == 1
     config = tmp_path / "config.toml"
     config.write_text("[kernel.AL]\nfitForBackground = false\n")

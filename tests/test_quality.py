@@ -210,10 +210,22 @@ def test_each_check_passes_warns_and_fails(good_metrics, name):
 def test_insignificant_offsets_do_not_count(good_metrics):
     metrics, kcfg = good_metrics
     m = copy.deepcopy(metrics)
-    m["photometric_scale"].update(kernel_sum_offset=0.2, kernel_sum_offset_err=0.1)
+    m["photometric_scale"].update(kernel_sum_offset=0.02, kernel_sum_offset_err=0.005)
     assert CHECKS["kernel_sum"](m, kcfg)[0] == "pass"
     m["background"].update(fitted=False, level=50, level_err=20, level_in_sigma=2.0)
     assert CHECKS["background"](m, kcfg)[0] == "pass"
+
+
+def test_a_kernel_sum_the_stars_cannot_verify_warns(good_metrics):
+    """Stars too faint or too few to see a 10% offset: no silent pass."""
+    metrics, kcfg = good_metrics
+    m = copy.deepcopy(metrics)
+    m["photometric_scale"].update(kernel_sum_offset=0.05, kernel_sum_offset_err=0.047)
+    level, message = CHECKS["kernel_sum"](m, kcfg)
+    assert level == "warn" and "cannot be checked" in message and "+-4.7%" in message
+    m["photometric_scale"] = {"n_stars": 2}
+    level, message = CHECKS["kernel_sum"](m, kcfg)
+    assert level == "warn" and "2 good stars" in message
 
 
 # --- the pieces ------------------------------------------------------------------------------

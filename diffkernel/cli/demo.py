@@ -36,21 +36,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run)
 
 
-def float32_exposure(exposure):
-    """The exposure with float32 pixel values, as cameras deliver them."""
-    from ..image import Exposure, MaskedImage
-
-    mi = exposure.masked_image
-    return Exposure(
-        MaskedImage(
-            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
-        ),
-        exposure.wcs,
-        exposure.psf_fwhm,
-        dict(exposure.meta),
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     from ..image import Exposure
     from ..io.fits import write_exposure
@@ -64,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     pair = make_pair((args.size, args.size), seed=args.seed, template_depth=4, n_variable=5)
     inputs = out / "pair.zarr"
     # The demo owns its directory: a rerun replaces what an earlier one wrote.
-    write_image(inputs, float32_exposure(pair.template), group="template", overwrite=True)
-    write_image(inputs, float32_exposure(pair.science), group="science", overwrite=True)
+    write_image(inputs, pair.template.astype(np.float32), group="template", overwrite=True)
+    write_image(inputs, pair.science.astype(np.float32), group="science", overwrite=True)
     t1 = time.perf_counter()
     run = run_pair(
         (inputs, "science"),

@@ -15,7 +15,7 @@ from astropy.table import Table
 
 from diffkernel import MakeKernelConfig, MakeKernelTask
 from diffkernel.errors import InputError, NoCandidatesError
-from diffkernel.image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
+from diffkernel.image import DEFAULT_MASK_PLANES
 from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.stages import PixelWork, basis_metadata, prepare_fit
 from diffkernel.simulate import make_pair
@@ -154,24 +154,11 @@ def test_grids_that_differ_are_refused_before_the_check():
 # --- both executors --------------------------------------------------------------------------
 
 
-def as_float32(exposure: Exposure) -> Exposure:
-    """The exposure with float32-valued pixels, as Zarr keeps them."""
-    mi = exposure.masked_image
-    return Exposure(
-        MaskedImage(
-            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
-        ),
-        exposure.wcs,
-        exposure.psf_fwhm,
-        dict(exposure.meta),
-    )
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     # Faint stars down to 500: detection finds several on either image.
     sim = make_pair(SHAPE, seed=3, template_depth=4, flux_range=(500.0, 2e5))
-    template, science = as_float32(sim.template), as_float32(sim.science)
+    template, science = sim.template.astype(np.float32), sim.science.astype(np.float32)
     store = tmp_path_factory.mktemp("stages") / "pair.zarr"
     write_image(store, template, group="template", chunks=64)
     write_image(store, science, group="science", chunks=64)

@@ -45,7 +45,7 @@ from ...io.zarr.results import ResultStore, ResultWriter, open_result
 from ...io.zarr.workspace import ZarrWorkspace
 from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import SubtractionKernels, check_fft_options, merged_mask_planes
-from ...quality import assess, footprint_radius, histogram_metrics
+from ...quality import assess, footprint_radius, histogram_metrics, kernel_sum_grid
 from ..cells import SourcePlacement
 from ..stages import PreparedFit, check_mode, check_plane_names, prepare_fit
 from .cluster import connect, default_tile_size
@@ -381,11 +381,12 @@ def footprints_near(placement: SourcePlacement, kernel_size: int):
 
 
 def run_summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:
-    """Candidates per stage, kernel-sum range and residual statistics of the difference."""
+    """Candidates per stage, the kernel sum over the field and the difference's residuals."""
     status = np.asarray(table["status"])
     reasons = np.asarray(table["reason"])
     good = status == "GOOD"
     ksum = np.asarray(table["kernel_sum"])[good]
+    grid = kernel_sum_grid(outcome.solution)
     metrics = histogram_metrics(histogram)
     residuals = {
         k: metrics[k] for k in ("n_pixels", "mean", "median", "robust_std") if k in metrics
@@ -397,6 +398,13 @@ def run_summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:
         "n_good": int(good.sum()),
         "status": {str(s): int(k) for s, k in zip(statuses, status_counts, strict=True)},
         "rejected": {str(r): int(k) for r, k in zip(why, why_counts, strict=True) if r},
-        "kernel_sum": [float(ksum.min()), float(ksum.max())] if ksum.size else None,
+        # The kernel sum the difference used, over the field; the single-candidate
+        # sums scatter with each star's noise and are no estimate of it.
+        "kernel_sum": {
+            "mean": float(grid.mean()),
+            "min": float(grid.min()),
+            "max": float(grid.max()),
+        },
+        "candidate_kernel_sums": [float(ksum.min()), float(ksum.max())] if ksum.size else None,
         "residuals": residuals,
     }
