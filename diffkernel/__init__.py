@@ -7,7 +7,8 @@ The public API, importable from here:
 
 * in memory: :class:`MakeKernelTask` (its config :class:`MakeKernelConfig`, result
   :class:`MakeKernelResult`), :func:`subtract_images`, :func:`assess_quality`;
-* on a Dask cluster over Zarr: :func:`run_pair`, :func:`connect`, :func:`run_batch`;
+* on a Dask cluster over Zarr: :func:`run_pair`, :func:`connect`, :func:`run_batch`,
+  :func:`apply_result`;
 * data: :class:`MaskedImage`, :class:`Exposure`, :func:`read_exposure`,
   :func:`write_exposure`, :func:`ingest`, :func:`open_input`, :class:`ZarrImage`,
   :func:`write_image`, :func:`open_result`, :func:`result_status`;
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "run_pair": "pipeline.dask.driver",
     "PairRun": "pipeline.dask.driver",
+    "apply_result": "pipeline.dask.apply",
     "connect": "pipeline.dask.cluster",
     "run_batch": "batch",
     "assess_quality": "quality",

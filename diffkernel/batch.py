@@ -197,7 +197,7 @@ def _hash_path(digest, path: Path) -> None:
                 digest.update(block)
 
 
-def fingerprint(spec: PairSpec, config: MakeKernelConfig) -> str:
+def fingerprint(spec: PairSpec, config: MakeKernelConfig, decorrelate: bool = True) -> str:
     """SHA-256 of the pair's input bytes, its configuration and the package version."""
     digest = hashlib.sha256()
     for value in (spec.science, spec.template, spec.sources):
@@ -209,6 +209,8 @@ def fingerprint(spec: PairSpec, config: MakeKernelConfig) -> str:
         _hash_path(digest, Path(location))
     digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(__version__.encode())
+    if not decorrelate:  # (so fingerprints of decorrelated results stay as they were)
+        digest.update(b"no-decorrelate")
     return digest.hexdigest()
 
 
@@ -290,13 +292,14 @@ def _run_one(
     chunks: int,
     stop: threading.Event,
     timeout: float | None = None,
+    decorrelate: bool = True,
 ) -> None:
     """Run one pair; whatever it raises is recorded in its status, never lost."""
     if stop.is_set() or status.state == "failed":
         return
     started = time.perf_counter()
     try:
-        _process(spec, status, book, client, config, chunks, timeout, started)
+        _process(spec, status, book, client, config, chunks, timeout, decorrelate, started)
     except Exception as err:
         if not isinstance(err, DiffkernelError) and _debug():
             traceback.print_exc()
@@ -308,7 +311,7 @@ def _run_one(
         )
 
 
-def _process(spec, status, book, client, config, chunks, timeout, started) -> None:
+def _process(spec, status, book, client, config, chunks, timeout, decorrelate, started) -> None:
     import shutil
     import uuid
 
@@ -318,7 +321,7 @@ def _process(spec, status, book, client, config, chunks, timeout, started) -> No
     refusal = replace_refusal(spec.output, BATCH_MARK)
     if refusal is not None:
         raise StoreError(f"output {refusal}")
-    print_ = fingerprint(spec, config)
+    print_ = fingerprint(spec, config, decorrelate)
     if _is_current(spec.output, print_):
         from .io.zarr.results import open_result
 
@@ -344,6 +347,7 @@ def _process(spec, status, book, client, config, chunks, timeout, started) -> No
             overwrite=True,
             provenance={BATCH_MARK: print_},
             timeout=timeout,
+            decorrelate=decorrelate,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -376,6 +380,7 @@ def run_batch(
     concurrent: int = 2,
     chunks: int = 512,
     timeout: float | None = None,
+    decorrelate: bool = True,
 ) -> list[PairStatus]:
     """Process every pair of a manifest; skip those already done with the same inputs.
 
@@ -397,6 +402,8 @@ def run_batch(
         Chunk side used when ingesting FITS inputs.
     timeout : float, optional
         Seconds each pair may take on the cluster before it fails (none by default).
+    decorrelate : bool
+        Decorrelate the differences (:func:`~diffkernel.pipeline.dask.driver.run_pair`).
 
     Returns
     -------
@@ -442,8 +449,9 @@ def run_batch(
         for status in statuses:
             if status.state == "failed":
                 book.update(status)
-        _run_all(specs, statuses, book, cfg, chunks, timeout, concurrent, client, connect,
-                 scheduler, n_workers)  # fmt: skip
+        options = (cfg, chunks, timeout, decorrelate)
+        _run_all(specs, statuses, book, options, concurrent, client, connect, scheduler,
+                 n_workers)  # fmt: skip
     if book.error:
         raise StoreError(
             f"the batch ran, but its status file {str(book.path)!r} could not be written: "
@@ -452,16 +460,19 @@ def run_batch(
     return statuses
 
 
-def _run_all(specs, statuses, book, cfg, chunks, timeout, concurrent, client, connect,
-             scheduler, n_workers) -> None:  # fmt: skip
+def _run_all(specs, statuses, book, options, concurrent, client, connect, scheduler,
+             n_workers) -> None:  # fmt: skip
     """The pairs on one client, ``concurrent`` at a time; every outcome recorded."""
+    cfg, chunks, timeout, decorrelate = options
     stop = threading.Event()
     with (
         connect(client, scheduler, n_workers, announce=True) as cl,
         ThreadPoolExecutor(concurrent) as pool,
     ):
         futures = {
-            pool.submit(_run_one, spec, status, book, cl, cfg, chunks, stop, timeout): status
+            pool.submit(
+                _run_one, spec, status, book, cl, cfg, chunks, stop, timeout, decorrelate
+            ): status
             for spec, status in zip(specs, statuses, strict=True)
         }
         pending = set(futures)

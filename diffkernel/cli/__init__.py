@@ -1,4 +1,4 @@
-"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo``.
+"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo | apply``.
 
 Each command has ``--help`` and lives in a module of its own, which exports
 ``add_parser`` and ``run``; a command imports what it needs only when it runs, so
@@ -17,13 +17,13 @@ import argparse
 import sys
 
 from .. import __version__
-from . import batch, demo, ingest, inspect, subtract
+from . import apply, batch, demo, ingest, inspect, subtract
 from .common import EXIT_QUALITY_FAIL, run_command
 
 __all__ = ["main", "EXIT_QUALITY_FAIL"]
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (demo, ingest, subtract, inspect, batch)
+COMMANDS = (demo, ingest, subtract, inspect, batch, apply)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument(
         "--timeout", type=float, help="seconds a pair may run on the cluster before it fails"
     )
+    batch.add_argument(
+        "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
+    )
     batch.set_defaults(func=run)
 
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             concurrent=args.concurrent,
             chunks=args.chunks,
             timeout=args.timeout,
+            decorrelate=not args.no_decorrelate,
         )
     except KeyboardInterrupt:
         print(f"diffkernel batch: stopped; see {Path(args.out) / STATUS_FILE}", file=sys.stderr)

@@ -23,12 +23,14 @@ from collections.abc import Iterator
 __all__ = [
     "EXIT_QUALITY_FAIL",
     "EXIT_INTERRUPTED",
-    "check_subtract_outputs",
+    "check_command_outputs",
     "debug_wanted",
     "load_config",
     "positive",
     "run_command",
+    "score_fits_path",
     "sigterm_as_interrupt",
+    "write_result_fits",
 ]
 
 #: Exit status of a run whose result was written but judged ``fail``.
@@ -58,6 +60,34 @@ def load_config(path: str | None):
     return cfg
 
 
+def score_fits_path(fits_out) -> str:
+    """Where ``--fits-out F`` puts the score image: ``F`` with ``.score`` before ``.fits``."""
+    from pathlib import Path
+
+    path = Path(fits_out)
+    stem = path.name[: -len(".fits")] if path.name.endswith(".fits") else path.name
+    return str(path.with_name(f"{stem}.score.fits"))
+
+
+def write_result_fits(result, fits_out, overwrite: bool, cards=None) -> list[str]:
+    """The difference as FITS at ``fits_out``, and its score image beside it when it has one."""
+    from ..image import Exposure
+    from ..io.fits import write_exposure
+
+    written = []
+    for image, path in ((result.difference, str(fits_out)), (result.score, None)):
+        if image is None:
+            continue
+        path = path or score_fits_path(fits_out)
+        ny, nx = image.shape
+        write_exposure(
+            path, Exposure(image.read(0, ny, 0, nx), wcs=image.wcs), overwrite=overwrite,
+            extra_header=cards,
+        )  # fmt: skip
+        written.append(path)
+    return written
+
+
 def positive(option: str, value: int | None, minimum: int = 1) -> None:
     """Refuse an integer option below ``minimum`` (None passes: the default is used)."""
     from ..errors import InputError
@@ -66,8 +96,16 @@ def positive(option: str, value: int | None, minimum: int = 1) -> None:
         raise InputError(f"{option} must be at least {minimum}, got {value}")
 
 
-def check_subtract_outputs(args: argparse.Namespace) -> None:
-    """Check ``--out``, ``--fits-out`` and ``--plots`` of ``subtract`` before any work.
+def check_command_outputs(args: argparse.Namespace, inputs: dict) -> None:
+    """Check a command's ``--out``, ``--fits-out`` and ``--plots`` before any work.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The command's arguments (``out``, ``overwrite``; ``fits_out``, ``plots`` and
+        ``score`` where it has them).
+    inputs : dict
+        What it reads, by name (``{"science": ..., "template": ...}``).
 
     Raises
     ------
@@ -77,11 +115,13 @@ def check_subtract_outputs(args: argparse.Namespace) -> None:
     from ..io.paths import Output, check_outputs
 
     outputs = [Output("--out", args.out, "store")]
-    if args.fits_out:
-        outputs.append(Output("--fits-out", args.fits_out, "file"))
-    if args.plots:
+    fits_out = getattr(args, "fits_out", None)
+    if fits_out:
+        outputs.append(Output("--fits-out", fits_out, "file"))
+        if getattr(args, "score", False):
+            outputs.append(Output("--fits-out's score", score_fits_path(fits_out), "file"))
+    if getattr(args, "plots", None):
         outputs.append(Output("--plots", args.plots, "folder"))
-    inputs = {"science": args.science, "template": args.template, "sources": args.sources}
     check_outputs(outputs, inputs, args.overwrite)
 
 

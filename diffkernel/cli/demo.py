@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:port)"
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
+    )
     demo.set_defaults(func=run)
 
 
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         n_workers=args.workers,
         overwrite=True,
         progress=not args.quiet,
+        decorrelate=not args.no_decorrelate,
     )
     t2 = time.perf_counter()
     result = run.result

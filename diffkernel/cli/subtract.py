@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import EXIT_QUALITY_FAIL, check_subtract_outputs, load_config, positive
+from .common import EXIT_QUALITY_FAIL, check_command_outputs, load_config, positive
 
 __all__ = ["add_parser", "run"]
 
@@ -67,6 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     subtract.add_argument(
         "--timeout", type=float, help="seconds the run may take on the cluster before it stops"
     )
+    subtract.add_argument(
+        "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
+    )
+    subtract.add_argument(
+        "--score",
+        action="store_true",
+        help="also write the score image (S/N of a point source; FITS: <fits-out>.score.fits)",
+    )
     subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     subtract.add_argument("--quiet", action="store_true", help="no progress bars")
     subtract.set_defaults(func=run)
@@ -76,14 +84,13 @@ def run(args: argparse.Namespace) -> int:
     import shutil
     import uuid
 
-    from ..image import Exposure
-    from ..io.fits import write_exposure
     from ..io.inputs import open_input, read_sources
     from ..pipeline.dask.driver import run_pair
 
     cfg = load_config(args.config)
     positive("--workers", args.workers)
-    check_subtract_outputs(args)  # before any work: a bad output path costs nothing
+    inputs = {"science": args.science, "template": args.template, "sources": args.sources}
+    check_command_outputs(args, inputs)  # before any work: a bad output path costs nothing
     out = Path(args.out)
     sources = read_sources(args.sources) if args.sources else None
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
@@ -106,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
             timeout=args.timeout,
+            decorrelate=not args.no_decorrelate,
+            score=args.score,
         )
         if args.plots:
             from ..plots import write_plots
@@ -116,14 +125,9 @@ def run(args: argparse.Namespace) -> int:
     from ..quality import describe, fits_cards
 
     if args.fits_out:
-        diff = run.result.difference
-        ny, nx = diff.shape
-        write_exposure(
-            args.fits_out,
-            Exposure(diff.read(0, ny, 0, nx), wcs=diff.wcs),
-            overwrite=args.overwrite,
-            extra_header=fits_cards(run.quality),
-        )
+        from .common import write_result_fits
+
+        write_result_fits(run.result, args.fits_out, args.overwrite, fits_cards(run.quality))
     summary = {**run.summary, "timing_s": run.timings, "output": str(run.result.path)}
     print(json.dumps(summary, indent=2, default=str))
     print(describe(run.quality), file=sys.stderr)

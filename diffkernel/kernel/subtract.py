@@ -22,11 +22,14 @@ from .convolve import (
     variance_model,
     window,
 )
+from .decorrelate import DifferenceFilters, block_boxes, block_noise, filter_region, make_filters
 from .device import array_backend, check_device
 
 __all__ = [
     "subtract_images",
     "difference_tile",
+    "difference_box",
+    "subtraction_filters",
     "prepare_inputs",
     "merged_mask_planes",
     "prepare_template",
@@ -195,6 +198,116 @@ def difference_tile(
     return diff, var, mask
 
 
+def difference_box(
+    convolved: MaskedImage,
+    convolved_origin: tuple[int, int],
+    reference: MaskedImage,
+    reference_origin: tuple[int, int],
+    kernels: SubtractionKernels,
+    box: tuple[int, int, int, int],
+    shape: tuple[int, int],
+    sign: float = 1.0,
+    filters: DifferenceFilters | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Difference, variance, mask and score image of one box, filtered when asked.
+
+    What the serial path and the Dask tile tasks both call.
+
+    Parameters
+    ----------
+    convolved, reference : MaskedImage
+        Prepared pixels (:func:`prepare_template`, :func:`prepare_science`) from their
+        origins on: the convolved image over ``box`` grown by the filters' margin plus
+        the kernel's half-width, the reference over ``box`` grown by the margin (each
+        clipped to the image).
+    convolved_origin, reference_origin : tuple of int
+        Full-image ``(y, x)`` of their first pixels.
+    kernels : SubtractionKernels
+        The solution and its convolution kernels.
+    box : tuple of int
+        ``(y0, y1, x0, x1)`` to compute.
+    shape : tuple of int
+        ``(ny, nx)`` of the full image.
+    sign : float
+        -1 for ``convolveScience`` (``K ⊛ S + b - T``: science minus template).
+    filters : DifferenceFilters, optional
+        Decorrelation and score (:mod:`diffkernel.kernel.decorrelate`); none by default.
+
+    Returns
+    -------
+    tuple
+        Difference, variance, mask and the score image (None without one).
+    """
+    y0, y1, x0, x1 = box
+    g = filters.margin if filters is not None else 0
+    ext = (y0 - g, y1 + g, x0 - g, x1 + g)
+    padded = padded_template(convolved, *ext, kernels.half, origin=convolved_origin)
+    if reference.shape != (ext[1] - ext[0], ext[3] - ext[2]) or reference_origin != ext[::2]:
+        planes = [
+            window(a, *ext, fill, reference_origin)
+            for a, fill in ((reference.image, 0.0), (reference.variance, 0.0), (reference.mask, 0))
+        ]
+        reference = MaskedImage.from_validated(*planes, reference.mask_planes)
+    d, v, m = difference_tile(padded, reference, kernels, ext[0], ext[2], shape)
+    if sign < 0:
+        d = -d
+    if filters is None:
+        return d, v, m, None
+    planes = reference.mask_planes
+    edge_bits = (1 << planes["NO_DATA"]) | (1 << planes["EDGE"])
+    return filter_region(d, v, m, (ext[0], ext[2]), box, filters, kernels.half, edge_bits)
+
+
+def subtraction_filters(
+    convolved: MaskedImage,
+    reference: MaskedImage,
+    solution,
+    mode: str,
+    decorrelate: bool,
+    score: bool,
+    science_fwhm: float | None,
+) -> DifferenceFilters | None:
+    """The decorrelation and score filters of whole prepared images; None for neither."""
+    if not (decorrelate or score):
+        return None
+    shape = reference.shape
+    boxes = block_boxes(shape)
+    noise = np.array(
+        [
+            block_noise(_cut(convolved, box), _cut(reference, box))
+            for box in boxes
+        ]
+    )
+    return filters_from_noise(solution, shape, noise, mode, decorrelate, score, science_fwhm)
+
+
+def filters_from_noise(solution, shape, noise, mode, decorrelate, score, science_fwhm):
+    """:func:`~diffkernel.kernel.decorrelate.make_filters` from the blocks' noise, in order."""
+    from .decorrelate import DECORRELATION_BLOCK
+
+    b = DECORRELATION_BLOCK
+    grid = np.asarray(noise, dtype=np.float64).reshape(-(-shape[0] // b), -(-shape[1] // b), 2)
+    return make_filters(
+        solution,
+        shape,
+        grid,
+        decorrelate=decorrelate,
+        score=score,
+        mode=mode,
+        science_fwhm=science_fwhm,
+    )
+
+
+def _cut(image: MaskedImage, box) -> MaskedImage:
+    y0, y1, x0, x1 = box
+    return MaskedImage.from_validated(
+        image.image[y0:y1, x0:x1],
+        image.variance[y0:y1, x0:x1],
+        image.mask[y0:y1, x0:x1],
+        image.mask_planes,
+    )
+
+
 def prepare_inputs(template, science, result) -> tuple[MaskedImage, MaskedImage]:
     """Whole template and science as the subtraction needs them.
 
@@ -229,6 +342,9 @@ def subtract_images(
     tile_size: int = 1024,
     precision: str = "single",
     device: str = "cpu",
+    *,
+    decorrelate: bool = False,
+    score: bool = False,
 ) -> MaskedImage:
     """Difference image of ``science`` minus the PSF-matched ``template``.
 
@@ -251,11 +367,19 @@ def subtract_images(
     device : {"cpu", "gpu"}
         Where the convolution's FFTs run; "gpu" needs CuPy and a CUDA device
         (:mod:`diffkernel.kernel.device`) and is an error without them.
+    decorrelate : bool
+        Filter the difference so that its noise is white again
+        (:mod:`diffkernel.kernel.decorrelate`; what ``run_pair`` and the command line
+        do by default). Off here by default: the specification's subtraction.
+    score : bool
+        Also make the score image (the difference cross-correlated with its PSF, in
+        units of a point source's S/N): ``result.scoreImage``.
 
     Returns
     -------
     MaskedImage
         Difference image with propagated variance and mask (science mask planes).
+        The filters used are ``result.differenceFilters`` (None when neither option).
 
     Notes
     -----
@@ -273,26 +397,32 @@ def subtract_images(
         )
     t, s = prepare_inputs(template, science, result)
     ny, nx = s.shape
+    mode = getattr(result, "mode", "convolveTemplate")
+    metadata = getattr(result, "metadata", None) or {}
+    filters = subtraction_filters(
+        t, s, result.spatialSolution, mode, decorrelate, score, metadata.get("science_fwhm")
+    )
     diff = np.empty((ny, nx))
     var = np.empty((ny, nx))
     mask = np.empty((ny, nx), dtype=np.int32)
+    score_image = np.empty((ny, nx)) if score else None
     kernels = SubtractionKernels(result.spatialSolution, precision, device)
     xc, yc = footprint_centres(result.candidates)
     radius = footprint_radius(kernels.solution.basis.kernel_size)
     histograms = np.zeros((2, Z_NBINS), dtype=np.int64)
+    sign = -1.0 if mode == "convolveScience" else 1.0
     for y0 in range(0, ny, tile_size):
         for x0 in range(0, nx, tile_size):
             y1, x1 = min(y0 + tile_size, ny), min(x0 + tile_size, nx)
-            padded = padded_template(t, y0, y1, x0, x1, kernels.half)
-            sci = MaskedImage(
-                s.image[y0:y1, x0:x1], s.variance[y0:y1, x0:x1], s.mask[y0:y1, x0:x1], s.mask_planes
-            )
-            d, v, m = difference_tile(padded, sci, kernels, y0, x0, s.shape)
-            if getattr(result, "mode", "convolveTemplate") == "convolveScience":
-                d = -d
+            box = (y0, y1, x0, x1)
+            d, v, m, sc = difference_box(t, (0, 0), s, (0, 0), kernels, box, s.shape, sign, filters)
             diff[y0:y1, x0:x1], var[y0:y1, x0:x1], mask[y0:y1, x0:x1] = d, v, m
+            if score_image is not None:
+                score_image[y0:y1, x0:x1] = sc
             histograms += difference_histograms(d, v, m, (y0, x0), xc, yc, radius)
     result.differenceHistograms = histograms
+    result.differenceFilters = filters
+    result.scoreImage = score_image
     config = getattr(result, "config", None)
     if config is not None:
         result.quality = assess(

@@ -431,6 +431,22 @@ class ResultStore:
     quality: dict = field(default_factory=dict)
     z_histograms: np.ndarray | None = None
 
+    @property
+    def score(self) -> ZarrImage | None:
+        """The score image group (S/N of a point source); None when none was made."""
+        from .filters import open_score
+
+        return open_score(self.path)
+
+    @property
+    def filters(self):
+        """The difference's :class:`~diffkernel.kernel.decorrelate.DifferenceFilters`, or None."""
+        from ...kernel.decorrelate import DifferenceFilters
+        from .filters import read_filters
+
+        stored = read_filters(self.path)
+        return None if stored is None else DifferenceFilters.from_stored(*stored)
+
 
 def open_result(path: PathLike) -> ResultStore:
     """Open a complete result store.

@@ -40,6 +40,7 @@ from astropy.table import Table
 from ...config import MakeKernelConfig
 from ...errors import ConfigError, InputError
 from ...io.paths import Output, check_outputs
+from ...io.zarr.filters import create_score, write_filters
 from ...io.zarr.image import ZarrImage
 from ...io.zarr.results import ResultStore, ResultWriter, open_result
 from ...io.zarr.workspace import ZarrWorkspace
@@ -50,6 +51,7 @@ from ..cells import SourcePlacement
 from ..stages import PreparedFit, check_mode, check_plane_names, prepare_fit
 from .cluster import connect, default_tile_size
 from .fitting import CellTasks, Reduction, submit_cells
+from .postfilter import FilterStage, filters_summary
 from .prefit import ClusterWork
 from .provenance import provenance as run_provenance
 from .runner import TaskRunner
@@ -102,6 +104,8 @@ def run_pair(
     progress: bool = False,
     provenance: dict[str, Any] | None = None,
     timeout: float | None = None,
+    decorrelate: bool = True,
+    score: bool = False,
 ) -> PairRun:
     """Fit the PSF-matching kernel of a pair stored in Zarr and write the difference.
 
@@ -152,6 +156,11 @@ def run_pair(
     timeout : float, optional
         Seconds the run may wait on the cluster; past it the run stops with a
         :class:`~diffkernel.errors.ClusterError` and publishes nothing.
+    decorrelate : bool
+        Filter the difference so its noise is white (:mod:`diffkernel.kernel.decorrelate`);
+        the filters are recorded in the store's group ``filters``.
+    score : bool
+        Also write the score image (group ``score``: S/N of a point source).
 
     Returns
     -------
@@ -189,6 +198,7 @@ def run_pair(
             )
             run.extra_provenance = dict(provenance or {})
             run.runner.limit(timeout)
+            run.decorrelate, run.score = bool(decorrelate), bool(score)
             path, timings, summary = run.execute(sources, preconvolved)
     except BaseException:
         writer.abort()
@@ -241,6 +251,8 @@ class PairDriver:
         self.timings = self.runner.timings
         self.meta: dict[str, Any] = {}
         self.extra_provenance: dict[str, Any] = {}
+        self.decorrelate, self.score = True, False
+        self.filters = None
 
     def execute(self, sources: Table | None, preconvolved: bool):
         """Run the stages; the published path, the timings and the summary."""
@@ -252,12 +264,15 @@ class PairDriver:
         )
         planes = self.create_difference(work.reader)  # while the workers fit the cells
         checksums = work.validated()  # a bad input stops the run here, cells or not
+        shape = self.science.shape
+        post = FilterStage(self.runner, work.reader, shape, self.decorrelate, self.score)
         self.runner.wait(cells.futures, "cells", cells.started, gather=False)
 
         reduction, solution = self.reduce(cells, prepared)
+        self.filters = post.filters(solution, prepared.mode, self.meta.get("science_fwhm"))
 
         t0 = time.perf_counter()
-        tiles = self.submit_tiles(solution, work.reader, planes, prepared)
+        tiles = self.submit_tiles(solution, work.reader, planes, prepared, self.filters)
         outcome, table = self.record_fit(reduction, cells)  # while the tiles run
         histograms = np.sum(self.runner.wait(tiles, "tiles", t0), axis=0)
         return self.publish(table, outcome, histograms, cells, len(tiles), checksums, started)
@@ -293,7 +308,11 @@ class PairDriver:
         sci = self.science
         # reader.template is the convolved image, reader.science the reference.
         planes = merged_mask_planes(reader.science.mask_planes, reader.template.mask_planes)
-        self.writer.create_difference(sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta)
+        diff = self.writer.create_difference(
+            sci.shape, sci.chunks, planes, sci.wcs, sci.origin, sci.meta
+        )
+        if self.score:
+            create_score(self.writer.partial_path, diff)
         return planes
 
     def submit_tiles(
@@ -302,11 +321,14 @@ class PairDriver:
         reader: ZarrPair,
         planes: dict[str, int],
         prepared: PreparedFit,
+        filters=None,
     ) -> list:
         """Submit the difference's tiles: convolve, subtract, write, histogram."""
         # The kernels go to every worker: left on the one that made them, the tile
         # tasks would all be scheduled there (data locality).
         kernels = self.runner.scatter(SubtractionKernels(solution, self.precision, self.device))
+        if filters is not None:
+            filters = self.runner.scatter(filters)
         self.meta["fft_precision"] = self.precision
         self.meta["device"] = self.device
         # Scattered once: a worker then keeps one reader whose arrays stay open (a task
@@ -330,6 +352,7 @@ class PairDriver:
                 *box,
                 sign,
                 near(*box),
+                filters,
                 name=f"tile-{box[0]}-{box[2]}",
             )
             for box in boxes
@@ -347,6 +370,11 @@ class PairDriver:
         self.meta["n_cell_tasks"] = cells.n_tasks
         self.meta["n_tiles"] = n_tiles
         self.meta["tile_size"] = self.tile
+        self.meta["decorrelation"] = filters_summary(self.filters)
+        if self.filters is not None:
+            write_filters(
+                self.writer.partial_path, self.filters.attributes(), self.filters.arrays()
+            )
         self.timings["total"] = time.perf_counter() - started
         self.meta["timings"] = dict(self.timings)
         record = run_provenance(self.science, self.template, checksums)

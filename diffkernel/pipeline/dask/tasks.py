@@ -13,12 +13,12 @@ import numpy as np
 from ...config import MakeKernelConfig
 from ...image import MaskedImage
 from ...io.zarr.image import ZarrImage
+from ...kernel.decorrelate import DifferenceFilters, block_noise
 from ...kernel.device import array_backend
 from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import (
     SubtractionKernels,
-    difference_tile,
-    padded_template,
+    difference_box,
     prepare_science,
     prepare_template,
 )
@@ -40,6 +40,7 @@ __all__ = [
     "device_ready",
     "solution_of",
     "tile_task",
+    "noise_task",
 ]
 
 
@@ -189,6 +190,12 @@ def solution_of(reduction) -> SpatialSolution:
     return reduction[0].solution
 
 
+def noise_task(reader: ZarrPair, y0: int, y1: int, x0: int, x1: int) -> tuple[float, float]:
+    """:func:`~diffkernel.kernel.decorrelate.block_noise` of one block (convolved, reference)."""
+    convolved, reference = reader(y0, y1, x0, x1)
+    return block_noise(convolved, reference)
+
+
 def tile_task(
     kernels: SubtractionKernels,
     reader: ZarrPair,
@@ -200,27 +207,37 @@ def tile_task(
     x1: int,
     sign: float = 1.0,
     footprints: tuple[np.ndarray, np.ndarray, float] | None = None,
+    filters: DifferenceFilters | None = None,
 ) -> np.ndarray:
-    """Write one tile of the difference; its sky and footprint z histograms.
+    """Write one tile of the difference (and score); its sky and footprint z histograms.
 
     ``footprints`` is ``(xc, yc, radius)`` of the candidates near the tile
-    (:func:`diffkernel.quality.difference_histograms`).
+    (:func:`diffkernel.quality.difference_histograms`); ``filters`` decorrelate the
+    difference and make the score image (:func:`diffkernel.kernel.subtract.difference_box`).
     """
     ny, nx = reader.science.shape
     h = kernels.half
-    ty0, ty1, tx0, tx1 = max(y0 - h, 0), min(y1 + h, ny), max(x0 - h, 0), min(x1 + h, nx)
+    g = filters.margin if filters is not None else 0
+    # The reference over the tile grown by the filters' margin, the convolved image
+    # grown by the kernel's half-width more (both clipped to the image).
+    sy0, sy1, sx0, sx1 = max(y0 - g, 0), min(y1 + g, ny), max(x0 - g, 0), min(x1 + g, nx)
+    ty0, ty1 = max(y0 - g - h, 0), min(y1 + g + h, ny)
+    tx0, tx1 = max(x0 - g - h, 0), min(x1 + g + h, nx)
     # The check stage validated every pixel: read them as stored (no float64 copies).
     template = reader.template.read_stored(ty0, ty1, tx0, tx1)
     t_bg = s_bg = None
     if reader.template_background is not None:
         t_bg = reader.template_background.read(ty0, ty1, tx0, tx1)
-        s_bg = reader.science_background.read(y0, y1, x0, x1)
+        s_bg = reader.science_background.read(sy0, sy1, sx0, sx1)
     template = prepare_template(template, planes, t_bg)
-    science = prepare_science(reader.science.read_stored(y0, y1, x0, x1), planes, s_bg)
-    padded = padded_template(template, y0, y1, x0, x1, h, origin=(ty0, tx0))
-    diff, var, mask = difference_tile(padded, science, kernels, y0, x0, (ny, nx))
-    if sign < 0:  # convolveScience: K * S + b - T, science minus template
-        diff = -diff
+    science = prepare_science(reader.science.read_stored(sy0, sy1, sx0, sx1), planes, s_bg)
+    diff, var, mask, score = difference_box(
+        template, (ty0, tx0), science, (sy0, sx0), kernels, (y0, y1, x0, x1), (ny, nx), sign,
+        filters,
+    )  # fmt: skip
     workspace.write_image_tile("difference", y0, x0, diff, var, mask)
+    if score is not None:
+        ones = np.where(np.isfinite(score), 1.0, np.nan)
+        workspace.write_image_tile("score", y0, x0, score, ones, mask)
     xc, yc, radius = footprints if footprints is not None else (np.zeros(0, int),) * 2 + (0.0,)
     return difference_histograms(diff, var, mask, (y0, x0), xc, yc, radius)
