@@ -156,7 +156,7 @@ def test_every_exception_of_a_pair_reaches_the_status(inputs, client, tmp_path, 
     was never read: the pair stayed "pending" and the batch exited 0."""
     import diffkernel.batch as batch
 
-    def vanished(spec, config):
+    def vanished(spec, config, *options):
         raise FileNotFoundError(2, "No such file or directory", spec.science)
 
     monkeypatch.setattr(batch, "fingerprint", vanished)

@@ -59,12 +59,13 @@ class KillDuringFirstBroadcast:
     def __getattr__(self, name):
         return getattr(self._client, name)
 
-    def scatter(self, value, **kwargs):
+    def sync(self, func, value, **kwargs):
+        # TaskRunner.scatter broadcasts through client.sync(client._scatter, ...).
         if kwargs.get("broadcast") and isinstance(value, list) and not self.fired.is_set():
             self.fired.set()
-            futures = self._client.scatter([*value, Bomb(self._marker)], **kwargs)
+            futures = self._client.sync(func, [*value, Bomb(self._marker)], **kwargs)
             return futures[: len(value)]
-        return self._client.scatter(value, **kwargs)
+        return self._client.sync(func, value, **kwargs)
 
 
 def config() -> MakeKernelConfig:
@@ -118,9 +119,14 @@ def run(pair, out, client, **kwargs):
     )
 
 
-def test_worker_killed_during_the_check_broadcast(pair, cluster, tmp_path):
+def test_worker_killed_during_the_check_broadcast(pair, cluster, tmp_path, monkeypatch):
     """The broadcast of the check's inputs kills a worker: the run finishes with the
-    undisturbed result (it hung, or ended in a raw KeyError)."""
+    undisturbed result (it hung, or ended in a raw CommClosedError or KeyError)."""
+    import diffkernel.pipeline.dask.runner as runner
+
+    # A broadcast stuck on the dead worker is abandoned and tried again after this
+    # (a slow but healthy one is only tried again: the outcome is the same).
+    monkeypatch.setattr(runner, "SCATTER_TIMEOUT", 20.0)
     with distributed.Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
         reference = run(pair, tmp_path / "reference.zarr", client).result
@@ -178,3 +184,40 @@ def test_a_stage_whose_tasks_are_cancelled_is_one_line(cluster):
             client.cancel(lost)
             with pytest.raises(ClusterError, match="cancelled the cells stage's tasks"):
                 runner.wait([lost], "cells", time.perf_counter(), gather=gather)
+
+
+def test_a_broadcast_that_never_returns_is_abandoned_and_tried_again(cluster, monkeypatch):
+    """The scheduler's replication to a worker that died can retry forever, and the
+    broadcast with it (a run hung for over 10 minutes). The first broadcast here never
+    returns; it is abandoned after SCATTER_TIMEOUT and tried again."""
+    import asyncio
+
+    import diffkernel.pipeline.dask.runner as runner
+
+    monkeypatch.setattr(runner, "SCATTER_TIMEOUT", 2.0)
+    real = distributed.Client._scatter
+    calls = []
+
+    async def first_hangs(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # never set: as a broadcast stuck on a dead worker
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "_scatter", first_hangs)
+    with distributed.Client(cluster) as client:
+        outcome = {}
+
+        def job():
+            try:
+                futures = runner.TaskRunner(client).scatter([[1, 2, 3]])
+                outcome["value"] = client.gather(futures)
+            except BaseException as err:  # reported below
+                outcome["error"] = err
+
+        thread = threading.Thread(target=job, daemon=True)
+        thread.start()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the broadcast hung"
+        assert outcome.get("value") == [[1, 2, 3]], outcome
+        assert len(calls) == 2

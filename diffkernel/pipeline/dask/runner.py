@@ -97,11 +97,16 @@ class TaskRunner:
                 # hash=False: a content-hashed key would be shared by concurrent
                 # identical runs on one client (a batch), and one run releasing it
                 # loses the other's.
-                return self.client.scatter(
+                # The whole broadcast is bounded (callback_timeout): scatter's own
+                # timeout only bounds the wait for workers, and the scheduler's
+                # replication to a worker that died meanwhile can retry forever
+                # (distributed 2026.8), which hung runs for over 10 minutes.
+                return self.client.sync(
+                    self.client._scatter,
                     value,
                     broadcast=True,
                     hash=False,
-                    timeout=self.remaining(SCATTER_TIMEOUT),
+                    callback_timeout=self.remaining(SCATTER_TIMEOUT),
                 )
             except (KeyError, FutureCancelledError, OSError, TimeoutError) as err:
                 # A worker lost mid-broadcast: the scheduler forgets the half-sent
