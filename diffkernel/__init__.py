@@ -31,8 +31,7 @@ from .errors import (
     StoreError,
 )
 from .image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
-from .kernel.subtract import subtract_images
-from .pipeline.serial import MakeKernelResult, MakeKernelTask
+from .pipeline.serial import MakeKernelResult, MakeKernelTask, subtract_images
 
 __version__ = "0.1.0"
 

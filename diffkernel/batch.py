@@ -466,7 +466,7 @@ def _run_all(specs, statuses, book, options, concurrent, client, connect, schedu
     cfg, chunks, timeout, decorrelate = options
     stop = threading.Event()
     with (
-        connect(client, scheduler, n_workers, announce=True) as cl,
+        connect(client, scheduler, n_workers) as cl,  # logs the dashboard's address
         ThreadPoolExecutor(concurrent) as pool,
     ):
         futures = {

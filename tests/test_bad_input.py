@@ -258,10 +258,15 @@ def test_mask_plane_bit_out_of_range():
         MaskedImage(np.ones((4, 4)), np.ones((4, 4)), mask_planes={"CUSTOM": 40})
 
 
-def test_input_not_an_exposure(pair):
-    """A bare array instead of an Exposure/MaskedImage is refused with the way to build one."""
-    with pytest.raises(InputError, match="template must be a diffkernel Exposure or MaskedImage"):
-        run(pair, template=pair.template.masked_image.image)
+def test_input_not_an_image(pair):
+    """What is no image (a list of rows) is refused, naming the input and what is accepted.
+
+    (A bare array is a plain image since the API takes what the command line takes:
+    ``tests/pipeline/test_api.py``.)
+    """
+    rows = pair.template.masked_image.image.tolist()
+    with pytest.raises(InputError, match=r"template: an image must be .*\(array, WCS"):
+        run(pair, template=rows)
 
 
 @pytest.mark.parametrize("fwhm", [-3.0, 0.0, np.nan, np.inf])

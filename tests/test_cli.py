@@ -152,8 +152,8 @@ def test_plots_of_a_result(tmp_path):
     assert names == sorted(
         f"{n}.png"
         for n in (
-            "candidates", "basis", "kernel_mosaic", "spatial_coefficients", "cells", "quality",
-            "images",
+            "candidates", "candidate_stamps", "basis", "kernel_mosaic", "spatial_coefficients",
+            "cells", "quality", "images",
         )
     )  # fmt: skip
     again = write_plots(

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 from diffkernel import MakeKernelConfig
-from diffkernel.image import Exposure
-from diffkernel.io.fits import write_exposure
+from diffkernel.cli.common import parse_set
 from diffkernel.io.inputs import open_input
+from diffkernel.io.products import write_difference
 from diffkernel.pipeline.dask.driver import run_pair
 
 
@@ -37,9 +37,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     config = MakeKernelConfig.default_subtraction()  # a fitted background, as the CLI
-    for item in args.set:
-        field, _, value = item.partition("=")
-        config.set(field, json.loads(value) if value[:1] in "[{0123456789-tfn" else value)
+    config.update(parse_set(args.set))  # values read as in a TOML config file, as the CLI
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as work:
         science = open_input(args.science, work, "science")
         template = open_input(args.template, work, "template")
@@ -47,10 +45,8 @@ def main() -> None:
             science, template, args.out, config=config,
             scheduler=args.scheduler, n_workers=args.workers, progress=True,
         )  # fmt: skip
-    if args.fits:
-        diff = run.result.difference
-        ny, nx = diff.shape
-        write_exposure(args.fits, Exposure(diff.read(0, ny, 0, nx), wcs=diff.wcs))
+    if args.fits:  # float32, with the science's cards, provenance and verdict
+        write_difference(args.fits, run.result)
     print(json.dumps({**run.summary, "timings_s": run.timings}, indent=2, default=str))
 
 

@@ -1,4 +1,5 @@
-"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo | apply``.
+"""Command-line interface: ``diffkernel ingest | subtract | batch | inspect | demo | apply |
+config``.
 
 Each command has ``--help`` and lives in a module of its own, which exports
 ``add_parser`` and ``run``; a command imports what it needs only when it runs, so
@@ -17,13 +18,13 @@ import argparse
 import sys
 
 from .. import __version__
-from . import apply, batch, demo, ingest, inspect, subtract
-from .common import EXIT_QUALITY_FAIL, run_command
+from . import apply, batch, config, demo, ingest, inspect, subtract
+from .common import EXIT_QUALITY_FAIL, run_command, setup_logging
 
 __all__ = ["main", "EXIT_QUALITY_FAIL"]
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (demo, ingest, subtract, inspect, batch, apply)
+COMMANDS = (demo, ingest, subtract, inspect, batch, apply, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``diffkernel`` command."""
     args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     return run_command(args)  # one line and an exit status for every error
 
 

@@ -1,36 +1,51 @@
-"""What every command shares: exit statuses, the config loader, output checks, error handling.
+"""What every command shares: exit statuses, the config, logging, input and cluster options.
 
 :func:`run_command` runs a parsed command the way the README promises: an error of
 the user's making (:class:`~diffkernel.errors.DiffkernelError`) is one line and exit
 status 2; a file-system error (a read-only or full disk) is one line and exit 2 too;
 SIGINT and SIGTERM (what cron and systemd send) stop it the same way, exit 130; any
 other exception is a bug, reported in one line with exit status 1, and its traceback
-is shown only when asked for: ``DIFFKERNEL_DEBUG=1`` in the environment (or a
-``-v``/``--verbose`` flag where the command has one).
+is shown only when asked for: ``-v`` (where the command has it) or
+``DIFFKERNEL_DEBUG=1`` in the environment. :func:`check_command_outputs` checks a
+command's outputs before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import logging
 import os
 import signal
 import sys
 import threading
+import tomllib
 import traceback
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = [
     "EXIT_QUALITY_FAIL",
+    "score_fits_path",
+    "write_result_fits",
+    "add_input_options",
+    "add_logging_options",
+    "add_scheduler_options",
+    "gain_notes",
+    "load_config",
+    "parse_set",
+    "read_options",
+    "scheduler_address",
+    "setup_logging",
     "EXIT_INTERRUPTED",
     "check_command_outputs",
     "debug_wanted",
-    "load_config",
     "positive",
     "run_command",
-    "score_fits_path",
     "sigterm_as_interrupt",
-    "write_result_fits",
 ]
 
 #: Exit status of a run whose result was written but judged ``fail``.
@@ -41,51 +56,259 @@ EXIT_INTERRUPTED = 130
 #: the full traceback.
 DEBUG_ENV = "DIFFKERNEL_DEBUG"
 
+log = logging.getLogger("diffkernel")
 
-def load_config(path: str | None):
-    """The subtraction defaults (a fitted background), updated by the config file.
 
-    Fields the file sets that another field overrides (``kernelSize`` under
-    ``scaleByFwhm``) are named on stderr: they would otherwise be silently ignored.
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set FIELD=VALUE`` items as dotted keys; values read as in a TOML config file.
+
+    A value that is not a TOML value (``DF``, ``convolveTemplate``) is taken as a string, so
+    ``--set kernel.name=DF`` and ``--set 'kernel.name="DF"'`` mean the same.
     """
+    from ..errors import ConfigError
+
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--set {item!r}: expected FIELD=VALUE, e.g. kernel.AL.spatialKernelOrder=2"
+            )
+        try:
+            values[key] = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            values[key] = text.strip()
+    return values
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()):
+    """The subtraction defaults (a fitted background), updated by the file, then ``--set``."""
     from ..config import MakeKernelConfig
-    from ..config.tomlfile import overridden_fields
+    from ..errors import ConfigError
 
     base = MakeKernelConfig.default_subtraction()
     cfg = base if path is None else MakeKernelConfig.from_file(path, base=base)
+    if overrides:
+        try:
+            cfg.update(parse_set(overrides))
+        except ConfigError as exc:
+            raise ConfigError(f"--set: {exc}") from None
     cfg.validate()
     if path is not None:
+        # A field another one overrides would otherwise be silently ignored.
+        from ..config.tomlfile import overridden_fields
+
         for note in overridden_fields(cfg, base):
             print(f"diffkernel: note: {path}: {note}", file=sys.stderr)
     return cfg
 
 
+# --------------------------------------------------------------------------- logging
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` and ``-q/--quiet``."""
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more messages (-vv: debug)"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars"
+    )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not when it was made.
+
+    (``main`` may run many times in one process, e.g. under a test runner that swaps
+    ``sys.stderr``; a handler holding an old stream would write into a closed file.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Send the ``diffkernel`` logger's records to stderr, one line each.
+
+    Default level INFO (a status line per phase), ``-q`` WARNING, ``-v`` DEBUG. Dask's own
+    shutdown chatter (nanny warnings about workers killed at close) is kept to errors
+    unless ``-v``.
+    """
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("diffkernel: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    for name in ("distributed.nanny", "distributed.core", "distributed.worker"):
+        logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
+@contextlib.contextmanager
+def gain_notes(name: str, where: str) -> Iterator[None]:
+    """Turn the variance model's "no gain" warning into one note naming ``--gain``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        text = str(warning.message)
+        if "no gain is known" in text:
+            log.warning(
+                "note: %s %s has no GAIN card and no sky pedestal: its variance is the sky's "
+                "alone, too small on bright stars; pass --gain E_PER_ADU",
+                name,
+                where,
+            )
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def add_input_options(parser: argparse.ArgumentParser, pair: bool = True) -> None:
+    """``--gain``, ``--saturation`` and the HOTPANTS-style noise and mask files.
+
+    For a pair ``--science-noise``, ``--science-mask``, ``--template-noise`` and
+    ``--template-mask``; for one image ``--noise`` and ``--mask``.
+    """
+    both = " (one value for both, or science,template)" if pair else ""
+    parser.add_argument(
+        "--gain",
+        metavar="G[,G_TEMPLATE]" if pair else "G",
+        help=f"gain in e-/ADU of plain FITS inputs, replacing their GAIN card{both}",
+    )
+    parser.add_argument(
+        "--saturation",
+        metavar="S[,S_TEMPLATE]" if pair else "S",
+        help=f"saturation level in ADU of FITS inputs, replacing their cards{both}",
+    )
+    for who, flag in (("science", "i"), ("template", "t")) if pair else (("", "i"),):
+        prefix = f"--{who}-" if who else "--"
+        parser.add_argument(
+            f"{prefix}noise",
+            metavar="FITS",
+            help=f"{who or 'the'} 1-sigma noise image in the image's units (HOTPANTS -{flag}ni); "
+            "the variance is its square (for a variance image, give its square root)",
+        )
+        parser.add_argument(
+            f"{prefix}mask",
+            metavar="FITS",
+            help=f"{who or 'the'} bad-pixel image: non-zero pixels are masked BAD "
+            f"(HOTPANTS -{flag}mi)",
+        )
+
+
+def _pair_of_numbers(text: str | None, option: str) -> tuple[float | None, float | None]:
+    from ..errors import InputError
+
+    if text is None:
+        return None, None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise InputError(f"{option} {text!r}: expected a number or two, science,template") from None
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise InputError(f"{option} {text!r}: expected a number or two, science,template")
+
+
+def read_options(args: argparse.Namespace, who: str) -> dict[str, Any]:
+    """The :func:`~diffkernel.io.fits.read_exposure` options of the science or template."""
+    index = 0 if who == "science" else 1
+    options = {
+        "gain": _pair_of_numbers(getattr(args, "gain", None), "--gain")[index],
+        "saturation": _pair_of_numbers(getattr(args, "saturation", None), "--saturation")[index],
+        "noise": getattr(args, f"{who}_noise", getattr(args, "noise", None)),
+        "mask": getattr(args, f"{who}_mask", getattr(args, "mask", None)),
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def add_scheduler_options(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler ADDRESS`` and ``--scheduler-file JSON``."""
+    parser.add_argument("--scheduler", help="address of a running Dask scheduler")
+    parser.add_argument(
+        "--scheduler-file",
+        metavar="JSON",
+        help="Dask scheduler file (as `dask scheduler --scheduler-file` and the cluster/ "
+        "recipes write it): connect to the address it holds",
+    )
+
+
+def scheduler_address(args: argparse.Namespace) -> str | None:
+    """The scheduler's address: ``--scheduler``, or the one ``--scheduler-file`` holds."""
+    from ..errors import InputError
+
+    path = getattr(args, "scheduler_file", None)
+    if path is None:
+        return getattr(args, "scheduler", None)
+    if getattr(args, "scheduler", None):
+        raise InputError("give --scheduler or --scheduler-file, not both")
+    try:
+        info = json.loads(Path(path).read_text())
+        address = info["address"]
+    except FileNotFoundError:
+        raise InputError(
+            f"scheduler file {path!r} does not exist: is the scheduler running?"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(
+            f"scheduler file {path!r} is not a Dask scheduler file with an address ({exc})"
+        ) from None
+    if not isinstance(address, str) or not address:
+        raise InputError(f"scheduler file {path!r} holds no scheduler address")
+    return address
+
+
+# --------------------------------------------------------------------------- outputs
+
+
 def score_fits_path(fits_out) -> str:
     """Where ``--fits-out F`` puts the score image: ``F`` with ``.score`` before ``.fits``."""
-    from pathlib import Path
-
     path = Path(fits_out)
     stem = path.name[: -len(".fits")] if path.name.endswith(".fits") else path.name
     return str(path.with_name(f"{stem}.score.fits"))
 
 
 def write_result_fits(result, fits_out, overwrite: bool, cards=None) -> list[str]:
-    """The difference as FITS at ``fits_out``, and its score image beside it when it has one."""
-    from ..image import Exposure
-    from ..io.fits import write_exposure
+    """The difference as FITS at ``fits_out``, and its score image beside it when it has one.
+
+    Both carry the science's cards and WCS, the provenance and the verdict
+    (:func:`diffkernel.io.products.write_difference`), as float32.
+    """
+    from ..io.products import write_difference
 
     written = []
     for image, path in ((result.difference, str(fits_out)), (result.score, None)):
         if image is None:
             continue
         path = path or score_fits_path(fits_out)
-        ny, nx = image.shape
-        write_exposure(
-            path, Exposure(image.read(0, ny, 0, nx), wcs=image.wcs), overwrite=overwrite,
-            extra_header=cards,
-        )  # fmt: skip
+        log.info("writing %s", path)
+        write_difference(path, result, image=image, overwrite=overwrite, extra_header=cards)
         written.append(path)
     return written
+
+
+# --------------------------------------------------------------------------- errors
 
 
 def positive(option: str, value: int | None, minimum: int = 1) -> None:

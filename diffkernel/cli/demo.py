@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import add_logging_options, add_scheduler_options, scheduler_address
+
 __all__ = ["add_parser", "run"]
 
 
@@ -25,14 +27,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--size", type=int, default=1024, help="image side in pixels")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the simulation")
-    demo.add_argument("--out", default="diffkernel-demo", help="output directory")
+    demo.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: a new folder in the system's temporary directory, "
+        "printed at the end; the outputs of a 1024-px demo take ~30 MB)",
+    )
     demo.add_argument(
         "--workers", type=int, default=None, help="LocalCluster worker processes (default: cores)"
     )
-    demo.add_argument(
-        "--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:port)"
-    )
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_scheduler_options(demo)
+    add_logging_options(demo)
     demo.add_argument(
         "--no-decorrelate", action="store_true", help="keep the difference's correlated noise"
     )
@@ -40,13 +45,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..image import Exposure
-    from ..io.fits import write_exposure
+    import tempfile
+
+    from ..io.products import write_difference
     from ..io.zarr.write import write_image
     from ..pipeline.dask.driver import run_pair
     from ..simulate import make_pair
 
-    out = Path(args.out)
+    # Not the current folder by default: a demo should not leave tens of MB behind.
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="diffkernel-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pair = make_pair((args.size, args.size), seed=args.seed, template_depth=4, n_variable=5)
@@ -59,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         (inputs, "science"),
         (inputs, "template"),
         out / "result.zarr",
-        scheduler=args.scheduler,
+        scheduler=scheduler_address(args),
         n_workers=args.workers,
         overwrite=True,
         progress=not args.quiet,
@@ -67,10 +74,7 @@ def run(args: argparse.Namespace) -> int:
     )
     t2 = time.perf_counter()
     result = run.result
-    diff = result.difference.read(0, args.size, 0, args.size)
-    write_exposure(
-        out / "difference.fits", Exposure(diff, wcs=result.difference.wcs), overwrite=True
-    )
+    write_difference(out / "difference.fits", result, overwrite=True)
     result.candidates.write(out / "candidates.ecsv", overwrite=True)
     from ..io.zarr.image import ZarrImage
     from ..plots import write_plots

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_input_options, add_logging_options, gain_notes, read_options
+
 __all__ = ["add_parser", "run"]
 
 
@@ -21,13 +23,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("output", help="Zarr store to write")
     ingest.add_argument("--chunks", type=int, default=512, help="chunk side in pixels")
     ingest.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    add_input_options(ingest, pair=False)
+    add_logging_options(ingest)
     ingest.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..io.inputs import ingest
 
-    image = ingest(args.input, args.output, chunks=args.chunks, overwrite=args.overwrite)
+    with gain_notes("input", args.input):
+        image = ingest(
+            args.input,
+            args.output,
+            chunks=args.chunks,
+            overwrite=args.overwrite,
+            read_options=read_options(args, "science"),
+        )
     print(
         f"wrote {args.output}: {image.shape[1]}x{image.shape[0]} {image.dtype} in "
         f"{image.chunks[1]}x{image.chunks[0]} chunks, mask planes {sorted(image.mask_planes)}"

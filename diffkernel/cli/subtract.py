@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-from .common import EXIT_QUALITY_FAIL, check_command_outputs, load_config, positive
+from .common import (
+    EXIT_QUALITY_FAIL,
+    add_input_options,
+    add_logging_options,
+    add_scheduler_options,
+    check_command_outputs,
+    gain_notes,
+    load_config,
+    positive,
+    read_options,
+    scheduler_address,
+    write_result_fits,
+)
+
+log = logging.getLogger("diffkernel")
 
 __all__ = ["add_parser", "run"]
 
@@ -20,7 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Fit the spatially varying kernel matching TEMPLATE to SCIENCE on a "
         "Dask cluster and write the result store OUT.zarr (difference image, kernel "
         "solution, candidate table, provenance). Inputs are FITS files or Zarr image "
-        "groups (store.zarr or store.zarr#group); a template with another WCS is "
+        "groups (store.zarr or store.zarr#group), FITS files being LSST-style "
+        "(IMAGE/MASK/VARIANCE), space-telescope (SCI/ERR/DQ) or plain images (variance "
+        "from GAIN and the sky, or from --science-noise/--template-noise sigma images); "
+        "a template with another WCS is "
         "warped onto the science grid. The default configuration is ip_diffim's "
         "subtraction task's (a fitted differential background); --config changes it. "
         "Every result gets a quality verdict (pass, warn or fail, with reasons) in the "
@@ -30,14 +48,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     subtract.add_argument("template", help="template image: FITS or Zarr")
     subtract.add_argument("--out", required=True, help="result store to write (.zarr)")
     subtract.add_argument(
-        "--fits-out", help="also write the difference as FITS (IMAGE, MASK, VARIANCE)"
+        "--fits-out",
+        help="also write the difference as FITS (float32 IMAGE, MASK, VARIANCE; the science "
+        "header, WCS, provenance and verdict cards)",
     )
     subtract.add_argument("--config", help="TOML or JSON file setting any config field")
+    subtract.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a config field after --config, as in the file (repeatable), e.g. "
+        "--set kernel.AL.spatialKernelOrder=2; `diffkernel config --defaults` lists them",
+    )
+    add_input_options(subtract)
     subtract.add_argument(
         "--plots", help="folder for the debug displays and the quality page (quality.png) as PNGs"
     )
     subtract.add_argument("--sources", help="table of kernel candidates (x, y or ra, dec)")
-    subtract.add_argument("--scheduler", help="address of a running Dask scheduler")
+    add_scheduler_options(subtract)
     subtract.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
     subtract.add_argument("--tile-size", type=int, help="subtraction tile side (chunk multiple)")
     subtract.add_argument(
@@ -76,7 +105,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also write the score image (S/N of a point source; FITS: <fits-out>.score.fits)",
     )
     subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    subtract.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_logging_options(subtract)
     subtract.set_defaults(func=run)
 
 
@@ -87,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     from ..io.inputs import open_input, read_sources
     from ..pipeline.dask.driver import run_pair
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
+    scheduler = scheduler_address(args)
     positive("--workers", args.workers)
     inputs = {"science": args.science, "template": args.template, "sources": args.sources}
     check_command_outputs(args, inputs)  # before any work: a bad output path costs nothing
@@ -95,15 +125,20 @@ def run(args: argparse.Namespace) -> int:
     sources = read_sources(args.sources) if args.sources else None
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
     try:
-        science = open_input(args.science, work, "science", args.chunks)
-        template = open_input(args.template, work, "template", args.chunks)
+        images = {}
+        for who, spec in (("science", args.science), ("template", args.template)):
+            log.info("reading the %s %s", who, spec)
+            with gain_notes(who, spec):
+                images[who] = open_input(spec, work, who, args.chunks, read_options(args, who))
+        science, template = images["science"], images["template"]
+        log.info("fitting the kernel and subtracting")
         run = run_pair(
             science,
             template,
             out,
             config=cfg,
             sources=sources,
-            scheduler=args.scheduler,
+            scheduler=scheduler,
             n_workers=args.workers,
             tile_size=args.tile_size,
             mode=args.mode,
@@ -119,15 +154,14 @@ def run(args: argparse.Namespace) -> int:
         if args.plots:
             from ..plots import write_plots
 
+            log.info("drawing the debug displays in %s", args.plots)
             write_plots(run.result, args.plots, template=template, science=science)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from ..quality import describe, fits_cards
+    from ..quality import describe
 
     if args.fits_out:
-        from .common import write_result_fits
-
-        write_result_fits(run.result, args.fits_out, args.overwrite, fits_cards(run.quality))
+        write_result_fits(run.result, args.fits_out, args.overwrite)
     summary = {**run.summary, "timing_s": run.timings, "output": str(run.result.path)}
     print(json.dumps(summary, indent=2, default=str))
     print(describe(run.quality), file=sys.stderr)

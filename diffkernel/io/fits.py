@@ -6,6 +6,10 @@ Two on-disk layouts are read:
   empty primary HDU holding the metadata, then ``IMAGE``, ``MASK`` and ``VARIANCE`` image
   extensions, found by ``EXTNAME``. The ``MASK`` header names its planes with one card per
   plane, ``MP_<NAME> = bit``, as LSST writes them.
+* **space-telescope products** (HST, JWST): ``SCI``, ``ERR`` (1-sigma, in the image's
+  units: variance ``ERR**2``) and ``DQ`` (bit flags mapped onto mask planes by the
+  mission's table) extensions; see :mod:`diffkernel.io.planes`. A file with several
+  ``SCI`` extensions (chips) is read with ``hdu=("SCI", n)``.
 * **a plain image**: one 2-D image HDU (the primary, or the first HDU holding a 2-D image)
   with no variance and no mask. The variance is then *estimated* from the sky, the gain
   (argument, or header ``GAIN``/``EGAIN``/``GAINA``), the read noise (``RDNOISE``/
@@ -24,13 +28,15 @@ placeholder 1.0, so that no NaN travels downstream and the flag alone says "igno
 (:meth:`MaskedImage.validate` exempts ``NO_DATA``). A variance that is negative, NaN or
 infinite at every pixel with data is refused instead: that is a wrong plane (a sign
 error, a placeholder), which flagging would hide behind "every pixel is masked NO_DATA".
+
+Noise and mask planes may also come as separate files (HOTPANTS's ``-ini``/``-imi``):
+``read_exposure(path, noise=..., mask=...)``, a noise file being a sigma image.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +44,22 @@ import numpy as np
 from astropy.io import fits
 
 from ..errors import DiffkernelError, InputError, StoreError
-from ..image import DEFAULT_MASK_PLANES, Exposure, MaskedImage, as_exposure
+from ..image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
 from ..prep.variance import estimate_variance
-from .atomic import check_parent, write_file
+from .fits_write import write_exposure
 from .header import (
     PSF_FWHM_KEY,
-    add_cards,
-    add_mask_plane_cards,
-    add_psf_fwhm_card,
     celestial_wcs,
     first_number,
     header_meta,
     mask_planes_from_header,
     positive_card,
-    wcs_header,
 )
+from .planes import dq_table, dq_to_mask, flag_no_data, read_plane, sigma_to_variance
 
 __all__ = [
     "GAIN_KEYS",
+    "exposure_from_hdus",
     "ORIGINAL_SKY_KEYS",
     "READ_NOISE_KEYS",
     "SATURATION_KEYS",
@@ -73,97 +77,6 @@ READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "RON")
 SATURATION_KEYS = ("ESATUR", "SATURATE", "SATURATI")
 #: Keywords giving the sky level before it was subtracted (ADU).
 ORIGINAL_SKY_KEYS = ("AVSKY", "SKYBRITE", "SKYLEVEL")
-#: Variance given to NO_DATA pixels; the flag, not this value, is what matters.
-_NO_DATA_VARIANCE = 1.0
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def write_exposure(
-    path: PathLike,
-    exposure_or_masked_image: Exposure | MaskedImage,
-    *,
-    overwrite: bool = False,
-    extra_header: Mapping[str, Any] | fits.Header | None = None,
-) -> None:
-    """Write an exposure as a multi-extension FITS file, atomically.
-
-    The file holds an empty primary HDU carrying ``exposure.meta`` (cards that are not valid
-    FITS are skipped with a warning), ``extra_header``, the WCS and ``PSFFWHM``, then the
-    ``IMAGE`` (float64), ``MASK`` (int32, with ``MP_<NAME> = bit`` cards) and ``VARIANCE``
-    (float64) extensions, each with the WCS. A callable ``psf_fwhm`` is not written.
-
-    The file is written under a partial name in the same directory and moved into place
-    (:func:`diffkernel.io.atomic.write_file`), so ``path`` either holds the complete new
-    file or is left untouched.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Output file.
-    exposure_or_masked_image : Exposure or MaskedImage
-        What to write.
-    overwrite : bool, optional
-        Replace an existing file. Default False.
-    extra_header : mapping or astropy.io.fits.Header, optional
-        Further cards for the primary header; they override ``meta``.
-
-    Raises
-    ------
-    StoreError
-        If ``path`` exists and ``overwrite`` is False, its directory does not exist, or the
-        write fails.
-    InputError
-        If the object is not an Exposure or MaskedImage, or ``extra_header`` holds a card
-        that is not valid FITS.
-    """
-    exposure = as_exposure(exposure_or_masked_image, "exposure")
-    target = Path(path)
-    _check_writable(target, overwrite)
-    hdul = _build_hdulist(exposure, extra_header)
-    write_file(target, hdul.writeto, overwrite)
-
-
-def _check_writable(target: Path, overwrite: bool) -> None:
-    check_parent(target)
-    if target.is_dir():
-        raise StoreError(f"cannot write {str(target)!r}: it is a directory")
-    if target.exists() and not overwrite:
-        raise StoreError(f"{str(target)!r} already exists; pass overwrite=True to replace it")
-
-
-def _build_hdulist(
-    exposure: Exposure, extra_header: Mapping[str, Any] | fits.Header | None
-) -> fits.HDUList:
-    mi = exposure.masked_image
-    wcs_cards = wcs_header(exposure.wcs)
-
-    primary = fits.PrimaryHDU()
-    skipped = add_cards(
-        primary.header, exposure.meta, drop_wcs_keys=wcs_cards is not None, strict=False
-    )
-    if skipped:
-        warnings.warn(
-            f"meta entries not valid as FITS cards were not written: {', '.join(skipped)}",
-            UserWarning,
-            stacklevel=3,
-        )
-    if extra_header is not None:
-        extra = extra_header.items() if isinstance(extra_header, fits.Header) else extra_header
-        add_cards(primary.header, dict(extra), drop_wcs_keys=False, strict=True)
-    add_psf_fwhm_card(primary.header, exposure.psf_fwhm)
-    if wcs_cards is not None:
-        primary.header.update(wcs_cards)
-
-    image = fits.ImageHDU(np.asarray(mi.image, dtype=np.float64), name="IMAGE")
-    mask = fits.ImageHDU(np.asarray(mi.mask, dtype=np.int32), name="MASK")
-    variance = fits.ImageHDU(np.asarray(mi.variance, dtype=np.float64), name="VARIANCE")
-    add_mask_plane_cards(mask.header, mi.mask_planes)
-    for hdu in (image, mask, variance):
-        if wcs_cards is not None:
-            hdu.header.update(wcs_cards)
-    return fits.HDUList([primary, image, mask, variance])
 
 
 # --------------------------------------------------------------------------- reading
@@ -177,6 +90,8 @@ def read_exposure(
     saturation: float | None = None,
     read_noise: float | None = None,
     fwhm_key: str = "FWHM",
+    noise: str | os.PathLike | None = None,
+    mask: str | os.PathLike | None = None,
 ) -> Exposure:
     """Read an exposure from a FITS file, estimating the variance of a plain image.
 
@@ -184,10 +99,12 @@ def read_exposure(
     ----------
     path : str or os.PathLike
         FITS file (gzip-compressed and tile-compressed files work too).
-    hdu : int or str, optional
-        Read this HDU as a plain image, skipping layout detection. By default a file with
-        ``IMAGE``/``MASK``/``VARIANCE`` extensions is read as a stored exposure, any other
-        file from its first HDU holding a 2-D image.
+    hdu : int, str or (str, int), optional
+        Read this HDU as a plain image, skipping layout detection; ``("SCI", n)`` reads
+        chip ``n`` of a space-telescope file with its ``ERR`` and ``DQ``. By default a file
+        with ``IMAGE``/``MASK``/``VARIANCE`` extensions is read as a stored exposure, one
+        with a ``SCI`` extension as a space-telescope product, any other file from its
+        first HDU holding a 2-D image.
     gain : float, optional
         Gain in e-/ADU for the variance of a plain image; defaults to the header.
     saturation : float, optional
@@ -196,6 +113,12 @@ def read_exposure(
         Read noise in electrons of a plain image; defaults to the header, else 0.
     fwhm_key : str, optional
         Header card holding the PSF FWHM in pixels. Default ``"FWHM"``.
+    noise : str or os.PathLike, optional
+        A FITS file holding the image's 1-sigma noise, in the image's units (HOTPANTS's
+        ``-ini``/``-tni``): the variance is its square, replacing the file's own.
+    mask : str or os.PathLike, optional
+        A FITS file whose non-zero pixels are bad (HOTPANTS's ``-imi``/``-tmi``): they are
+        flagged ``BAD``, in addition to the file's own mask.
 
     Returns
     -------
@@ -211,6 +134,56 @@ def read_exposure(
         If it is not valid FITS, is truncated, holds no 2-D image, or a stored exposure is
         incomplete or its variance is negative, NaN or infinite at every pixel with data.
     """
+    _check_numbers(gain, saturation, read_noise)
+    source = Path(path)
+    if not source.exists():
+        raise StoreError(f"{str(source)!r} does not exist")
+    if source.is_dir():
+        raise StoreError(f"{str(source)!r} is a directory, not a FITS file")
+    loaded = _load(source, hdu)
+    return _exposure(loaded, gain, saturation, read_noise, fwhm_key, noise, mask)
+
+
+def exposure_from_hdus(
+    hdus: fits.HDUList | Any,
+    *,
+    name: str = "HDU",
+    hdu: Any = None,
+    gain: float | None = None,
+    saturation: float | None = None,
+    read_noise: float | None = None,
+    fwhm_key: str = "FWHM",
+) -> Exposure:
+    """An exposure from FITS HDUs in memory, read as :func:`read_exposure` reads a file.
+
+    Parameters
+    ----------
+    hdus : astropy.io.fits.HDUList, or one PrimaryHDU/ImageHDU/CompImageHDU
+        The HDUs (one HDU is read as a plain image, its header giving GAIN, WCS, ...).
+    name : str, optional
+        What to call it in errors.
+    hdu, gain, saturation, read_noise, fwhm_key
+        As for :func:`read_exposure`.
+
+    Returns
+    -------
+    Exposure
+
+    Raises
+    ------
+    InputError
+        As :func:`read_exposure`, or if ``hdus`` are not FITS HDUs.
+    """
+    _check_numbers(gain, saturation, read_noise)
+    if isinstance(hdus, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
+        header = hdus.header.copy()
+        hdus = fits.HDUList([fits.PrimaryHDU(hdus.data, header=header)])
+    if not isinstance(hdus, fits.HDUList):
+        raise InputError(f"{name} must be FITS HDUs, got {type(hdus).__name__}")
+    return _exposure(_extract(hdus, hdu, name), gain, saturation, read_noise, fwhm_key)
+
+
+def _check_numbers(gain: Any, saturation: Any, read_noise: Any) -> None:
     for name, value in (("gain", gain), ("read_noise", read_noise)):
         if value is not None and not (np.isfinite(value) and value >= 0):
             raise InputError(f"{name} must be a finite, non-negative number, got {value!r}")
@@ -219,15 +192,34 @@ def read_exposure(
     if saturation is not None and not np.isfinite(saturation):
         raise InputError(f"saturation must be a finite number, got {saturation!r}")
 
-    source = Path(path)
-    if not source.exists():
-        raise StoreError(f"{str(source)!r} does not exist")
-    if source.is_dir():
-        raise StoreError(f"{str(source)!r} is a directory, not a FITS file")
-    loaded = _load(source, hdu)
+
+def _exposure(
+    loaded: dict[str, Any],
+    gain: float | None,
+    saturation: float | None,
+    read_noise: float | None,
+    fwhm_key: str,
+    noise: PathLike | None = None,
+    mask: PathLike | None = None,
+) -> Exposure:
+    """The exposure of a loaded layout, with separate noise and mask files applied."""
+    where = loaded["where"]
+    shape = (loaded.get("image") if "image" in loaded else loaded["data"]).shape
+    given_variance = None
+    if noise is not None:
+        given_variance = sigma_to_variance(read_plane(noise, shape, f"noise of {where!r}"))
     if loaded["layout"] == "stored":
-        return _stored_exposure(loaded, fwhm_key)
-    return _plain_exposure(loaded, gain, saturation, read_noise, fwhm_key)
+        exposure = _stored_exposure(loaded, fwhm_key, given_variance)
+    elif loaded["layout"] == "space":
+        exposure = _space_exposure(loaded, gain, saturation, read_noise, fwhm_key, given_variance)
+    else:
+        exposure = _plain_exposure(loaded, gain, saturation, read_noise, fwhm_key, given_variance)
+    if mask is not None:
+        exposure.masked_image.set_plane("BAD", read_plane(mask, shape, f"mask of {where!r}") != 0)
+        exposure.meta["mask_file"] = str(mask)
+    if noise is not None:
+        exposure.meta["noise_file"] = str(noise)
+    return exposure
 
 
 def read_masked_image(path: PathLike, **kwargs: Any) -> MaskedImage:
@@ -259,8 +251,20 @@ def _load(source: Path, hdu: int | str | None) -> dict[str, Any]:
         ) from exc
 
 
-def _extract(hdul: fits.HDUList, hdu: int | str | None, where: str) -> dict[str, Any]:
+def _extract(hdul: fits.HDUList, hdu: Any, where: str) -> dict[str, Any]:
     primary_header = hdul[0].header.copy()
+    chips = [h for h in hdul if h.name.upper() == "SCI" and _is_2d_image(h)]
+    names = {h.name.upper() for h in hdul}
+    if isinstance(hdu, tuple) and len(hdu) == 2 and str(hdu[0]).upper() == "SCI":
+        return _extract_space(hdul, int(hdu[1]), where)
+    if hdu is None and chips and not names & {"IMAGE", "MASK", "VARIANCE"}:
+        if len(chips) > 1:
+            versions = ", ".join(str(h.ver) for h in chips)
+            raise InputError(
+                f"{where!r} has {len(chips)} SCI extensions (EXTVER {versions}): read one "
+                f"chip with hdu=('SCI', n)"
+            )
+        return _extract_space(hdul, chips[0].ver, where)
     if hdu is None:
         names = {h.name.upper(): i for i, h in enumerate(hdul)}
         found = [n for n in ("IMAGE", "MASK", "VARIANCE") if n in names]
@@ -314,6 +318,37 @@ def _dims(hdu: Any) -> str:
     return "x".join(str(hdu.header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)) or "empty"
 
 
+def _extract_space(hdul: fits.HDUList, extver: int, where: str) -> dict[str, Any]:
+    """SCI, ERR and DQ of one chip (EXTVER) of a space-telescope product."""
+
+    def find(name: str) -> Any:
+        try:
+            return hdul[(name, extver)]
+        except KeyError:
+            return None
+
+    sci = find("SCI")
+    if sci is None or not _is_2d_image(sci):
+        raise InputError(f"{where!r} has no 2-D SCI extension with EXTVER {extver}")
+    out: dict[str, Any] = {
+        "layout": "space",
+        "where": where,
+        "primary": hdul[0].header.copy(),
+        "header": sci.header.copy(),
+        "index": hdul.index_of(sci),
+        "data": _image_data(sci, where, "SCI"),
+    }
+    for name in ("ERR", "DQ"):
+        h = find(name)
+        out[name.lower()] = None if h is None or h.data is None else _image_data(h, where, name)
+        if out[name.lower()] is not None and out[name.lower()].shape != out["data"].shape:
+            raise InputError(
+                f"{name} {out[name.lower()].shape} and SCI {out['data'].shape} of {where!r} "
+                "differ in shape"
+            )
+    return out
+
+
 def _is_2d_image(hdu: Any) -> bool:
     if not isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
         return False
@@ -334,10 +369,13 @@ def _image_data(hdu: Any, where: str, what: str) -> np.ndarray:
     return data
 
 
-def _stored_exposure(loaded: dict[str, Any], fwhm_key: str) -> Exposure:
+def _stored_exposure(
+    loaded: dict[str, Any], fwhm_key: str, given_variance: np.ndarray | None = None
+) -> Exposure:
     where = loaded["where"]
     image = np.asarray(loaded["image"], dtype=np.float64)
-    variance = np.asarray(loaded["variance"], dtype=np.float64)
+    stored = loaded["variance"] if given_variance is None else given_variance
+    variance = np.asarray(stored, dtype=np.float64)
     raw_mask = loaded["mask"]
     if not np.issubdtype(raw_mask.dtype, np.integer):
         raise InputError(f"MASK of {where!r} is not an integer image (dtype {raw_mask.dtype})")
@@ -369,6 +407,7 @@ def _plain_exposure(
     saturation: float | None,
     read_noise: float | None,
     fwhm_key: str,
+    given_variance: np.ndarray | None = None,
 ) -> Exposure:
     header = loaded["header"]
     # An extension inherits the primary header's cards; its own cards win.
@@ -389,19 +428,25 @@ def _plain_exposure(
         read_noise = first_number(headers, READ_NOISE_KEYS, positive=True) or 0.0
     original_sky = first_number(headers, ORIGINAL_SKY_KEYS, positive=True)
 
-    variance, info = estimate_variance(
-        image,
-        good=finite & ~saturated,
-        gain=gain,
-        read_noise=read_noise,
-        original_sky=original_sky,
-        where=loaded["where"],
-    )
-    image[~finite] = 0.0
-    variance[~finite] = _NO_DATA_VARIANCE
+    if given_variance is not None:
+        variance, info = given_variance.copy(), {"variance_model": "given"}
+    else:
+        variance, info = estimate_variance(
+            image,
+            good=finite & ~saturated,
+            gain=gain,
+            read_noise=read_noise,
+            original_sky=original_sky,
+            where=loaded["where"],
+        )
     mi = MaskedImage(image, variance, None, dict(DEFAULT_MASK_PLANES))
     mi.set_plane("SAT", saturated)
-    mi.set_plane("NO_DATA", ~finite)
+    if loaded.get("dq") is not None:
+        convention, table = dq_table(loaded["primary"])
+        mi.mask |= dq_to_mask(loaded["dq"], table, mi.mask_planes)
+        info["dq_convention"] = convention
+    # Non-finite pixels and variances (ERR <= 0, a given plane's holes) become NO_DATA.
+    flag_no_data(mi, repr(loaded["where"]), "its noise plane must hold positive values")
 
     wcs = celestial_wcs(header)
     fwhm = None
@@ -418,6 +463,23 @@ def _plain_exposure(
     return Exposure(mi, wcs=wcs, psf_fwhm=fwhm, meta=meta)
 
 
+def _space_exposure(
+    loaded: dict[str, Any],
+    gain: float | None,
+    saturation: float | None,
+    read_noise: float | None,
+    fwhm_key: str,
+    given_variance: np.ndarray | None,
+) -> Exposure:
+    """A SCI/ERR/DQ chip: variance ERR**2 (in the image's units), DQ bits as mask planes."""
+    if given_variance is None and loaded["err"] is not None:
+        given_variance = sigma_to_variance(loaded["err"])
+    exposure = _plain_exposure(loaded, gain, saturation, read_noise, fwhm_key, given_variance)
+    if loaded["err"] is not None:
+        exposure.meta["variance_model"] = "ERR**2"
+    return exposure
+
+
 def _integer_ceiling(raw: np.ndarray, header: fits.Header) -> float | None:
     """Largest value an integer image can hold (it marks saturation), else None."""
     if np.issubdtype(raw.dtype, np.integer):
@@ -429,44 +491,3 @@ def _integer_ceiling(raw: np.ndarray, header: fits.Header) -> float | None:
         top = 255 if bitpix == 8 else 2 ** (bitpix - 1) - 1
         return top * bscale + bzero
     return None
-
-
-def flag_no_data(mi: MaskedImage, where: str, fix: str) -> None:
-    """Flag non-finite pixels and unusable variances NO_DATA, with placeholder values.
-
-    Refuses a variance plane that is unusable wherever there is data: a sign error,
-    or another plane stored in its place, rather than a few bad pixels. Flagging it
-    all NO_DATA would only be refused later as an image without data.
-
-    Parameters
-    ----------
-    mi : MaskedImage
-        Flagged in place.
-    where : str
-        What to call the input in the error (its path).
-    fix : str
-        The end of the error: what the variance's source must hold.
-
-    Raises
-    ------
-    InputError
-        If the variance is negative, NaN or infinite at every pixel with data.
-    """
-    bad_image = ~np.isfinite(mi.image)
-    with np.errstate(invalid="ignore"):
-        negative = mi.variance < 0
-        bad_variance = ~np.isfinite(mi.variance) | negative
-    if not (bad_image.any() or bad_variance.any()):
-        return
-    has_data = ~bad_image & ~mi.plane("NO_DATA")
-    n_data = int(np.count_nonzero(has_data))
-    if n_data and np.count_nonzero(bad_variance & has_data) == n_data:
-        n_negative = int(np.count_nonzero(negative & has_data))
-        counts = (("negative", n_negative), ("NaN or infinite", n_data - n_negative))
-        kinds = ", ".join(kind for kind, n in counts if n)
-        raise InputError(
-            f"{where}: variance is {kinds} at every pixel with data ({n_data} pixels); {fix}"
-        )
-    mi.image[bad_image] = 0.0
-    mi.variance[bad_image | bad_variance] = _NO_DATA_VARIANCE
-    mi.set_plane("NO_DATA", bad_image | bad_variance)

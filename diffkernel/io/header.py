@@ -29,6 +29,7 @@ from ..errors import InputError
 
 __all__ = [
     "PSF_FWHM_KEY",
+    "SOURCE_KEY",
     "add_cards",
     "add_mask_plane_cards",
     "add_psf_fwhm_card",
@@ -42,6 +43,9 @@ __all__ = [
 
 #: Card holding the PSF FWHM (pixels) in files written here.
 PSF_FWHM_KEY = "PSFFWHM"
+#: Metadata entry naming the file an image was ingested from (absolute path), so that a
+#: result's provenance names the user's file rather than a temporary store.
+SOURCE_KEY = "DKSOURCE"
 
 _STRUCTURAL_KEYS = frozenset(
     {

@@ -9,7 +9,7 @@ annotate rather than condemn), whose ``flags`` is the full int32 bit mask and wh
 keeps only the boolean mask, which :func:`from_nddata` turns into the ``BAD`` plane.
 
 Non-finite data or variances that come in are flagged ``NO_DATA`` as FITS inputs are
-(:func:`diffkernel.io.fits.flag_no_data`).
+(:func:`diffkernel.io.planes.flag_no_data`).
 """
 
 from __future__ import annotations

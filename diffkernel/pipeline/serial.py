@@ -1,10 +1,14 @@
 """MakeKernelTask: solve for the PSF-matching kernel and background of two images.
 
 ``MakeKernelTask(config).run(template, science, kernelSources=None, preconvolved=False)``
+(positional order as ip_diffim's; ``run(science=..., template=...)`` reads the same)
 follows ip_diffim's MakeKernelTask: check and (if needed) align the inputs, find
 kernel candidates, vet them, fit them, clip them in three stages, and fit the
 spatially varying kernel and differential background. The result can then be
-passed to :func:`diffkernel.subtract_images`.
+passed to :func:`subtract_images`, which returns a :class:`DifferenceImage` (a
+MaskedImage with the science image's WCS). Both take the images in any form the
+command line takes them (:func:`diffkernel.io.inputs.read_input`: FITS paths, Zarr
+stores, NDData/CCDData, HDUs, arrays, ``(array, WCS)``).
 
 The stages before the fit are :func:`diffkernel.pipeline.stages.prepare_fit`, shared
 with the Dask executor; :class:`InMemoryWork` does their pixel work on arrays.
@@ -13,6 +17,7 @@ with the Dask executor; :class:`InMemoryWork` does their pixel work on arrays.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from astropy.table import Table
@@ -22,6 +27,7 @@ from ..config import MakeKernelConfig
 from ..errors import ConfigError, InputError
 from ..image import Exposure, MaskedImage, as_exposure
 from ..kernel.spatial import SpatialSolution
+from ..kernel.subtract import subtract_images as subtract_arrays
 from ..prep.psf import measure_pair_fwhm
 from ..quality import assess
 from .cells import CellPlan, InMemoryPair, SourcePlacement, fit_cell, reduce_cells
@@ -33,6 +39,8 @@ __all__ = [
     "SpatialKernel",
     "BackgroundModel",
     "InMemoryWork",
+    "DifferenceImage",
+    "subtract_images",
 ]
 
 
@@ -58,17 +66,55 @@ class SpatialKernel:
         """``(n_basis, K, K)`` basis kernels."""
         return self.solution.basis.images
 
+    def check_inside(self, x, y) -> None:
+        """Refuse positions off the image the kernel was fitted on.
+
+        The spatial model is a polynomial: beyond the image it extrapolates without
+        bound, so a position there (a typo, or x and y swapped) is an error, not a value.
+        Half a pixel beyond the outer pixel centres is still inside.
+
+        Raises
+        ------
+        InputError
+            Naming the position and the image's pixel range.
+        """
+        x0, y0, x1, y1 = self.solution.kernel_functions.bbox
+        xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            inside = (xa >= x0 - 0.5) & (xa <= x1 + 0.5) & (ya >= y0 - 0.5) & (ya <= y1 + 0.5)
+        if not np.all(inside):
+            bad = np.broadcast_arrays(xa, ya)
+            i = np.flatnonzero(~np.broadcast_to(inside, bad[0].shape))[0]
+            px, py = bad[0].ravel()[i], bad[1].ravel()[i]
+            raise InputError(
+                f"(x, y) = ({px:g}, {py:g}) is outside the image the kernel was fitted on "
+                f"(x in {x0:g}..{x1:g}, y in {y0:g}..{y1:g}, 0-based pixels)"
+            )
+
     def coefficients_at(self, x: float, y: float) -> np.ndarray:
-        """Basis coefficients at pixel ``(x, y)``."""
+        """Basis coefficients at pixel ``(x, y)``; an error off the image."""
+        self.check_inside(x, y)
         return self.solution.coefficients_at(x, y)
 
     def image_at(self, x: float, y: float) -> np.ndarray:
-        """Kernel image ``(K, K)`` at pixel ``(x, y)`` (0-based), centred at ``[K//2, K//2]``."""
-        return self.solution.basis.kernel_image(self.solution.coefficients_at(x, y))
+        """Kernel image ``(K, K)`` at pixel ``(x, y)`` (0-based), centred at ``[K//2, K//2]``.
+
+        Raises
+        ------
+        InputError
+            If ``(x, y)`` is off the image (:meth:`check_inside`).
+        """
+        return self.solution.basis.kernel_image(self.coefficients_at(x, y))
 
     def sum_at(self, x: float, y: float) -> float:
-        """Kernel sum (photometric scale from template to science) at ``(x, y)``."""
-        return float(self.solution.coefficients_at(x, y) @ self.solution.basis.sums)
+        """Kernel sum (photometric scale from template to science) at ``(x, y)``.
+
+        Raises
+        ------
+        InputError
+            If ``(x, y)`` is off the image (:meth:`check_inside`).
+        """
+        return float(self.coefficients_at(x, y) @ self.solution.basis.sums)
 
     def __repr__(self) -> str:
         s = self.solution
@@ -265,7 +311,7 @@ class MakeKernelTask:
     >>> from diffkernel.simulate import make_pair
     >>> pair = make_pair((256, 256), seed=1)
     >>> result = MakeKernelTask().run(pair.template, pair.science, pair.truth.sources)
-    >>> diff = subtract_images(pair.template, pair.science, result)
+    >>> diff = subtract_images(science=pair.science, template=pair.template, result=result)
     """
 
     def __init__(self, config: MakeKernelConfig | None = None) -> None:
@@ -277,19 +323,26 @@ class MakeKernelTask:
 
     def run(
         self,
-        template: MaskedImage | Exposure,
-        science: MaskedImage | Exposure,
+        template: Any,
+        science: Any,
         kernelSources: Table | None = None,
+        *,
         preconvolved: bool = False,
         mode: str = "convolveTemplate",
     ) -> MakeKernelResult:
         """Solve for the kernel and background that match ``template`` to ``science``.
 
+        The positional order is ip_diffim's (template, science); the command line and
+        :func:`~diffkernel.run_pair` take the science first. Name them to be explicit:
+        ``run(science=sci, template=tmpl)``.
+
         Parameters
         ----------
-        template, science : MaskedImage or Exposure
+        template, science : MaskedImage, Exposure, or any input of :func:`read_input`
             MaskedImages must be aligned; Exposures with WCS are warped onto the
-            science grid unless ``warpingConfig.doAlign`` is False.
+            science grid unless ``warpingConfig.doAlign`` is False. A FITS path, a Zarr
+            store, an NDData/CCDData, HDUs, an array or ``(array, WCS)`` is read first
+            (:func:`diffkernel.io.inputs.read_input`).
         kernelSources : astropy.table.Table, optional
             Candidate positions (``x``, ``y`` or ``ra``, ``dec``); if None, a coarse
             detection finds them.
@@ -312,7 +365,7 @@ class MakeKernelTask:
         check_mode(mode)
         cfg = self.config
         cfg.validate()
-        work = InMemoryWork(as_exposure(template, "template"), as_exposure(science, "science"), cfg)
+        work = InMemoryWork(read_image(template, "template"), read_image(science, "science"), cfg)
         prepared = prepare_fit(work, cfg, kernelSources, preconvolved, mode)
         meta, mode = prepared.metadata, prepared.mode
         outcome, table, solve_meta = _fit_cells(prepared.plan, prepared.placement, work.reader)
@@ -335,6 +388,75 @@ class MakeKernelTask:
             quality,
             cfg.copy(),
         )
+
+
+def read_image(image: Any, name: str) -> Exposure:
+    """An Exposure from any input :func:`diffkernel.io.inputs.read_input` takes."""
+    if isinstance(image, Exposure | MaskedImage):
+        return as_exposure(image, name)
+    from ..io.inputs import read_input  # Zarr loads on first use, not on import
+
+    return as_exposure(read_input(image, name=name), name)
+
+
+@dataclass(eq=False)
+class DifferenceImage(MaskedImage):
+    """A difference image: a :class:`MaskedImage` that knows its grid's WCS.
+
+    Attributes
+    ----------
+    wcs : astropy.wcs.WCS or None
+        The science image's WCS (the difference is on the science grid).
+    meta : dict
+        The science image's metadata (header cards).
+    """
+
+    wcs: Any = None
+    meta: dict = field(default_factory=dict)
+
+    def to_exposure(self) -> Exposure:
+        """An :class:`Exposure` of the difference, with its WCS and metadata."""
+        mi = MaskedImage(self.image, self.variance, self.mask, dict(self.mask_planes))
+        return Exposure(mi, wcs=self.wcs, meta=dict(self.meta))
+
+
+def subtract_images(
+    template: Any = None, science: Any = None, result: Any = None, **options: Any
+) -> DifferenceImage:
+    """Difference image of ``science`` minus the PSF-matched ``template``, with the WCS.
+
+    The positional order follows :meth:`MakeKernelTask.run` (template, science, result);
+    ``subtract_images(science=sci, template=tmpl, result=result)`` reads the same.
+
+    Parameters
+    ----------
+    template, science : MaskedImage, Exposure, or any input of :func:`read_input`
+        The images ``result`` was fitted on.
+    result : MakeKernelResult
+        Output of :meth:`MakeKernelTask.run`.
+    **options
+        ``tile_size``, ``precision``, ``device``, ... of
+        :func:`diffkernel.kernel.subtract.subtract_images`.
+
+    Returns
+    -------
+    DifferenceImage
+        Image, propagated variance and mask, with the science image's WCS and metadata.
+        ``result.quality`` then judges the difference too.
+
+    Raises
+    ------
+    InputError
+        If an image or the result is missing or unreadable.
+    """
+    for name, value in (("template", template), ("science", science)):
+        if value is None:
+            raise InputError(f"subtract_images needs {name}=")
+    sci = read_image(science, "science")
+    diff = subtract_arrays(read_image(template, "template"), sci, result, **options)
+    return DifferenceImage(
+        diff.image, diff.variance, diff.mask, dict(diff.mask_planes), sci.wcs, dict(sci.meta)
+    )
 
 
 def _fit_cells(plan: CellPlan, placement: SourcePlacement, read: InMemoryPair):

@@ -9,7 +9,7 @@ from astropy.table import Table
 
 from ..kernel.spatial import SpatialSolution
 from ..quality import Z_BINS, histogram_metrics
-from .backend import pyplot as _pyplot
+from .backend import new_figure
 
 __all__ = ["VERDICT_COLOURS", "plot_quality"]
 
@@ -117,9 +117,9 @@ def _plain_formatter():
 
 def _residual_panel(ax, fig, candidates: Table, shape, cell_size) -> None:
     """Median residual std of the GOOD candidates in each spatial cell."""
+    from matplotlib import colormaps
     from matplotlib.colors import LogNorm
 
-    plt = _pyplot()
     ny, nx = shape
     size_x, size_y = int(cell_size[0]), int(cell_size[1])
     ncx, ncy = -(-nx // size_x), -(-ny // size_y)
@@ -138,7 +138,7 @@ def _residual_panel(ax, fig, candidates: Table, shape, cell_size) -> None:
     grid = np.full((ncy, ncx), np.nan)
     for c in np.unique(cell[use]):
         grid[c // ncx, c % ncx] = np.median(values[use & (cell == c)])
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
+    cmap = colormaps["RdBu_r"].with_extremes(bad="0.85")
     extent = (0, ncx * size_x, 0, ncy * size_y)
     # A log scale puts 1 (noise) in the middle, and half and twice the noise equally far.
     im = ax.imshow(grid, origin="lower", cmap=cmap, norm=LogNorm(0.5, 2.0), extent=extent,
@@ -244,7 +244,7 @@ def _rejection_panel(ax, quality: dict, candidates: Table) -> None:
     n_vet = sum(b[1] for b in bars if b[2])
     fitted = metrics.get("fitted")
     title = f"Rejected: {n_fit} " + (f"of {fitted} " if fitted is not None else "")
-    title += f"fitted candidates, {n_vet} sources at vetting"
+    title += f"fitted candidates,\n{n_vet} sources rejected at vetting"
     ax.set_title(title, fontsize=9)
     if not bars:
         _say(ax, "no candidate was rejected")
@@ -309,7 +309,6 @@ def plot_quality(
                      difference.shape, result.differenceHistograms,
                      (kcfg.sizeCellX, kcfg.sizeCellY))
     """
-    plt = _pyplot()
     quality = quality or {}
     verdict = quality.get("verdict")
     if verdict:
@@ -327,8 +326,16 @@ def plot_quality(
     header_in = 0.2 + 1.5 * _VERDICT_PT / 72 + sum(w.count("\n") + 1 for w in wrapped) * line_in
     body_in = 8.5
     height = body_in + header_in
-    fig, axes = plt.subplots(2, 2, figsize=(12, height), layout="constrained")
-    fig.get_layout_engine().set(rect=(0, 0, 1, body_in / height), h_pad=0.08, w_pad=0.08)
+    fig = new_figure(12, height)
+    # Fixed places in inches (a layout engine would double the drawing time): room on
+    # the left of the rejections for their reasons, above the top panels for titles
+    # of two lines, right of the top ones for colour bars (which take their share of
+    # the panel's width).
+    places = ((0.65, 4.95, 5.3, 3.0), (7.0, 4.95, 4.75, 3.0),
+              (0.65, 0.55, 5.0, 3.3), (8.3, 0.55, 3.45, 3.3))  # fmt: skip
+    axes = [[None, None], [None, None]]
+    for k, (x, y, w, h) in enumerate(places):
+        axes[k // 2][k % 2] = fig.add_axes((x / 12, y / height, w / 12, h / height))
     top = 1 - 0.1 / height
     fig.suptitle(heading, x=0.01, y=top, ha="left", va="top", color=colour,
                  fontsize=_VERDICT_PT, fontweight="bold")  # fmt: skip

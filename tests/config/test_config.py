@@ -10,7 +10,7 @@ import tomllib
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffkernel.config import (
@@ -732,6 +732,7 @@ def test_equality_copy_repr_pickle() -> None:
     assert "name='DF'" in repr(config)
 
 
+@settings(deadline=None)  # no timing: a loaded machine must not fail it
 @given(
     kernel_size=st.integers(min_value=-(10**6), max_value=10**6),
     sigmas=st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=5),

@@ -184,8 +184,9 @@ def test_ingest_fits_and_nddata(tmp_path: Path, exposure: Exposure) -> None:
 
 
 def test_ingest_refuses_other_types(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="source must be .* got ndarray"):
-        ingest(np.zeros((4, 4)), tmp_path / "x.zarr")
+    # (An array is a plain image now, as (array, WCS) is: tests/pipeline/test_api.py.)
+    with pytest.raises(InputError, match="an image must be .* got list"):
+        ingest([[0.0] * 4] * 4, tmp_path / "x.zarr")
     with pytest.raises(InputError, match="data must be a diffkernel Exposure"):
         write_image(tmp_path / "x.zarr", np.zeros((4, 4)))
     with pytest.raises(StoreError, match="does not exist"):
@@ -207,8 +208,8 @@ def test_open_input_takes_every_kind(tmp_path: Path, exposure: Exposure) -> None
         image = open_input(source, work, name, chunks=CHUNKS)
         assert image.path == work / f"{name}.zarr" and image.chunks == (CHUNKS, CHUNKS)
     assert sorted(p.name for p in work.iterdir()) == ["exp.zarr", "fits.zarr", "nd.zarr"]
-    with pytest.raises(InputError, match="source must be .* got ndarray"):
-        open_input(np.zeros((4, 4)), work, "bad")
+    with pytest.raises(InputError, match="an image must be .* got list"):
+        open_input([[0.0] * 4] * 4, work, "bad")
 
 
 # ---------------------------------------------------------------- reading regions

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +13,8 @@ import dask
 from ...errors import InputError
 
 __all__ = ["LOCAL_HOST", "WORKER_ENVIRON", "connect", "default_tile_size"]
+
+log = logging.getLogger("diffkernel")
 
 #: Environment of LocalCluster workers. It replaces Dask's default, which also sets
 #: MALLOC_TRIM_THRESHOLD_=65536 and with it switches off glibc's adaptive mmap
@@ -62,14 +64,16 @@ def connect(
     scheduler: str | None = None,
     n_workers: int | None = None,
     progress: bool = False,
-    announce: bool = False,
 ) -> Iterator[Any]:
-    """A ``distributed.Client``: the one given, one to ``scheduler``, or a LocalCluster.
+    """A ``distributed.Client``: the one given, one to ``scheduler``, the active one, or a
+    LocalCluster.
 
     Parameters
     ----------
     client : distributed.Client, optional
-        Used as is (not closed).
+        Used as is (not closed). When neither it, ``scheduler`` nor ``n_workers`` is
+        given, the active client (``distributed.default_client()``, e.g. one a notebook
+        made) is used as is, rather than a new LocalCluster beside it.
     scheduler : str, optional
         Address such as ``tcp://host:8786`` of a running scheduler.
     n_workers : int, optional
@@ -77,9 +81,8 @@ def connect(
         (default: one per core), each single-threaded. It listens on
         :data:`LOCAL_HOST` only, dashboard included.
     progress : bool
-        Print the dashboard link on stdout.
-    announce : bool
-        Print the dashboard link on stderr (for commands whose stdout is data).
+        Unused: the scheduler and its dashboard link are logged (logger ``diffkernel``,
+        INFO) whatever its value.
 
     Raises
     ------
@@ -87,17 +90,21 @@ def connect(
         If ``n_workers`` is below 1, or ``scheduler`` is not a reachable Dask scheduler
         (a malformed address, nothing listening, or another kind of service).
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, default_client
 
     if n_workers is not None and int(n_workers) < 1:
         raise InputError(f"workers must be at least 1, got {n_workers}")
+    if client is None and scheduler is None and n_workers is None:
+        with contextlib.suppress(ValueError):  # no active client
+            client = default_client()
+            log.info("using the active Dask client, dashboard %s", client.dashboard_link)
     if client is not None:
         yield client
         return
     if scheduler is not None:
         own = _client_of(scheduler)
         try:
-            _tell(f"scheduler {scheduler}, dashboard {own.dashboard_link}", progress, announce)
+            log.info("scheduler %s, dashboard %s", scheduler, own.dashboard_link)
             yield own
         finally:
             own.close()
@@ -116,16 +123,8 @@ def connect(
         ) as cluster,
         Client(cluster) as own,
     ):
-        line = f"LocalCluster of {workers} workers, dashboard {own.dashboard_link}"
-        _tell(line, progress, announce)
+        log.info("LocalCluster of %d workers, dashboard %s", workers, own.dashboard_link)
         yield own
-
-
-def _tell(line: str, progress: bool, announce: bool) -> None:
-    if progress:
-        print(f"diffkernel: {line}")
-    elif announce:
-        print(f"diffkernel: {line}", file=sys.stderr, flush=True)
 
 
 def _client_of(scheduler: str):

@@ -29,6 +29,7 @@ equals the in-memory path's.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ from .runner import TaskRunner
 from .tasks import ZarrPair, device_ready, tile_task
 
 __all__ = ["run_pair", "PairRun", "PairDriver"]
+
+log = logging.getLogger("diffkernel")
 
 
 @dataclass
@@ -289,8 +292,7 @@ class PairDriver:
         """Submit the reduction; it and its kernel, as soon as that is back (kilobytes)."""
         t0 = time.perf_counter()
         reduction = Reduction(self.runner, cells, prepared.placement)
-        if self.runner.progress:
-            print("diffkernel: reduce (1 task)")
+        log.info("reduce (1 task)")
         solution = reduction.solution()
         self.timings["reduce"] = time.perf_counter() - t0
         return reduction, solution

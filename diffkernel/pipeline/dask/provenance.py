@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ... import __version__
+from ...io.header import SOURCE_KEY
 from ...io.zarr.image import ZarrImage
 
 __all__ = ["provenance"]
@@ -30,7 +31,9 @@ def provenance(science: ZarrImage, template: ZarrImage, checksums: dict) -> dict
     -------
     dict
         Versions of diffkernel and the libraries that computed it, the host, the UTC
-        time, and each input's path, group, uid, shape and plane checksums.
+        time, and each input's path (the file it was ingested from, when it was: the
+        user's file, not a temporary store), store and group read, uid, shape and
+        plane checksums.
     """
     import dask
     import distributed
@@ -38,7 +41,8 @@ def provenance(science: ZarrImage, template: ZarrImage, checksums: dict) -> dict
 
     def describe(who: str, image: ZarrImage) -> dict[str, Any]:
         return {
-            "path": str(image.path),
+            "path": str(image.meta.get(SOURCE_KEY) or image.path),
+            "store": str(image.path),
             "group": image.group,
             "uid": image.uid,
             "shape": list(image.shape),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from concurrent.futures import CancelledError
@@ -17,6 +18,8 @@ __all__ = ["TaskRunner", "SCATTER_TIMEOUT"]
 SCATTER_TIMEOUT = 120.0
 #: Attempts of a broadcast before the run fails.
 SCATTER_ATTEMPTS = 3
+
+log = logging.getLogger("diffkernel")
 
 
 class TaskRunner:
@@ -143,8 +146,8 @@ class TaskRunner:
         """
         from distributed import progress, wait
 
+        log.info("%s (%d tasks)", stage, len(futures))
         if self.progress:
-            print(f"diffkernel: {stage} ({len(futures)} tasks)")
             progress(futures)
             print()
         values = None
