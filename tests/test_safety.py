@@ -271,7 +271,7 @@ def test_chunk_limits(files, tmp_path):
     assert ingest(files / "science.fits", tmp_path / "c.zarr", chunks=16).chunks == (16, 16)
 
 
-def test_local_cluster_listens_on_this_machine_only(caplog):
+def test_local_cluster_listens_on_this_machine_only(monkeypatch):
     """The built-in LocalCluster (scheduler and dashboard) binds to 127.0.0.1, not all
     interfaces, and a negative worker count is one clear error."""
     pytest.importorskip("distributed")
@@ -279,7 +279,16 @@ def test_local_cluster_listens_on_this_machine_only(caplog):
 
     from diffkernel.pipeline.dask.cluster import connect
 
-    caplog.set_level(logging.INFO, logger="diffkernel")
+    logged = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    logger = logging.getLogger("diffkernel")
+    handler = Keep(logging.INFO)
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
     with connect(n_workers=1) as client:
         info = client.scheduler_info()
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
@@ -289,7 +298,8 @@ def test_local_cluster_listens_on_this_machine_only(caplog):
         bound = {s.getsockname()[0] for s in http._sockets.values()}
         assert bound == {"127.0.0.1"}
     # The dashboard's address is logged (stderr on the command line).
-    assert "LocalCluster of 1 workers, dashboard http://127.0.0.1:" in caplog.text
+    logger.removeHandler(handler)
+    assert any("LocalCluster of 1 workers, dashboard http://127.0.0.1:" in m for m in logged)
     with pytest.raises(InputError, match="at least 1"):
         with connect(n_workers=-2):
             pass
