@@ -288,7 +288,8 @@ def test_local_cluster_listens_on_this_machine_only(monkeypatch):
     logger = logging.getLogger("diffkernel")
     handler = Keep(logging.INFO)
     logger.addHandler(handler)
-    monkeypatch.setattr(logger, "level", logging.INFO)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (setLevel, not the attribute: it clears the cache)
     with connect(n_workers=1) as client:
         info = client.scheduler_info()
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
@@ -299,6 +300,7 @@ def test_local_cluster_listens_on_this_machine_only(monkeypatch):
         assert bound == {"127.0.0.1"}
     # The dashboard's address is logged (stderr on the command line).
     logger.removeHandler(handler)
+    logger.setLevel(level)
     assert any("LocalCluster of 1 workers, dashboard http://127.0.0.1:" in m for m in logged)
     with pytest.raises(InputError, match="at least 1"):
         with connect(n_workers=-2):
