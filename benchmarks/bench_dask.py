@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hotpants_helper import hotpants_run  # benchmarks/ is the script's folder
 
 
 def peak_rss_gb() -> float:
@@ -135,56 +136,6 @@ def limit_seconds(store: Path, tmp: Path, rounds: int, io: str = "zarr") -> list
     )  # fmt: skip
     shutil.rmtree(tmp / "limit.zarr", ignore_errors=True)
     return [float(line) for line in proc.stdout.split()]
-
-
-def robust_std(values: np.ndarray) -> float:
-    """1.4826 times the median absolute deviation."""
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))
-
-
-def hotpants_run(exposures: dict, tmp: Path) -> tuple[float, float] | str:
-    """Wall time of HOTPANTS on the same pair and the robust std of its difference / sigma.
-
-    HOTPANTS (single-threaded C) gets the same pixels, the same noise (``-tni`` /
-    ``-ini``: sigma images from our variance planes), the same bad pixels (``-tmi`` /
-    ``-imi``), the same kernel half-width (10 px: 21x21), spatial kernel order 2 and
-    background order 1; its Gaussians default to ours. Returns why it was skipped when
-    no ``hotpants`` executable is on PATH.
-    """
-    exe = shutil.which("hotpants")
-    if exe is None:
-        return "skipped (no hotpants executable on PATH)"
-    from astropy.io import fits
-
-    from diffkernel import MakeKernelConfig
-
-    bad = tuple(MakeKernelConfig().kernel.active.badMaskPlanes)
-    paths: dict[str, Path] = {}
-    for name, exp in exposures.items():
-        mi = exp.masked_image
-        for plane, values in (
-            ("image", mi.image.astype(np.float32)),
-            ("noise", np.sqrt(mi.variance).astype(np.float32)),
-            ("mask", ((mi.mask & mi.bitmask(bad)) != 0).astype(np.int16)),
-        ):
-            paths[f"{name}-{plane}"] = tmp / f"hp-{name}-{plane}.fits"
-            fits.writeto(paths[f"{name}-{plane}"], values, overwrite=True)
-    zdiff = tmp / "hp-zdiff.fits"
-    command = [
-        exe,
-        "-inim", str(paths["science-image"]), "-tmplim", str(paths["template-image"]),
-        "-ini", str(paths["science-noise"]), "-tni", str(paths["template-noise"]),
-        "-imi", str(paths["science-mask"]), "-tmi", str(paths["template-mask"]),
-        "-outim", str(tmp / "hp-diff.fits"), "-ond", str(zdiff),
-        "-n", "i", "-c", "t", "-r", "10", "-ko", "2", "-bgo", "1",
-        "-tu", "1e30", "-iu", "1e30", "-tl", "-1e30", "-il", "-1e30",
-    ]  # fmt: skip
-    t0 = time.perf_counter()
-    subprocess.run(command, capture_output=True, check=True)
-    seconds = time.perf_counter() - t0
-    z = fits.getdata(zdiff).astype(np.float64)
-    valid = np.isfinite(z) & (np.abs(z) > 1e-20)  # HOTPANTS fills bad pixels with 1e-30
-    return seconds, robust_std(z[valid])
 
 
 def sfft_note() -> str:

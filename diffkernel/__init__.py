@@ -14,14 +14,14 @@ The public API, importable from here:
   :func:`write_image`, :func:`open_result`, :func:`result_status`;
 * the errors, all :class:`DiffkernelError`.
 
-The Dask and Zarr parts are loaded on first use, so ``import diffkernel`` stays quick.
+Everything but the errors is loaded on first use, so ``import diffkernel`` (and with it
+``diffkernel --help``) imports neither numpy nor astropy nor Dask.
 The README's "Code map" says where each layer lives.
 """
 
 import importlib
 from typing import Any
 
-from .config import MakeKernelConfig, PsfMatchConfigAL, PsfMatchConfigDF
 from .errors import (
     ConfigError,
     DiffkernelError,
@@ -30,13 +30,20 @@ from .errors import (
     SpatialFitError,
     StoreError,
 )
-from .image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
-from .pipeline.serial import MakeKernelResult, MakeKernelTask, subtract_images
 
 __version__ = "0.1.0"
 
 #: Public names loaded on first use, and the module that defines each.
 _LAZY = {
+    "MakeKernelConfig": "config",
+    "PsfMatchConfigAL": "config",
+    "PsfMatchConfigDF": "config",
+    "DEFAULT_MASK_PLANES": "image",
+    "Exposure": "image",
+    "MaskedImage": "image",
+    "subtract_images": "pipeline.serial",
+    "MakeKernelResult": "pipeline.serial",
+    "MakeKernelTask": "pipeline.serial",
     "run_pair": "pipeline.dask.driver",
     "PairRun": "pipeline.dask.driver",
     "apply_result": "pipeline.dask.apply",
@@ -56,20 +63,11 @@ _LAZY = {
 __all__ = [
     *sorted(_LAZY),
     "ConfigError",
-    "DEFAULT_MASK_PLANES",
     "DiffkernelError",
-    "Exposure",
     "InputError",
-    "MakeKernelConfig",
-    "MakeKernelResult",
-    "MakeKernelTask",
-    "MaskedImage",
     "NoCandidatesError",
     "SpatialFitError",
-    "PsfMatchConfigAL",
-    "PsfMatchConfigDF",
     "StoreError",
-    "subtract_images",
     "__version__",
 ]
 

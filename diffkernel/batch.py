@@ -11,7 +11,10 @@ result a batch wrote, so no manifest can make a batch delete anything else.
 Each pair gets a *fingerprint*: SHA-256 over the bytes of its input files, the
 configuration and the package version. A pair whose output is a complete result
 with the same fingerprint is skipped; any other is (re)done, its output published
-atomically, so an interrupted batch simply runs again. Pairs run concurrently on
+atomically, so an interrupted batch simply runs again. A rerun first skips, without
+reading their inputs, the pairs whose files have not changed since they were found
+current (:mod:`diffkernel.batch_state`), and starts no cluster when that is all of
+them. Pairs run concurrently on
 one Dask client; a failing pair is recorded with its error and does not stop the
 others, and every exception of a pair reaches its status and the exit status.
 ``batch-status.json`` in the output folder records every pair's state (rewritten
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .batch_state import STAMP_FILE, CurrentPairs
 from .config import MakeKernelConfig
 from .errors import DiffkernelError, InputError, StoreError
 from .io.paths import (
@@ -155,7 +159,7 @@ def read_manifest(path: str | os.PathLike, out_dir: str | os.PathLike) -> list[P
             values["output"],
             out_dir,
             f"manifest line {number}: output {values['output']!r}",
-            (STATUS_FILE, LOCK_FILE),
+            (STATUS_FILE, LOCK_FILE, STAMP_FILE),
         )
         for other, line in seen.items():
             if other == name or other.startswith(name + "/") or name.startswith(other + "/"):
@@ -419,8 +423,6 @@ def run_batch(
         If ``out_dir`` cannot be created or written, another batch is running there,
         or the status file could not be written during the run (the pairs ran).
     """
-    from .pipeline.dask.cluster import connect
-
     cfg = MakeKernelConfig.default_subtraction() if config is None else config
     cfg.validate()
     if concurrent < 1:
@@ -449,9 +451,15 @@ def run_batch(
         for status in statuses:
             if status.state == "failed":
                 book.update(status)
-        options = (cfg, chunks, timeout, decorrelate)
-        _run_all(specs, statuses, book, options, concurrent, client, connect, scheduler,
-                 n_workers)  # fmt: skip
+        # Pairs whose files are unchanged since they were found current are skipped
+        # without reading them (the stamps, as the fingerprint, depend on the options).
+        current = CurrentPairs(out_dir, cfg, "" if decorrelate else "no-decorrelate")
+        left = [(sp, st) for sp, st in zip(specs, statuses, strict=True) if st.state != "failed"]
+        due = current.skip_known([sp for sp, _ in left], [st for _, st in left], book)
+        if due:  # else nothing to do: no cluster started
+            options = (cfg, chunks, timeout, decorrelate)
+            with current:
+                _run_all(due, statuses, book, options, concurrent, client, scheduler, n_workers)
     if book.error:
         raise StoreError(
             f"the batch ran, but its status file {str(book.path)!r} could not be written: "
@@ -460,9 +468,10 @@ def run_batch(
     return statuses
 
 
-def _run_all(specs, statuses, book, options, concurrent, client, connect, scheduler,
-             n_workers) -> None:  # fmt: skip
-    """The pairs on one client, ``concurrent`` at a time; every outcome recorded."""
+def _run_all(due, statuses, book, options, concurrent, client, scheduler, n_workers) -> None:
+    """The pairs due on one client, ``concurrent`` at a time; every outcome recorded."""
+    from .pipeline.dask.cluster import connect
+
     cfg, chunks, timeout, decorrelate = options
     stop = threading.Event()
     with (
@@ -473,7 +482,7 @@ def _run_all(specs, statuses, book, options, concurrent, client, connect, schedu
             pool.submit(
                 _run_one, spec, status, book, cl, cfg, chunks, stop, timeout, decorrelate
             ): status
-            for spec, status in zip(specs, statuses, strict=True)
+            for spec, status in due
         }
         pending = set(futures)
         try:

@@ -116,7 +116,7 @@ LAYERS = [
     {"prep"},
     {"io"},
     {"pipeline"},
-    {"plots", "simulate", "batch", "cli", "__init__"},
+    {"plots", "simulate", "batch", "batch_state", "cli", "__init__"},
 ]
 
 

@@ -15,6 +15,7 @@ when no pair crashed) exit with status 3.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from .. import __version__
@@ -40,10 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``diffkernel`` command."""
+    """Entry point of the ``diffkernel`` command.
+
+    Called without ``argv`` (by the console script or ``python -m``), the process exits
+    right after: its objects are then frozen out of the garbage collections of the
+    interpreter's finalization, which take a second or more once astropy, scipy and
+    zarr are loaded (see :func:`diffkernel.pipeline.dask.taskproc.dask_teardown`).
+    """
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
-    return run_command(args)  # one line and an exit status for every error
+    try:
+        return run_command(args)  # one line and an exit status for every error
+    finally:
+        if argv is None:
+            gc.freeze()
 
 
 if __name__ == "__main__":

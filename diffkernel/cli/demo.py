@@ -7,8 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .common import add_logging_options, add_scheduler_options, scheduler_address
 
 __all__ = ["add_parser", "run"]
@@ -46,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import tempfile
+
+    import numpy as np
 
     from ..io.products import write_difference
     from ..io.zarr.write import write_image

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-
 __all__ = ["add_parser", "run"]
 
 
@@ -25,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..io.zarr.results import open_result, result_status
 
     status = result_status(args.store)

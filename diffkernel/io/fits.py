@@ -361,7 +361,13 @@ def _image_data(hdu: Any, where: str, what: str) -> np.ndarray:
     data = hdu.data
     if data is None:
         raise InputError(f"{what} of {where!r} holds no data")
-    data = np.array(data)  # a copy, so the file can be closed
+    # One copy, in native byte order (FITS is big-endian): the pixel code would make it
+    # anyway, and the file's buffer is dropped at once rather than when the file
+    # closes, so a large input is held once, not twice or three times.
+    data = np.asarray(data, dtype=data.dtype.newbyteorder("="))
+    if data.base is not None or not data.flags.owndata:
+        data = data.copy()
+    del hdu.data
     if data.ndim > 2:
         data = data.reshape(data.shape[-2:])
     if data.ndim != 2:

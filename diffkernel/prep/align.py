@@ -17,7 +17,6 @@ gives the same pixels.
 from __future__ import annotations
 
 import numpy as np
-from reproject import reproject_interp
 from scipy.ndimage import binary_dilation
 
 from ..errors import InputError
@@ -129,6 +128,8 @@ def warp_region(
     covered : bool
         Whether any template pixel landed in the tile.
     """
+    from reproject import reproject_interp  # 0.5 s to import; only warps need it
+
     shape = (y1 - y0, x1 - x0)
     planes = with_mask_planes(template_planes, ("NO_DATA", "EDGE"))
     margin = max(_MARGIN[config.warpingKernelName], _MARGIN[config.maskWarpingKernelName])
@@ -186,6 +187,8 @@ def warp_region(
 
 def _reach(flags: np.ndarray, kernel: str, wcs_in, wcs_out, shape) -> np.ndarray:
     """Output pixels whose ``kernel`` interpolation draws on a True pixel of ``flags``."""
+    from reproject import reproject_interp  # 0.5 s to import; only warps need it
+
     grow, order = _SUPPORT[kernel]
     if grow:
         flags = binary_dilation(flags, structure=np.ones((2 * grow + 1, 2 * grow + 1), bool))

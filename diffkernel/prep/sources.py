@@ -67,14 +67,20 @@ def detect_sources(
     NoCandidatesError
         When nothing passes.
     """
-    image = np.ascontiguousarray(masked_image.image, dtype=np.float64)
+    # The image as given (float32 when read as stored) serves the peak values below;
+    # sep gets one float64 copy, its bad pixels zeroed, its background removed in place.
+    image = masked_image.image
+    data = np.array(image, dtype=np.float64, order="C")
     if footprint is not None:
         bad_planes = tuple(dict.fromkeys(tuple(bad_planes) + tuple(footprint.badMaskPlanes)))
     bad = (masked_image.mask & masked_image.bitmask(bad_planes)) != 0
-    bad |= ~np.isfinite(image)
-    data = np.where(bad, 0.0, image)
+    bad |= ~np.isfinite(data)
+    data[bad] = 0.0
     bkg = sep.Background(data, mask=bad)
-    sub = data - bkg.back()
+    # In place: ``data - bkg.back()`` would hold two more image-sized arrays at once
+    # (768 MB at 8192^2), for the same values.
+    bkg.subfrom(data)
+    sub = data
     sep.set_extract_pixstack(max(300000, image.size // 4))
     sep.set_sub_object_limit(4096)
     objects = sep.extract(
@@ -107,11 +113,13 @@ def detect_sources(
         elif kind == "variance":
             level = np.full(peak.shape, footprint.detThreshold * bkg.globalrms**2)
         else:  # pixel_stdev
-            level = footprint.detThreshold * np.sqrt(masked_image.variance[yp, xp])
+            level = footprint.detThreshold * np.sqrt(
+                np.asarray(masked_image.variance[yp, xp], dtype=np.float64)
+            )
         keep &= peak >= level
         keep &= (objects["npix"] >= footprint.fpNpixMin) & (objects["npix"] <= footprint.fpNpixMax)
     if saturation is not None:
-        keep &= image[yp, xp] <= measurement.saturationFraction * saturation
+        keep &= image[yp, xp].astype(np.float64) <= measurement.saturationFraction * saturation
     radius = float(measurement.isolationRadius) or float(isolation_radius)
     if radius > 0 and len(x) > 1:
         from scipy.spatial import cKDTree

@@ -70,9 +70,17 @@ def _meta_subset(meta: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _lossless_float_dtype(values: np.ndarray) -> np.dtype:
     """float32 when it holds every value exactly, else float64."""
-    if np.array_equal(values.astype(np.float32), values, equal_nan=True):
+    if values.dtype == np.float32:
         return np.dtype(np.float32)
-    return np.dtype(np.float64)
+    # Strip by strip: the whole plane at once made two plane-sized temporaries (seconds
+    # of page faults at 4096^2), and a float64 plane is mostly known from its first rows.
+    flat = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1)
+    rows = max(1, (1 << 18) // max(1, flat.shape[1]))
+    for y in range(0, flat.shape[0], rows):
+        block = flat[y : y + rows]
+        if not np.array_equal(block.astype(np.float32), block, equal_nan=True):
+            return np.dtype(np.float64)
+    return np.dtype(np.float32)
 
 
 def _image_attrs(

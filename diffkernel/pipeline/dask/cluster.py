@@ -36,6 +36,13 @@ WORKER_ENVIRON = {
 #: be recomputed: the run then fails instead of recovering.
 SCHEDULER_CONFIG = {"distributed.scheduler.active-memory-manager.start": False}
 
+#: Dask preload of every LocalCluster worker (:mod:`.taskproc`'s ``dask_setup`` and
+#: ``dask_teardown``): the task modules are imported as the worker starts (a second or
+#: more, which the first tasks would pay otherwise, after the cluster is up, where a
+#: caller that starts the cluster alongside other work, as the command line does while
+#: it reads its inputs, cannot hide it), and the worker exits promptly when closed.
+WORKER_PRELOAD = ("diffkernel.pipeline.dask.taskproc",)
+
 
 def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = None) -> int:
     """Subtraction tile side: a multiple of the chunk side, at most 1024.
@@ -120,6 +127,7 @@ def connect(
             processes=True,
             host=LOCAL_HOST,
             dashboard_address=f"{LOCAL_HOST}:0",
+            preload=list(WORKER_PRELOAD),
         ) as cluster,
         Client(cluster) as own,
     ):

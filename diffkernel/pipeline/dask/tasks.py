@@ -100,14 +100,20 @@ class ZarrPair:
         )
 
     def __call__(self, y0: int, y1: int, x0: int, x1: int) -> tuple[MaskedImage, MaskedImage]:
+        return self.one(True, y0, y1, x0, x1), self.one(False, y0, y1, x0, x1)
+
+    def one(self, template: bool, y0: int, y1: int, x0: int, x1: int) -> MaskedImage:
+        """A region of the template (``template`` True) or of the science image alone."""
+        image, background = (
+            (self.template, self.template_background)
+            if template
+            else (self.science, self.science_background)
+        )
         read = "read_stored" if self.stored else "read"
-        t = getattr(self.template, read)(y0, y1, x0, x1, cached=self.cached)
-        s = getattr(self.science, read)(y0, y1, x0, x1, cached=self.cached)
-        if self.template_background is not None:
-            t.image = t.image - self.template_background.read(y0, y1, x0, x1)
-        if self.science_background is not None:
-            s.image = s.image - self.science_background.read(y0, y1, x0, x1)
-        return t, s
+        region = getattr(image, read)(y0, y1, x0, x1, cached=self.cached)
+        if background is not None:
+            region.image = region.image - background.read(y0, y1, x0, x1)
+        return region
 
 
 def in_task_process(fn, *args):
@@ -164,8 +170,11 @@ def background_task(
 def detect_task(reader: ZarrPair, on_template: bool, cfg: MakeKernelConfig, saturation):
     """:func:`~diffkernel.pipeline.stages.detect_kernel_sources` on one whole image."""
     ny, nx = reader.science.shape
-    template, science = reader(0, ny, 0, nx)
-    return detect_kernel_sources(template if on_template else science, cfg, saturation)
+    # Only the image detected on, read once, as stored (checked by now; detection
+    # makes the one float64 copy it needs): through the chunk cache it would evict
+    # what the cells read next, and the other image would double the task's memory.
+    image = reader.reading(cached=False, stored=True).one(on_template, 0, ny, 0, nx)
+    return detect_kernel_sources(image, cfg, saturation)
 
 
 def cells_task(plan, work, reader) -> CellResult:
