@@ -194,7 +194,7 @@ def test_a_pair_over_its_timeout_fails_alone(inputs, client, tmp_path):
     assert statuses[0].state == "failed"
     assert "ClusterError" in statuses[0].error and "timeout" in statuses[0].error
     assert result_status(out / "a.zarr") == "missing"
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, STATUS_FILE]
+    assert not [p.name for p in out.iterdir() if "a.zarr" in p.name]  # nor partial, nor inputs
 
 
 def test_a_rerun_cleans_what_killed_runs_left(inputs, client, finished, tmp_path):
