@@ -213,6 +213,13 @@ class PsfMatchConfig(Config):
         "Weight the per-candidate fit by a constant variance (often better for bright "
         "stars) rather than by the variance plane.",
     )
+    correctConvolvedNoise = Field(
+        bool,
+        False,
+        "Take out of each normal matrix what the convolved image's noise adds on average "
+        "(errors in variables shrink the kernel: sums ~1% low otherwise). Not in ip_diffim; "
+        "on for AL in default_subtraction() (with delta functions it overshot: 3-4% high).",
+    )
     calculateKernelUncertainty = Field(
         bool,
         False,
@@ -355,10 +362,21 @@ class PsfMatchConfigAL(PsfMatchConfig):
         "enters only indirectly.",
     )
 
+    alardRegularization = Field(
+        float,
+        0.0,
+        "Roughness penalty on AL kernels (0: none, as ip_diffim): the summed squared 9-point "
+        "Laplacian of the kernel image, in chi² units, in the single and spatial fits. It "
+        "holds down the modes the template's PSF hides, which deeper templates otherwise "
+        "fit to noise. default_subtraction() sets 60 (benchmarks/bench_depth.py).",
+    )
+
     def _check(self, prefix: str) -> None:
         super()._check(prefix)
         req = self._require
         req(self.alardNGauss >= 1, prefix, "alardNGauss", "must be >= 1")
+        ok = math.isfinite(self.alardRegularization) and self.alardRegularization >= 0
+        req(ok, prefix, "alardRegularization", "must be finite and >= 0")
         for name in ("alardSigGauss", "alardDegGauss"):
             req(
                 len(getattr(self, name)) == self.alardNGauss,
@@ -562,7 +580,16 @@ class MakeKernelConfig(Config):
         since their inputs may hold their sky; :class:`MakeKernelTask` keeps the
         specification's defaults (no background fitted). The delta-function settings
         get the same background (fitted, order 2), so that choosing ``kernel.name =
-        "DF"`` in a config file does not silently drop it.
+        "DF"`` in a config file does not silently drop it, and a regularization
+        strength relative to the data (``lambdaType = "relative"``, ``lambdaScaling =
+        1e-3``) instead of the specification's absolute 0.2, which is negligible next
+        to the normal matrices of bright stars: their unregularized kernels are noise,
+        and a PCA basis made of them (``usePcaForSpatialKernel``, on by default for DF)
+        gave kernel sums 1.5-3% low (up to 8%) and kernel errors 1.3-1.8 times larger
+        (``benchmarks/bench_df_pca.py``; README, "How it works"). AL kernels get a
+        roughness penalty (``alardRegularization = 60``; deeper templates gave worse
+        kernels without it) and ``correctConvolvedNoise`` (sums ~1% low without it where
+        the convolved image is the noisier; ``benchmarks/bench_depth.py``).
         """
         config = cls()
         config.kernel.name = "AL"
@@ -570,4 +597,8 @@ class MakeKernelConfig(Config):
         for kernel in (config.kernel.AL, config.kernel.DF):
             kernel.fitForBackground = True
             kernel.spatialBgOrder = 2
+        config.kernel.DF.lambdaType = "relative"
+        config.kernel.DF.lambdaScaling = 1e-3
+        config.kernel.AL.alardRegularization = 60.0
+        config.kernel.AL.correctConvolvedNoise = True
         return config

@@ -1,26 +1,15 @@
-"""Kernel candidates: stamps, basis-convolved stamps and sufficient statistics.
+"""Kernel candidates: stamps and basis-convolved stamps.
 
-For a candidate with science stamp ``s`` (``S x S`` pixels), template cutout ``t``
-(``S + K - 1`` on a side, so that a ``K x K`` convolution is exact over the stamp)
-and per-pixel variance ``v``, the model is ``s ≈ C a`` where column ``j`` of ``C`` is
-the template convolved with basis kernel ``j`` (plus a column of ones for the
-differential background). Every fit and every quality statistic the task needs is
-a function of a few moments of ``C`` and ``s``:
-
-- fit:   ``M_fit = Cᵀ W_fit C``, ``B_fit = Cᵀ W_fit s``
-- stats: ``M = Cᵀ W C``, ``B = Cᵀ W s``, ``sᵀ W s``, ``u = Cᵀ σ⁻¹``, ``Σ s/σ``, ``N``
-
-with ``W = diag(1/v)`` and ``W_fit`` ``1/v_fit`` or ``1/mean(v_fit)`` (constant
-variance weighting), ``v_fit`` the variance the fit is weighted by and ``v`` the
-difference's own (see :func:`compute_stats`'s ``fit``). The residual mean and standard
-deviation in units of sigma for *any* coefficient vector follow without pixels, so
-the spatial fit, its assessment and the PCA refit run on these small matrices only.
+For a candidate with science stamp ``s`` (``S x S`` pixels) and template cutout ``t``
+(``S + K - 1`` on a side, so that a ``K x K`` convolution is exact over the stamp),
+the columns of the model ``s ≈ C a`` are the template convolved with each basis
+kernel; :mod:`~diffkernel.kernel.moments` makes the sufficient statistics of ``C``
+and ``s`` that every fit and quality statistic uses (re-exported here).
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -28,6 +17,16 @@ from scipy import fft
 
 from ..image import MaskedImage
 from .basis import KernelBasis
+from .moments import (
+    CandidateStats,
+    FitMoments,
+    compute_stats,
+    concatenate_rows,
+    core_selector,
+    fit_moments,
+    local_background_columns,
+    take_rows,
+)
 
 __all__ = [
     "StampBatch",
@@ -37,10 +36,15 @@ __all__ = [
     "valid_convolutions",
     "convolve_stamps",
     "convolve_basis",
+    "basis_columns",
+    "ShiftedTemplates",
+    "noise_corrected",
     "compute_stats",
     "fit_moments",
     "core_selector",
     "local_background_columns",
+    "take_rows",
+    "concatenate_rows",
 ]
 
 
@@ -86,6 +90,20 @@ class StampBatch:
         kernels = np.asarray(kernels, dtype=np.float64)
         return self.science_variance + valid_convolutions(self.template_variance, kernels**2)
 
+    def template_noise_response(self, weights: np.ndarray) -> np.ndarray:
+        """Per kernel pixel, the template variance it carries under ``weights``, ``(N, K, K)``.
+
+        ``R[a, b] = Σ_p w(p) V_t(p - (a, b))`` (in the kernel's pixel layout): the noise of
+        the template convolved with a unit pixel at ``(a, b)``, summed with the weights
+        ``(N, S, S)`` over the stamp. Pixels' noise being independent, what the noise of
+        the convolved template adds on average to the normal matrix of kernels
+        ``B`` (rows: kernel images) is ``B diag(R) Bᵀ``.
+        """
+        weights = np.asarray(weights, dtype=np.float64)
+        # A correlation: the window offsets run opposite to the kernel's pixels.
+        per_offset = valid_convolutions(self.template_variance, weights[:, ::-1, ::-1])
+        return np.ascontiguousarray(per_offset[:, ::-1, ::-1])
+
     def template_center(self) -> tuple[np.ndarray, np.ndarray]:
         """Template and template-variance pixels under the science stamp."""
         h = self.kernel_size // 2
@@ -106,35 +124,6 @@ def valid_convolutions(images: np.ndarray, kernels: np.ndarray) -> np.ndarray:
     kh, kw = kernels.shape[-2:]
     product = fft.rfft2(images, axes=(-2, -1)) * fft.rfft2(kernels, shape, axes=(-2, -1))
     return fft.irfft2(product, shape, axes=(-2, -1))[..., kh - 1 :, kw - 1 :]
-
-
-def take_rows(record, index: np.ndarray | slice):
-    """A dataclass of per-candidate arrays (first axis: candidate) for a subset.
-
-    Fields that are not arrays (sizes, or None for what was not computed) are kept.
-    """
-    values = {}
-    for f in fields(record):
-        v = getattr(record, f.name)
-        values[f.name] = v[index] if isinstance(v, np.ndarray) else v
-    return type(record)(**values)
-
-
-def concatenate_rows(parts: list):
-    """Dataclasses of per-candidate arrays of several batches stacked, in order.
-
-    Fields that are not arrays are taken from the first part (the parts of one run
-    agree on them).
-    """
-    first = parts[0]
-    values = {}
-    for f in fields(first):
-        v = getattr(first, f.name)
-        if isinstance(v, np.ndarray):
-            values[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
-        else:
-            values[f.name] = v
-    return type(first)(**values)
 
 
 def cut_stamps(
@@ -289,11 +278,71 @@ def convolve_stamps(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndar
         out[:, plan.order] = _separable_convolutions(plan, tc, s)
         return out
     if basis.kind == "delta-function":
-        windows = sliding_window_view(tc, (s, s), axis=(1, 2))  # (N, K, K, S, S)
-        return np.ascontiguousarray(windows[:, ::-1, ::-1]).reshape(n, k * k, s, s)
+        return _shifted(tc, k)
     # Generic native images: direct valid convolution through windows.
     windows = sliding_window_view(tc, (s, s), axis=(1, 2))[:, ::-1, ::-1]
     return np.einsum("rji,njixy->nrxy", basis.native_images, windows, optimize=True)
+
+
+def _shifted(tc: np.ndarray, k: int) -> np.ndarray:
+    """The delta-function columns ``(N, K*K, S, S)``: every shift of the cutouts.
+
+    Column ``(a, b)`` (row-major) is the cutout at offset ``(K-1-a, K-1-b)``, the
+    'valid' convolution with a unit pixel at ``(a, b)``. Made one kernel row at a
+    time from windows over x: a 5-d reversed window view copies element by element.
+    """
+    n, ht, _ = tc.shape
+    s = ht - k + 1
+    out = np.empty((n, k, k, s, s))
+    rows = sliding_window_view(tc, s, axis=2)  # rows[n, u, b, x] = tc[n, u, b + x]
+    for a in range(k):
+        out[:, k - 1 - a] = rows[:, a : a + s, ::-1, :].transpose(0, 2, 1, 3)
+    return out.reshape(n, k * k, s, s)
+
+
+class ShiftedTemplates:
+    """The columns of a delta-function basis, made a few candidates at a time.
+
+    What :func:`~diffkernel.kernel.moments.fit_moments` and
+    :func:`~diffkernel.kernel.moments.compute_stats` read of the convolved stamps: a
+    ``shape`` and slices over candidates, here made when asked. All of a cell's
+    columns at once are 6.5 MB a candidate for a 21 x 21 kernel, which the moments
+    need only one block of candidates at a time.
+
+    Parameters
+    ----------
+    template_cutouts : numpy.ndarray
+        ``(N, S+K-1, S+K-1)``.
+    kernel_size : int
+        ``K``.
+    """
+
+    def __init__(self, template_cutouts: np.ndarray, kernel_size: int):
+        self.template = np.asarray(template_cutouts, dtype=np.float64)
+        self.kernel_size = int(kernel_size)
+        n, ht, _ = self.template.shape
+        s = ht - self.kernel_size + 1
+        self.shape = (n, self.kernel_size**2, s, s)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        """The columns ``(n, K*K, S, S)`` of the candidates ``index`` (a slice)."""
+        return _shifted(self.template[index], self.kernel_size)
+
+
+def basis_columns(
+    basis: KernelBasis, template_cutouts: np.ndarray
+) -> np.ndarray | ShiftedTemplates:
+    """The model's kernel columns for the moments: :func:`convolve_basis`, or lazily.
+
+    A delta-function basis (its own native set) gives :class:`ShiftedTemplates`;
+    any other basis its convolved stamps.
+    """
+    if basis.kind == "delta-function" and _is_identity(basis.transform):
+        return ShiftedTemplates(template_cutouts, basis.kernel_size)
+    return convolve_basis(basis, template_cutouts)
 
 
 def convolve_basis(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarray:
@@ -313,286 +362,56 @@ def convolve_basis(basis: KernelBasis, template_cutouts: np.ndarray) -> np.ndarr
         transform = transform[plan.order]
     else:
         native = convolve_stamps(basis, tc)
+        if _is_identity(transform):
+            # A delta-function basis is its native set: multiplying by the identity
+            # would cost as much as both normal matrices together.
+            return native
     out = np.matmul(transform.T, native.reshape(n, native.shape[1], s * s))
     return out.reshape(n, basis.size, s, s)
 
 
-def core_selector(stamp_size: int, core_radius: int) -> np.ndarray:
-    """Boolean ``(S, S)`` mask of the ``2r x 2r`` core box of a stamp."""
-    c = stamp_size // 2
-    r = int(core_radius)
-    sel = np.zeros((stamp_size, stamp_size), dtype=bool)
-    sel[max(c - r, 0) : c + r, max(c - r, 0) : c + r] = True
-    return sel
+def _is_identity(t: np.ndarray) -> bool:
+    """Whether ``t`` is a square identity matrix (cheaper than comparing to ``np.eye``)."""
+    n = t.shape[0]
+    return t.shape == (n, n) and np.count_nonzero(t) == n and bool(np.all(np.diagonal(t) == 1))
 
 
-@dataclass
-class CandidateStats:
-    """Sufficient statistics of a batch of candidates (first axis: candidate).
-
-    The last coefficient is the background when ``has_background``. ``var_science``
-    ``(N,)`` and ``var_template`` ``(N, K, K)``, when made, are the means over the
-    statistics' pixels of ``V_s / v`` and, per kernel pixel, of the template variance
-    it sees over ``v``: the difference's variance under any kernel, relative to ``v``.
-    """
-
-    m_fit: np.ndarray
-    b_fit: np.ndarray
-    m: np.ndarray
-    b: np.ndarray
-    sws: np.ndarray
-    u: np.ndarray
-    su: np.ndarray
-    npix: np.ndarray
-    m_var: np.ndarray | None
-    n_background: int
-    stamp_half: int
-    var_science: np.ndarray | None = None
-    var_template: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return self.m.shape[0]
-
-    @property
-    def has_background(self) -> bool:
-        """Whether background terms follow the kernel terms."""
-        return self.n_background > 0
-
-    @property
-    def n_kernel(self) -> int:
-        """Number of kernel terms."""
-        return self.n_params - self.n_background
-
-    @property
-    def n_params(self) -> int:
-        """Number of coefficients (kernel terms plus background)."""
-        return self.m.shape[-1]
-
-    def take(self, index: np.ndarray | slice) -> CandidateStats:
-        """Statistics of a subset of candidates."""
-        return take_rows(self, index)
-
-    @staticmethod
-    def concatenate(parts: list[CandidateStats]) -> CandidateStats:
-        """Stack the statistics of several batches."""
-        return concatenate_rows(parts)
-
-    def transformed(self, kernel_transform: np.ndarray) -> CandidateStats:
-        """Statistics in a derived basis whose kernels are ``current @ kernel_transform``.
-
-        Parameters
-        ----------
-        kernel_transform : numpy.ndarray
-            ``(n_kernel, m)``; the background terms, if any, are carried unchanged.
-        """
-        t = np.asarray(kernel_transform)
-        if self.has_background:
-            n, m = t.shape
-            nb = self.n_background
-            full = np.zeros((n + nb, m + nb))
-            full[:n, :m] = t
-            full[n:, m:] = np.eye(nb)
-            t = full
-
-        def mat(a):
-            return None if a is None else np.einsum("ji,njk,kl->nil", t, a, t, optimize=True)
-
-        return replace(
-            self,
-            m_fit=mat(self.m_fit),
-            b_fit=self.b_fit @ t,
-            m=mat(self.m),
-            b=self.b @ t,
-            u=self.u @ t,
-            m_var=mat(self.m_var),
-        )
-
-    def residual_moments(
-        self, coeffs: np.ndarray, kernels: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Residual mean, standard deviation and chi² in units of sigma.
-
-        Parameters
-        ----------
-        coeffs : numpy.ndarray
-            ``(N, n_params)`` coefficient vectors, one per candidate.
-        kernels : numpy.ndarray, optional
-            ``(N, K, K)``: their kernel images. With ``var_template``, sigma is then
-            the difference's under them, not the statistics' ``v``: the moments are
-            scaled by the stamp's mean ratio of the two variances (exact where that
-            ratio is uniform, and for the kernels that made ``v``).
-        """
-        a = np.asarray(coeffs)
-        chi2 = np.einsum("ni,nij,nj->n", a, self.m, a) - 2 * np.einsum("ni,ni->n", a, self.b)
-        chi2 = np.maximum(chi2 + self.sws, 0.0)
-        total = self.su - np.einsum("ni,ni->n", a, self.u)
-        if kernels is not None and self.var_template is not None:
-            ratio = self.var_science + np.einsum("nij,nij->n", kernels**2, self.var_template)
-            total, chi2 = total / np.sqrt(ratio), chi2 / ratio
-        mean = total / self.npix
-        var = np.maximum(chi2 / self.npix - mean**2, 0.0) * self.npix / np.maximum(self.npix - 1, 1)
-        return mean, np.sqrt(var), chi2
-
-
-@dataclass
-class FitMoments:
-    """The moments single-kernel fits solve: ``m_fit``, ``b_fit``, ``m_var`` (or None).
-
-    What :func:`~diffkernel.kernel.fit.fit_single_kernels` reads of a
-    :class:`CandidateStats`, made alone to fit a batch before its residual statistics,
-    which are in units of the difference's variance under the fitted kernel.
-    """
-
-    m_fit: np.ndarray
-    b_fit: np.ndarray
-    m_var: np.ndarray | None
-    n_background: int
-
-    def __len__(self) -> int:
-        return self.m_fit.shape[0]
-
-
-def _design(convolved: np.ndarray, background_order: int | None) -> tuple[np.ndarray, int]:
-    """The design matrix ``C`` ``(N, n_params, S*S)``: kernel columns, then background's."""
-    n, nk, s, _ = convolved.shape
-    p = s * s
-    n_bg = 0
-    cols = None
-    if background_order is not None:
-        cols = local_background_columns(s, background_order)
-        n_bg = cols.shape[0]
-    c = np.empty((n, nk + n_bg, p))
-    c[:, :nk] = convolved.reshape(n, nk, p)
-    if cols is not None:
-        c[:, nk:] = cols
-    return c, n_bg
-
-
-def fit_moments(
-    convolved: np.ndarray,
-    science: np.ndarray,
+def noise_corrected(
+    moments: FitMoments,
+    stamps: StampBatch,
+    basis: KernelBasis,
     variance: np.ndarray,
     *,
-    background_order: int | None,
     constant_variance_weighting: bool,
-    with_uncertainty: bool = False,
+    correct: bool = True,
 ) -> FitMoments:
-    """The moments a batch's single-kernel fits solve, without the residual statistics.
+    """The fit's moments less what the convolved image's own noise adds to them.
 
-    Parameters are those of :func:`compute_stats`; ``variance`` weights the fit.
+    Least squares on a noisy convolved image shrinks the kernel (errors in variables):
+    the noise adds ``B diag(R) Bᵀ`` to the normal matrix on average
+    (:meth:`StampBatch.template_noise_response`, ``R`` under the fit's weights: the
+    inverse of ``variance``, or of its stamp mean with constant variance weighting,
+    as ``moments`` were made) and nothing to its vector; taking it out leaves normal
+    equations unbiased for the kernel. The covariance moments (``m_var``) keep it:
+    they are what the data scatter by. ``correct`` False returns ``moments``
+    (``correctConvolvedNoise``).
     """
-    n, _, s, _ = convolved.shape
-    c, n_bg = _design(convolved, background_order)
-    sci, var = science.reshape(n, s * s), variance.reshape(n, s * s)
+    if not correct:
+        return moments
+    n = variance.shape[0]
+    weights = 1.0 / variance
     if constant_variance_weighting:
-        w_const = 1.0 / var.mean(axis=1)
-        m_fit = np.matmul(c, np.swapaxes(c, 1, 2)) * w_const[:, None, None]
-        b_fit = np.matmul(c, sci[:, :, None])[:, :, 0] * w_const[:, None]
-        m_var = (
-            np.matmul(c * (var * w_const[:, None] ** 2)[:, None, :], np.swapaxes(c, 1, 2))
-            if with_uncertainty
-            else None
-        )
-        return FitMoments(m_fit, b_fit, m_var, n_bg)
-    sig_inv = np.sqrt(1.0 / var)
-    a, z = c * sig_inv[:, None, :], sci * sig_inv
-    m_w = np.matmul(a, np.swapaxes(a, 1, 2))
-    b_w = np.matmul(a, z[:, :, None])[:, :, 0]
-    return FitMoments(m_w, b_w, m_w if with_uncertainty else None, n_bg)
-
-
-def compute_stats(
-    convolved: np.ndarray,
-    science: np.ndarray,
-    variance: np.ndarray,
-    *,
-    background_order: int | None,
-    constant_variance_weighting: bool,
-    stats_selector: np.ndarray | None = None,
-    with_uncertainty: bool = False,
-    fit: FitMoments | None = None,
-) -> CandidateStats:
-    """Sufficient statistics of a batch from its basis-convolved stamps.
-
-    Parameters
-    ----------
-    convolved : numpy.ndarray
-        ``(N, n_kernel, S, S)`` template stamps convolved with each basis kernel.
-    science, variance : numpy.ndarray
-        ``(N, S, S)`` science stamps and the variance of the difference.
-    background_order : int or None
-        Degree of the local background polynomial fitted with the kernel (its
-        columns are the monomials of :func:`local_background_columns`); None for no
-        background.
-    constant_variance_weighting : bool
-        Weight the fit by the stamp's mean inverse variance instead of per pixel.
-    stats_selector : numpy.ndarray, optional
-        ``(S, S)`` boolean mask of the pixels the quality statistics use (the core).
-    with_uncertainty : bool
-        Also keep ``Cᵀ W_fit V W_fit C`` for coefficient covariances.
-    fit : FitMoments, optional
-        The fit's moments, made beforehand (:func:`fit_moments`) with another
-        variance; ``variance`` then sets the units of the residual statistics only
-        (and ``constant_variance_weighting`` and ``with_uncertainty`` are the
-        ``fit``'s).
-
-    Raises
-    ------
-    ValueError
-        When ``fit`` is of another number of candidates or background terms.
-    """
-    n, _, s, _ = convolved.shape
-    p = s * s
-    if fit is None:
-        fit = fit_moments(
-            convolved,
-            science,
-            variance,
-            background_order=background_order,
-            constant_variance_weighting=constant_variance_weighting,
-            with_uncertainty=with_uncertainty,
-        )
-    c, n_bg = _design(convolved, background_order)
-    if len(fit) != n or fit.n_background != n_bg:
-        raise ValueError(
-            f"fit moments of {len(fit)} candidates with {fit.n_background} background "
-            f"terms given for {n} candidates with {n_bg}"
-        )
-    sig_inv = np.sqrt(1.0 / variance.reshape(n, p))
-    a, z = c * sig_inv[:, None, :], science.reshape(n, p) * sig_inv
-    if stats_selector is not None:
-        sel = np.flatnonzero(np.asarray(stats_selector).reshape(p))
-        a, z = a[:, :, sel], z[:, sel]
-    m = np.matmul(a, np.swapaxes(a, 1, 2))
-    b = np.matmul(a, z[:, :, None])[:, :, 0]
-    return CandidateStats(
-        m_fit=fit.m_fit,
-        b_fit=fit.b_fit,
-        m=m,
-        b=b,
-        sws=np.einsum("np,np->n", z, z),
-        u=a.sum(axis=2),
-        su=z.sum(axis=1),
-        npix=np.full(n, z.shape[1], dtype=np.float64),
-        m_var=fit.m_var,
-        n_background=n_bg,
-        stamp_half=s // 2,
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def local_background_columns(stamp_size: int, order: int) -> np.ndarray:
-    """Local background monomials over a stamp, ``(n_terms, S*S)`` (read-only, cached).
-
-    Term ``(i, j)`` (ordered by total degree, as the spatial functions are) is
-    ``u^i v^j`` with ``u, v`` the pixel offsets from the stamp centre divided by the
-    half-width. The first term is the constant, so the background at the centre is
-    the first background coefficient.
-    """
-    half = stamp_size // 2
-    off = (np.arange(stamp_size) - half) / max(half, 1)
-    v, u = np.meshgrid(off, off, indexing="ij")
-    powers = [(t - j, j) for t in range(order + 1) for j in range(t + 1)]
-    columns = np.stack([(u**i * v**j).ravel() for i, j in powers])
-    columns.flags.writeable = False
-    return columns
+        mean_weight = 1.0 / variance.reshape(n, -1).mean(axis=1)
+        weights = np.broadcast_to(mean_weight[:, None, None], variance.shape)
+    response = stamps.template_noise_response(weights).reshape(n, -1)
+    nk = basis.size
+    m_fit = moments.m_fit.copy()
+    kernel_block = m_fit[:, :nk, :nk]
+    if basis.kind == "delta-function" and _is_identity(basis.transform):
+        # The basis kernels are the unit pixels, in the same order: a diagonal.
+        kernel_block[:, np.arange(nk), np.arange(nk)] -= response
+    else:
+        images = basis.images.reshape(nk, -1)
+        # (einsum's loops: BLAS's rounding would depend on its thread count.)
+        kernel_block -= np.einsum("ip,np,jp->nij", images, response, images)
+    return replace(moments, m_fit=m_fit)

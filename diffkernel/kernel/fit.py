@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from .candidate import CandidateStats, concatenate_rows, take_rows
+from .moments import CandidateStats, concatenate_rows, take_rows
 
 __all__ = [
     "pad_background",
@@ -120,7 +120,10 @@ class SingleFit:
     coeffs : numpy.ndarray
         ``(N, n)`` kernel coefficients, then the local background terms if fitted.
     condition : numpy.ndarray
-        ``(N,)`` condition number of the solved matrix.
+        ``(N,)`` condition number of the solved matrix; NaN where it was not computed:
+        for bases of more than ``CONDITION_ALWAYS`` terms (delta functions) unless
+        ``checkConditionNumber`` uses it, since their eigendecompositions cost more
+        than the fits.
     lam : numpy.ndarray
         ``(N,)`` regularization strength used (0 without regularization).
     covariance : numpy.ndarray or None
@@ -246,6 +249,12 @@ def inverse_quadratic_forms(
     return out
 
 
+#: Single-kernel condition numbers are computed for bases up to this many terms (and
+#: for any with ``checkConditionNumber``): an eigendecomposition of a delta-function
+#: matrix (441 terms for a 21 x 21 kernel) took 2.5 times as long as its fit.
+CONDITION_ALWAYS = 128
+
+
 # --- the risk scan of the regularization strength ----------------------------------------
 
 #: The lambdaTypes that scan a grid of strengths for the least estimated risk.
@@ -253,6 +262,9 @@ RISKS = ("minimizeBiasedRisk", "minimizeUnbiasedRisk")
 
 # Risks of this many (lambda, candidate, coefficient) triples are formed at once.
 _SCAN_CHUNK = 1 << 22
+# Candidates are scanned in blocks whose (n, n) stacks hold about this many bytes: the
+# working set stays bounded and in memory the allocator reuses, for any number of them.
+_BLOCK_BYTES = 1 << 24
 
 
 def risk_scan(
@@ -286,7 +298,7 @@ def risk_scan(
 
     so a trial λ costs ``O(n)`` per candidate instead of an ``O(n³)`` inverse.
     Candidates whose ``B`` is not numerically definite are scanned by inverting
-    ``M + λH`` at every λ.
+    ``M + λH`` at every λ. Candidates go through in blocks of a few megabytes.
 
     Parameters
     ----------
@@ -315,19 +327,24 @@ def risk_scan(
     h = np.asarray(h, dtype=np.float64)
     grid = np.asarray(grid, dtype=np.float64)
     biased = kind == "minimizeBiasedRisk"
-    a_ref = _reference_solution(m, b, max_condition) if biased else None
     positive = grid[grid > 0]
     lam0 = float(positive.min()) if positive.size else 0.0
-    factors, definite = cholesky_where_definite(m + lam0 * h)
     risks = np.empty((grid.size, m.shape[0]))
-    ok = slice(None) if definite.all() else definite
-    if definite.any():
-        target = a_ref[ok] if biased else b[ok]
-        risks[:, ok] = _spectral_risks(factors[ok], h, lam0, grid, target, biased)
-    if not definite.all():
-        bad = ~definite
-        ref = None if a_ref is None else a_ref[bad]
-        risks[:, bad] = _direct_risks(m[bad], b[bad], h, grid, ref)
+    step = max(1, _BLOCK_BYTES // (8 * m.shape[-1] ** 2))
+    for start in range(0, m.shape[0], step):
+        block = slice(start, start + step)
+        mb, bb = m[block], b[block]
+        a_ref = _reference_solution(mb, bb, max_condition) if biased else None
+        factors, definite = cholesky_where_definite(mb + lam0 * h)
+        out = risks[:, block]
+        ok = slice(None) if definite.all() else definite
+        if definite.any():
+            target = a_ref[ok] if biased else bb[ok]
+            out[:, ok] = _spectral_risks(factors[ok], h, lam0, grid, target, biased)
+        if not definite.all():
+            bad = ~definite
+            ref = None if a_ref is None else a_ref[bad]
+            out[:, bad] = _direct_risks(mb[bad], bb[bad], h, grid, ref)
     return risks
 
 
@@ -414,8 +431,11 @@ def _direct_risks(
 
 def _choose_lambda(stats: CandidateStats, h: np.ndarray, cfg) -> np.ndarray:
     """Regularization strength per candidate, as ``cfg.lambdaType`` says."""
-    kind = cfg.lambdaType
     n = len(stats)
+    kind = getattr(cfg, "lambdaType", None)
+    if kind is None:
+        # Alard-Lupton: the penalty comes with its strength (alardRegularization).
+        return np.ones(n)
     if kind == "absolute":
         return np.full(n, float(cfg.lambdaValue))
     if kind == "relative":
@@ -462,7 +482,10 @@ def fit_single_kernels(
     # The solve and the condition number share one equilibrated copy.
     meq, d = _equilibrate(np.asarray(m, dtype=np.float64))
     coeffs = _equilibrated_solve(meq, np.asarray(b, dtype=np.float64) / d) / d
-    condition = _equilibrated_condition(meq, cfg.conditionNumberType)
+    if cfg.checkConditionNumber or m.shape[-1] <= CONDITION_ALWAYS:
+        condition = _equilibrated_condition(meq, cfg.conditionNumberType)
+    else:
+        condition = np.full(n, np.nan)
     covariance = None
     if with_uncertainty:
         s_mat = np.linalg.pinv(m, hermitian=True)

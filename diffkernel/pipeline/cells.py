@@ -23,12 +23,13 @@ from ..kernel.basis import KernelBasis
 from ..kernel.candidate import (
     CandidateStats,
     StampBatch,
+    basis_columns,
     compute_stats,
     concatenate_rows,
-    convolve_basis,
     core_selector,
     cut_stamps,
     fit_moments,
+    noise_corrected,
     valid_convolutions,
 )
 from ..kernel.fit import SingleFit, fit_single_kernels
@@ -314,7 +315,7 @@ def candidate_stats(
     ``regularization`` is :func:`~diffkernel.kernel.basis.regularization_for` of
     ``basis`` and ``kcfg``.
     """
-    conv = convolve_basis(basis, stamps.template)
+    conv = basis_columns(basis, stamps.template)
     selector = (
         core_selector(stamps.stamp_size, kcfg.candidateCoreRadius) if kcfg.useCoreStats else None
     )
@@ -327,11 +328,27 @@ def candidate_stats(
     )
     if kcfg.iterateSingleKernel:
         first = fit_single_kernels(
-            fit_moments(conv, stamps.science, fit_variance, **kwargs), kcfg, regularization
+            noise_corrected(
+                fit_moments(conv, stamps.science, fit_variance, **kwargs),
+                stamps,
+                basis,
+                fit_variance,
+                constant_variance_weighting=bool(kcfg.constantVarianceWeighting),
+                correct=kcfg.correctConvolvedNoise,
+            ),
+            kcfg,
+            regularization,
         )
         fit_variance = stamps.difference_variance(basis.kernel_image(first.coeffs[:, : basis.size]))
-    moments = fit_moments(
-        conv, stamps.science, fit_variance, with_uncertainty=with_uncertainty, **kwargs
+    moments = noise_corrected(
+        fit_moments(
+            conv, stamps.science, fit_variance, with_uncertainty=with_uncertainty, **kwargs
+        ),
+        stamps,
+        basis,
+        fit_variance,
+        constant_variance_weighting=bool(kcfg.constantVarianceWeighting),
+        correct=kcfg.correctConvolvedNoise,
     )
     single = fit_single_kernels(moments, kcfg, regularization, with_uncertainty)
     # The fit keeps the weights above, as ip_diffim's does (it weights by the variance

@@ -22,6 +22,7 @@ from ..kernel.candidate import (
     convolve_basis,
     fit_moments,
     local_background_columns,
+    noise_corrected,
 )
 from ..kernel.fit import fit_single_kernels
 from .backend import new_figure
@@ -196,13 +197,22 @@ def _single_fits(stamps: StampBatch, basis, kcfg):
                   constant_variance_weighting=bool(kcfg.constantVarianceWeighting))  # fmt: skip
     regularization = regularization_for(basis, kcfg)
     variance = stamps.science_variance + stamps.template_center()[1]
+
+    def moments(variance):
+        # As the run's: less the convolved image's own noise with correctConvolvedNoise.
+        return noise_corrected(
+            fit_moments(conv, stamps.science, variance, **kwargs),
+            stamps,
+            basis,
+            variance,
+            constant_variance_weighting=kwargs["constant_variance_weighting"],
+            correct=bool(kcfg.correctConvolvedNoise),
+        )
+
     if kcfg.iterateSingleKernel:
-        first = fit_single_kernels(fit_moments(conv, stamps.science, variance, **kwargs), kcfg,
-                                   regularization)  # fmt: skip
+        first = fit_single_kernels(moments(variance), kcfg, regularization)
         variance = stamps.difference_variance(basis.kernel_image(first.coeffs[:, : basis.size]))
-    coeffs = fit_single_kernels(
-        fit_moments(conv, stamps.science, variance, **kwargs), kcfg, regularization
-    ).coeffs
+    coeffs = fit_single_kernels(moments(variance), kcfg, regularization).coeffs
     nb = basis.size
     model = np.einsum("nkyx,nk->nyx", conv, coeffs[:, :nb])
     if order is not None:

@@ -74,6 +74,7 @@ SHARED_DEFAULTS = {
     "maxSpatialConditionNumber": 1.0e10,
     "iterateSingleKernel": False,
     "constantVarianceWeighting": True,
+    "correctConvolvedNoise": False,
     "calculateKernelUncertainty": False,
     "useBicForKernelBasis": False,
     "fwhmExposureGrid": 10,
@@ -91,6 +92,7 @@ AL_DEFAULTS = {
     "alardNGaussDeconv": 3,
     "alardDegGaussDeconv": 3,
     "alardMinSigDeconv": 0.4,
+    "alardRegularization": 0.0,
 }
 
 DF_DEFAULTS = {

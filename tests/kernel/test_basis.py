@@ -275,6 +275,39 @@ def test_regularization_prefers_smooth_kernels(rtype, stencil, orders):
     assert smooth @ h @ smooth < 0.05 * (checker @ h @ checker)
 
 
+def dense_difference_penalty(k, offsets_per_op, border):
+    """H = sum L^T L + border * D from dense operators built pixel by pixel (the definition)."""
+    idx = np.arange(k * k).reshape(k, k)
+    h = np.zeros((k * k, k * k))
+    for offsets in offsets_per_op:
+        op = np.zeros((k * k, k * k))
+        for y in range(k):
+            for x in range(k):
+                for dy, dx, w in offsets:
+                    if 0 <= y + dy < k and 0 <= x + dx < k:
+                        op[idx[y, x], idx[y + dy, x + dx]] += w
+        h += op.T @ op
+    edge = np.zeros((k, k), dtype=bool)
+    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
+    return h + border * np.diag(edge.ravel().astype(float))
+
+
+@pytest.mark.parametrize("k", [3, 7, 21])
+def test_regularization_matrix_equals_the_dense_definition(k):
+    """The sparse construction gives exactly the dense operators' H (small integers)."""
+    nine = [(0, 0, -8.0)] + [
+        (dy, dx, 1.0) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
+    ]
+    want = dense_difference_penalty(k, [nine], 3.0)
+    np.testing.assert_array_equal(regularization_matrix(k, "centralDifference", 9), want)
+    second = [(0, 0, 1.0), (0, 1, -2.0), (0, 2, 1.0)]
+    first = [(0, 0, -1.0), (0, 1, 1.0)]
+    ops = [first, [(dx, dy, w) for dy, dx, w in first], second]
+    ops.append([(dx, dy, w) for dy, dx, w in second])
+    got = regularization_matrix(k, "forwardDifference", 9, (1, 2), 0.5)
+    np.testing.assert_array_equal(got, dense_difference_penalty(k, ops, 0.5))
+
+
 def test_regularization_border_penalty_is_diagonal_on_border():
     """H(p) - H(0) = p on the diagonal of border pixels and 0 elsewhere."""
     k = 5

@@ -10,6 +10,7 @@ import pytest
 from scipy.signal import convolve2d
 
 from diffkernel.config import PsfMatchConfigAL, PsfMatchConfigDF
+from diffkernel.kernel import fit as fit_module
 from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis, regularization_matrix
 from diffkernel.kernel.candidate import compute_stats, convolve_stamps
 from diffkernel.kernel.fit import (
@@ -365,6 +366,16 @@ def test_risk_scan_of_a_matrix_without_cholesky_factor(df_stats_with_background,
     grid = 10.0 ** np.arange(-1.0, 2.05, 0.5)
     got = risk_scan(m, b, h, grid, kind, 5.0e6)
     np.testing.assert_allclose(got, risks_by_definition(m, b, h, grid, kind, 5.0e6), rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["minimizeBiasedRisk", "minimizeUnbiasedRisk"])
+def test_risk_scan_in_blocks_equals_one_block(df_stats_with_background, kind, monkeypatch):
+    """Scanning the candidates in blocks (bounded memory) changes no risk."""
+    m, b, h = df_stats_with_background
+    grid = 10.0 ** np.arange(-1.0, 2.05, 0.5)
+    whole = risk_scan(m, b, h, grid, kind, 5.0e6)
+    monkeypatch.setattr(fit_module, "_BLOCK_BYTES", 8 * m.shape[-1] ** 2 * 3)  # 3 per block
+    np.testing.assert_array_equal(risk_scan(m, b, h, grid, kind, 5.0e6), whole)
 
 
 def test_risk_scan_unknown_kind():

@@ -77,7 +77,10 @@ def test_run_pair_decorrelates_by_default(pair, client, tmp_path):
     assert (np.isfinite(diff.image) == finite).all()
     np.testing.assert_array_equal(diff.mask, mem.mask)
     sigma = np.sqrt(mem.variance[finite])
-    assert np.max(np.abs(diff.image[finite] - mem.image[finite]) / sigma) < 1e-4
+    # The cluster reads float32 pixels, the serial path float64: the fits differ by what
+    # that rounding moves; the subtraction defaults' regularized, noise-corrected AL fit
+    # carries it 1.3 times as far as the plain fit did (1.1e-4 against 0.83e-4 sigma).
+    assert np.max(np.abs(diff.image[finite] - mem.image[finite]) / sigma) < 2e-4
     score = read_all(result.score).image
     assert (np.isfinite(score) == np.isfinite(serial.scoreImage)).all()
     assert np.nanmax(np.abs(score - serial.scoreImage)) < 1e-3
