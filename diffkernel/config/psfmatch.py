@@ -32,6 +32,10 @@ _DELTA_FUNCTION = "delta-function"
 _MAX_SPATIAL_ORDER = 6
 #: Largest kernel side accepted (pixels): 10x the usual 21-35, far past any seeing.
 MAX_KERNEL_SIZE = 255
+_SIZE_FROM_FWHM = (
+    "the size comes from the PSF widths (kernelSizeFwhmScaling, within "
+    "kernelSizeMin..kernelSizeMax); set scaleByFwhm = false to fix it"
+)
 
 
 class PsfMatchConfig(Config):
@@ -39,14 +43,8 @@ class PsfMatchConfig(Config):
 
     #: The basis a subclass stands for; ``None`` for the base class.
     _basis: ClassVar[str | None] = None
-    OVERRIDDEN_BY = {
-        "kernelSize": (
-            "scaleByFwhm",
-            True,
-            "the size comes from the PSF widths (kernelSizeFwhmScaling, within "
-            "kernelSizeMin..kernelSizeMax); set scaleByFwhm = false to fix it",
-        )
-    }
+    #: kernelSize set under scaleByFwhm is ignored: the config says so (tomlfile.py).
+    OVERRIDDEN_BY = {"kernelSize": ("scaleByFwhm", True, _SIZE_FROM_FWHM)}
 
     warpingConfig = Field(WarpingConfig, doc="Alignment of Exposures onto a common pixel grid.")
     detectionConfig = Field(
@@ -253,8 +251,7 @@ class PsfMatchConfig(Config):
                 f"{type(self).__name__} is the {self._basis!r} kernel config; "
                 f"select kernel.name = {other!r} for the other basis",
             )
-        # The upper bound keeps a typo (10001) from filling the memory: the basis
-        # and every candidate's normal equations grow as the kernel size squared.
+        # The upper bound keeps a typo (10001) from filling the memory (size squared).
         for name in ("kernelSize", "kernelSizeMin", "kernelSizeMax"):
             value = getattr(self, name)
             req(value >= 3 and value % 2 == 1, prefix, name, "must be odd and >= 3")
