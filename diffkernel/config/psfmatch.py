@@ -31,7 +31,7 @@ _ALARD_LUPTON = "alard-lupton"
 _DELTA_FUNCTION = "delta-function"
 _MAX_SPATIAL_ORDER = 6
 #: Largest kernel side accepted (pixels): 10x the usual 21-35, far past any seeing.
-MAX_KERNEL_SIZE = 255
+MAX_KERNEL_SIZE = 255  # a typo (10001) would fill the memory: it grows as its square
 _SIZE_FROM_FWHM = (
     "the size comes from the PSF widths (kernelSizeFwhmScaling, within "
     "kernelSizeMin..kernelSizeMax); set scaleByFwhm = false to fix it"
@@ -251,7 +251,6 @@ class PsfMatchConfig(Config):
                 f"{type(self).__name__} is the {self._basis!r} kernel config; "
                 f"select kernel.name = {other!r} for the other basis",
             )
-        # The upper bound keeps a typo (10001) from filling the memory (size squared).
         for name in ("kernelSize", "kernelSizeMin", "kernelSizeMax"):
             value = getattr(self, name)
             req(value >= 3 and value % 2 == 1, prefix, name, "must be odd and >= 3")
