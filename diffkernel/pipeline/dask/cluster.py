@@ -141,7 +141,11 @@ def _client_of(scheduler: str):
 
     hint = "give the address of a running Dask scheduler, like tcp://host:8786"
     try:
-        return Client(scheduler, timeout="20s")
+        try:
+            return Client(scheduler, timeout="20s")
+        except BaseException:
+            _forget_failed_client()
+            raise
     except (ValueError, TypeError) as err:
         raise InputError(f"scheduler {scheduler!r} is not a Dask address: {err}; {hint}") from None
     except (OSError, TimeoutError) as err:
@@ -157,3 +161,18 @@ def _client_of(scheduler: str):
             f"cannot connect to a Dask scheduler at {scheduler}: {type(err).__name__}: {err}; "
             f"{hint}"
         ) from None
+
+
+def _forget_failed_client() -> None:
+    """Close a client left as the process's default by a failed connection.
+
+    distributed registers a client before it has connected; one that then fails stays
+    the default, and the next run without an address would use it (in one process:
+    the Python API, the tests).
+    """
+    from distributed import default_client
+
+    with contextlib.suppress(Exception):
+        client = default_client()
+        if client.status != "running":
+            client.close()
