@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import EXIT_INTERRUPTED, EXIT_QUALITY_FAIL, load_config, positive
+from .common import (
+    EXIT_INTERRUPTED,
+    EXIT_QUALITY_FAIL,
+    add_config_options,
+    add_scheduler_options,
+    load_config,
+    positive,
+    scheduler_address,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -30,8 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     batch.add_argument("manifest", help="CSV manifest")
     batch.add_argument("--out", required=True, help="folder of the outputs and status file")
-    batch.add_argument("--config", help="TOML or JSON file setting any config field")
-    batch.add_argument("--scheduler", help="address of a running Dask scheduler")
+    add_config_options(batch)
+    add_scheduler_options(batch)
     batch.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
     batch.add_argument("--concurrent", type=int, default=2, help="pairs in flight at once")
     batch.add_argument("--chunks", type=int, default=512, help="chunk side for FITS inputs")
@@ -47,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..batch import STATUS_FILE, run_batch
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
+    scheduler = scheduler_address(args)
     positive("--workers", args.workers)
     positive("--concurrent", args.concurrent)
     if args.timeout is not None and not args.timeout > 0:
@@ -59,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             args.manifest,
             args.out,
             config=cfg,
-            scheduler=args.scheduler,
+            scheduler=scheduler,
             n_workers=args.workers,
             concurrent=args.concurrent,
             chunks=args.chunks,

@@ -82,6 +82,19 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return values
 
 
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and the repeatable ``--set FIELD=VALUE`` applied after it."""
+    parser.add_argument("--config", help="TOML or JSON file setting any config field")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a config field after --config, as in the file (repeatable), e.g. "
+        "--set kernel.AL.spatialKernelOrder=2; `diffkernel config --defaults` lists them",
+    )
+
+
 def load_config(path: str | None, overrides: Sequence[str] = ()):
     """The subtraction defaults (a fitted background), updated by the file, then ``--set``."""
     from ..config import MakeKernelConfig

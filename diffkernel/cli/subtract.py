@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .common import (
     EXIT_QUALITY_FAIL,
+    add_config_options,
     add_input_options,
     add_logging_options,
     add_scheduler_options,
@@ -52,15 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also write the difference as FITS (float32 IMAGE, MASK, VARIANCE; the science "
         "header, WCS, provenance and verdict cards)",
     )
-    subtract.add_argument("--config", help="TOML or JSON file setting any config field")
-    subtract.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="set a config field after --config, as in the file (repeatable), e.g. "
-        "--set kernel.AL.spatialKernelOrder=2; `diffkernel config --defaults` lists them",
-    )
+    add_config_options(subtract)
     add_input_options(subtract)
     subtract.add_argument(
         "--plots", help="folder for the debug displays and the quality page (quality.png) as PNGs"
