@@ -420,3 +420,32 @@ def test_an_image_larger_than_memory_is_refused(files, tmp_path, monkeypatch):
         ingest(files / "science.fits", tmp_path / "s.zarr", chunks=32)
     monkeypatch.setattr(paths, "physical_memory", lambda: 64 * 64 * paths.BYTES_PER_PIXEL)
     assert ingest(files / "science.fits", tmp_path / "s.zarr", chunks=32).shape == (64, 64)
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["default", "-v"])
+def test_a_task_failing_on_a_worker_prints_no_traceback_unless_verbose(tmp_path, verbose):
+    """A blank pair fails in the detection task, on a worker process: the user gets the
+    driver's one line; the worker's own "Compute Failed" traceback only with -v."""
+    import subprocess
+    import sys
+
+    from diffkernel.image import Exposure, MaskedImage
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("science", "template"):
+        image = rng.normal(100, 10, (128, 128)).astype(np.float32)
+        exposure = Exposure(MaskedImage.from_image(image, variance=np.full_like(image, 100)))
+        paths.append(str(tmp_path / f"{name}.fits"))
+        write_exposure(paths[-1], exposure)
+    args = ["subtract", *paths, "--out", str(tmp_path / "out.zarr"), "--workers", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffkernel.cli", *args, *(["-v"] if verbose else [])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "error: no sources found" in proc.stderr
+    assert ("Compute Failed" in proc.stderr) is verbose
+    assert ("Traceback" in proc.stderr) is verbose

@@ -12,7 +12,14 @@ import dask
 
 from ...errors import InputError
 
-__all__ = ["LOCAL_HOST", "WORKER_ENVIRON", "connect", "default_tile_size"]
+__all__ = [
+    "LOCAL_HOST",
+    "QUIET_WORKERS_ENV",
+    "WORKER_ENVIRON",
+    "connect",
+    "default_tile_size",
+    "worker_environ",
+]
 
 log = logging.getLogger("diffkernel")
 
@@ -21,6 +28,10 @@ log = logging.getLogger("diffkernel")
 #: threshold (tasks undo that anyway, see :mod:`diffkernel.pipeline.dask.taskproc`).
 #: BLAS, OpenMP and Zarr's codec thread pool stay single-threaded: one task per core,
 #: and no worker borrowing its neighbour's core.
+#: Environment variable (set to "1") that keeps a LocalCluster worker's failed-task
+#: tracebacks out of the user's terminal; the driver reports the failure itself.
+QUIET_WORKERS_ENV = "DIFFKERNEL_QUIET_WORKERS"
+
 WORKER_ENVIRON = {
     "OMP_NUM_THREADS": 1,
     "MKL_NUM_THREADS": 1,
@@ -63,6 +74,15 @@ def default_tile_size(chunks: tuple[int, int], shape: tuple[int, int] | None = N
 #: can run code on its workers (Dask's trust model), so nothing is opened to the
 #: network unless a scheduler is started on purpose (see the README).
 LOCAL_HOST = "127.0.0.1"
+
+
+def worker_environ() -> dict[str, Any]:
+    """:data:`WORKER_ENVIRON`, and quiet workers unless the ``diffkernel`` logger is at
+    DEBUG (``-v``): a failed task's traceback then stays in the worker."""
+    environ = dict(WORKER_ENVIRON)
+    if not log.isEnabledFor(logging.DEBUG):
+        environ[QUIET_WORKERS_ENV] = "1"
+    return environ
 
 
 @contextlib.contextmanager
@@ -119,7 +139,7 @@ def connect(
     workers = n_workers or os.cpu_count() or 1
     with (
         dask.config.set(
-            {"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON, **SCHEDULER_CONFIG}
+            {"distributed.nanny.pre-spawn-environ": worker_environ(), **SCHEDULER_CONFIG}
         ),
         LocalCluster(
             n_workers=workers,
