@@ -378,6 +378,17 @@ def test_an_interrupted_ingest_leaves_nothing(tmp_path, monkeypatch):
         return await real_set(self, key, value, *args, **kwargs)
 
     monkeypatch.setattr(LocalStore, "set", watched_set)
+    # Whole planes are written by diffkernel's own chunk writer where it can (not by
+    # zarr): its first chunk is watched the same way.
+    from diffkernel.io.zarr import chunkio
+
+    real_write = chunkio.DirectChunks.write_region
+
+    def watched_write(self, *args, **kwargs):
+        first_write.set()
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(chunkio.DirectChunks, "write_region", watched_write)
 
     def interrupt():
         first_write.wait(timeout=300)
