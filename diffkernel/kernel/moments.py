@@ -15,6 +15,9 @@ variance weighting), ``v_fit`` the variance the fit is weighted by and ``v`` the
 difference's own (see :func:`compute_stats`'s ``fit``). The residual mean and standard
 deviation in units of sigma for *any* coefficient vector follow without pixels, so
 the spatial fit, its assessment and the PCA refit run on these small matrices only.
+A delta-function basis (441 terms for a 21 x 21 kernel) keeps instead the pixels the
+statistics are made of (:class:`ResidualPixels`): a convolution per coefficient vector
+is far cheaper than its ``M``.
 
 The moments are built block by block (kernel columns, background columns) from the
 convolved stamps in place: for a delta-function basis a copy of the design matrix is
