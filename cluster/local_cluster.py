@@ -42,7 +42,7 @@ def main() -> None:
             processes=True,
             host=args.host,
             scheduler_port=args.port,
-            dashboard_address=":0",
+            dashboard_address=f"{args.host}:0",  # the dashboard shows paths: same host
         ) as cluster,
     ):
         info = {"address": cluster.scheduler_address, "dashboard": cluster.dashboard_link}

@@ -33,7 +33,7 @@ def main() -> None:
         args.hosts,
         connect_options={"known_hosts": None},
         worker_options={"n_workers": args.workers_per_host, "nthreads": 1, "env": WORKER_ENVIRON},
-        scheduler_options={"port": 8786, "dashboard_address": ":8787"},
+        scheduler_options={"port": 8786, "dashboard_address": "127.0.0.1:8787"},
         remote_python=args.python,
     )
     with open(args.scheduler_file, "w") as handle:

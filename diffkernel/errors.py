@@ -14,6 +14,7 @@ __all__ = [
     "NoCandidatesError",
     "SpatialFitError",
     "StoreError",
+    "ClusterError",
 ]
 
 
@@ -39,3 +40,7 @@ class SpatialFitError(DiffkernelError, RuntimeError):
 
 class StoreError(DiffkernelError, OSError):
     """A Zarr store or output path is missing, unreadable, incomplete or not ours."""
+
+
+class ClusterError(DiffkernelError, RuntimeError):
+    """The Dask cluster failed the run: workers lost for good, or the run's time ran out."""

@@ -150,3 +150,24 @@ def test_manifest_errors_name_the_line(tmp_path, manifest):
     broken.write_text("\n".join(dup) + "\n")
     with pytest.raises(InputError, match="line 3: output .* is also written by line 2"):
         read_manifest(broken, tmp_path)
+
+
+def test_batch_takes_set_and_a_scheduler_file(manifest, client, tmp_path):
+    """``--set`` reaches every pair's config; ``--scheduler-file`` names the cluster."""
+    from diffkernel.cli import main
+
+    one = tmp_path / "one.csv"
+    lines = manifest.read_text().splitlines()[:2]
+    root = manifest.parent
+    header, row = lines[0], lines[1].split(",")
+    one.write_text(header + "\n" + ",".join(str(root / f) for f in row[:2]) + ",pair0.zarr,"
+                   + str(root / row[3]) + "\n")  # fmt: skip
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": client.scheduler.address}))
+    out = tmp_path / "out"
+    args = ["batch", str(one), "--out", str(out), "--scheduler-file", str(scheduler_file)]
+    assert main([*args, "--set", "kernel.AL.spatialKernelOrder=0"]) in (0, 3)
+    assert open_result(out / "pair0.zarr").solution.kernel_functions.order == 0
+    assert main([*args, "--set", "kernel.AL.noSuchField=1"]) == 2
+    missing = ["batch", str(one), "--out", str(out), "--scheduler-file", str(tmp_path / "no")]
+    assert main(missing) == 2

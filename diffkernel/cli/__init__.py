@@ -5,7 +5,9 @@ Each command has ``--help`` and lives in a module of its own, which exports
 ``add_parser`` and ``run``; a command imports what it needs only when it runs, so
 ``diffkernel --help`` stays quick. Errors of the user's making (bad input, config or
 store) print one line naming the problem and exit with status 2; an incomplete result
-store makes ``inspect`` exit with status 1. A result whose quality verdict is ``fail``
+store makes ``inspect`` exit with status 1. Anything else is one line too (exit 2 for a
+file-system error, 1 for a bug; ``DIFFKERNEL_DEBUG=1`` shows its traceback), and
+SIGTERM stops a command as SIGINT does (exit 130). A result whose quality verdict is ``fail``
 (:mod:`diffkernel.quality`) is written all the same, and ``subtract`` (and ``batch``,
 when no pair crashed) exit with status 3.
 """
@@ -17,9 +19,8 @@ import gc
 import sys
 
 from .. import __version__
-from ..errors import DiffkernelError
 from . import apply, batch, config, demo, ingest, inspect, subtract
-from .common import EXIT_QUALITY_FAIL, setup_logging
+from .common import EXIT_QUALITY_FAIL, run_command, setup_logging
 
 __all__ = ["main", "EXIT_QUALITY_FAIL"]
 
@@ -50,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
-        return int(args.func(args))
-    except DiffkernelError as err:
-        print(f"diffkernel {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return run_command(args)  # one line and an exit status for every error
     finally:
         if argv is None:
             gc.freeze()

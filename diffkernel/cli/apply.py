@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import add_scheduler_options
+
 __all__ = ["add_parser", "run"]
 
 
@@ -30,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--fits-out",
         help="also write the difference as FITS (and the score as <name>.score.fits)",
     )
-    apply.add_argument("--scheduler", help="address of a running Dask scheduler")
+    add_scheduler_options(apply)
     apply.add_argument("--workers", type=int, help="LocalCluster workers (default: cores)")
     apply.add_argument(
         "--chunks", type=int, default=512, help="chunk side when ingesting FITS inputs"
@@ -47,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     from ..io.inputs import open_input
     from ..pipeline.dask.apply import apply_result
     from ..quality import fits_cards
-    from .common import write_result_fits
+    from .common import check_command_outputs, scheduler_address, write_result_fits
 
+    inputs = {"result": args.result, "science": args.science, "template": args.template}
+    check_command_outputs(args, inputs)  # --overwrite never touches an input
     out = Path(args.out)
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
     try:
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             science,
             template,
             out,
-            scheduler=args.scheduler,
+            scheduler=scheduler_address(args),
             n_workers=args.workers,
             overwrite=args.overwrite,
             progress=not args.quiet,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_config_options
+
 __all__ = ["add_parser", "run"]
 
 
@@ -22,10 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     config.add_argument(
         "--defaults", action="store_true", help="the defaults, ignoring --config and --set"
     )
-    config.add_argument("--config", help="TOML or JSON file to apply to the defaults")
-    config.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", help="set a field"
-    )
+    add_config_options(config)
     config.add_argument(
         "--describe", action="store_true", help="list every field with its type and doc"
     )

@@ -10,11 +10,14 @@ from pathlib import Path
 
 from .common import (
     EXIT_QUALITY_FAIL,
+    add_config_options,
     add_input_options,
     add_logging_options,
     add_scheduler_options,
+    check_command_outputs,
     gain_notes,
     load_config,
+    positive,
     read_options,
     scheduler_address,
     write_result_fits,
@@ -50,15 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also write the difference as FITS (float32 IMAGE, MASK, VARIANCE; the science "
         "header, WCS, provenance and verdict cards)",
     )
-    subtract.add_argument("--config", help="TOML or JSON file setting any config field")
-    subtract.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="set a config field after --config, as in the file (repeatable), e.g. "
-        "--set kernel.AL.spatialKernelOrder=2; `diffkernel config --defaults` lists them",
-    )
+    add_config_options(subtract)
     add_input_options(subtract)
     subtract.add_argument(
         "--plots", help="folder for the debug displays and the quality page (quality.png) as PNGs"
@@ -99,6 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also write the score image (S/N of a point source; FITS: <fits-out>.score.fits)",
     )
+    subtract.add_argument(
+        "--timeout", type=float, help="seconds the run may take on the cluster before it stops"
+    )
     subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_logging_options(subtract)
     subtract.set_defaults(func=run)
@@ -118,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     scheduler = scheduler_address(args)
+    positive("--workers", args.workers)
+    inputs = {"science": args.science, "template": args.template, "sources": args.sources}
+    check_command_outputs(args, inputs)  # before any work: a bad output path costs nothing
     out = Path(args.out)
     work = out.parent / f".{out.name}.inputs-{uuid.uuid4().hex[:8]}"
     timings: dict[str, float] = {}
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
                     progress=not args.quiet,
                     decorrelate=not args.no_decorrelate,
                     score=args.score,
+                    timeout=args.timeout,
                 )
                 if args.plots:
                     from ..plots import write_plots
@@ -180,9 +182,7 @@ def read_inputs(args: argparse.Namespace, work: Path, timings: dict[str, float])
     import time
 
     t0 = time.perf_counter()
-    from astropy.table import Table
-
-    from ..io.inputs import open_input
+    from ..io.inputs import open_input, read_sources
     from ..pipeline.dask import driver  # noqa: F401  (imported here, off the main thread's way)
 
     timings["imports"] = time.perf_counter() - t0
@@ -192,6 +192,6 @@ def read_inputs(args: argparse.Namespace, work: Path, timings: dict[str, float])
         log.info("reading the %s %s", who, spec)
         with gain_notes(who, spec):
             images[who] = open_input(spec, work, who, args.chunks, read_options(args, who))
-    sources = Table.read(args.sources) if args.sources else None
+    sources = read_sources(args.sources) if args.sources else None
     timings["inputs"] = time.perf_counter() - t0
     return images["science"], images["template"], sources

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar, overload
 import numpy as np
 
 from ..errors import ConfigError
-from .tomlfile import toml_dumps
+from .tomlfile import MAX_NESTING, nesting_depth, toml_dumps
 
 __all__ = ["Field", "Config"]
 
@@ -278,6 +278,9 @@ class Config:
     """
 
     _fields: ClassVar[Mapping[str, Field[Any]]] = MappingProxyType({})
+    #: Fields that another field's value makes ignored, ``{field: (other, value, why)}``:
+    #: setting one then gets a note (:func:`~.tomlfile.overridden_fields`), not silence.
+    OVERRIDDEN_BY: ClassVar[Mapping[str, tuple[str, Any, str]]] = MappingProxyType({})
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -502,6 +505,14 @@ class Config:
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             kind = suffix[1:].upper()
             raise ConfigError(f"config file {str(file)!r} is not valid {kind}: {exc}") from exc
+        except RecursionError:
+            data = None  # nested past what the parser can hold: refused just below
+        depth = nesting_depth(data)
+        if data is None or depth > MAX_NESTING:
+            raise ConfigError(
+                f"config file {str(file)!r} nests tables {'too' if data is None else depth} "
+                f"deep; a config is at most {MAX_NESTING} tables deep"
+            )
         if not isinstance(data, dict):
             raise ConfigError(
                 f"config file {str(file)!r} must hold a table of fields, got {type(data).__name__}"

@@ -30,6 +30,12 @@ __all__ = [
 _ALARD_LUPTON = "alard-lupton"
 _DELTA_FUNCTION = "delta-function"
 _MAX_SPATIAL_ORDER = 6
+#: Largest kernel side accepted (pixels): 10x the usual 21-35, far past any seeing.
+MAX_KERNEL_SIZE = 255  # a typo (10001) would fill the memory: it grows as its square
+_SIZE_FROM_FWHM = (
+    "the size comes from the PSF widths (kernelSizeFwhmScaling, within "
+    "kernelSizeMin..kernelSizeMax); set scaleByFwhm = false to fix it"
+)
 
 
 class PsfMatchConfig(Config):
@@ -37,6 +43,8 @@ class PsfMatchConfig(Config):
 
     #: The basis a subclass stands for; ``None`` for the base class.
     _basis: ClassVar[str | None] = None
+    #: kernelSize set under scaleByFwhm is ignored: the config says so (tomlfile.py).
+    OVERRIDDEN_BY = {"kernelSize": ("scaleByFwhm", True, _SIZE_FROM_FWHM)}
 
     warpingConfig = Field(WarpingConfig, doc="Alignment of Exposures onto a common pixel grid.")
     detectionConfig = Field(
@@ -243,15 +251,15 @@ class PsfMatchConfig(Config):
                 f"{type(self).__name__} is the {self._basis!r} kernel config; "
                 f"select kernel.name = {other!r} for the other basis",
             )
-        req(
-            self.kernelSize >= 3 and self.kernelSize % 2 == 1,
-            prefix,
-            "kernelSize",
-            "must be odd and >= 3",
-        )
-        for name in ("kernelSizeMin", "kernelSizeMax"):
+        for name in ("kernelSize", "kernelSizeMin", "kernelSizeMax"):
             value = getattr(self, name)
             req(value >= 3 and value % 2 == 1, prefix, name, "must be odd and >= 3")
+            req(
+                value <= MAX_KERNEL_SIZE,
+                prefix,
+                name,
+                f"must be <= {MAX_KERNEL_SIZE} (memory grows as its square)",
+            )
         req(
             self.kernelSizeMin <= self.kernelSizeMax,
             prefix,

@@ -1,4 +1,5 @@
-"""Writing configs as TOML (the standard library reads TOML but does not write it)."""
+"""Config files: writing TOML (the standard library reads it but does not write it),
+and what is checked in a file read: its nesting, and fields another field overrides."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["toml_dumps"]
+__all__ = ["MAX_NESTING", "nesting_depth", "overridden_fields", "toml_dumps"]
 
 
 def _toml_value(value: Any) -> str:
@@ -43,3 +44,47 @@ def toml_dumps(data: Mapping[str, Any]) -> str:
 
     emit(data, [])
     return "\n".join(lines) + "\n"
+
+
+#: Deepest nesting of tables a config file may have (the config tree is 3 deep).
+MAX_NESTING = 8
+
+
+def nesting_depth(data: Any) -> int:
+    """How many mappings deep ``data`` nests (0 for a scalar); iterative, so any depth."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, Mapping):
+            deepest = max(deepest, depth)
+            stack.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend((value, depth) for value in node)
+    return deepest
+
+
+def overridden_fields(config, base=None) -> list[str]:
+    """Notes on the fields of ``config`` set away from ``base`` that another field overrides.
+
+    Such a field would be silently ignored (``kernelSize`` while ``scaleByFwhm`` is
+    true); each note names the field, the one that wins and what to do. ``config``
+    and ``base`` are :class:`~diffkernel.config.base.Config` objects of one class
+    (``base`` defaults to the class's defaults); the rules are their classes'
+    ``OVERRIDDEN_BY``.
+    """
+    base = type(config)() if base is None else base
+    old = base.to_dict(flat=True)
+    notes = []
+    for key, value in config.to_dict(flat=True).items():
+        if key in old and old[key] == value:
+            continue
+        node, name = config._resolve(key)
+        rule = type(node).OVERRIDDEN_BY.get(name)
+        if rule is not None and getattr(node, rule[0]) == rule[1]:
+            prefix = key.rpartition(".")[0]
+            winner = f"{prefix}.{rule[0]}" if prefix else rule[0]
+            notes.append(
+                f"{key} = {json.dumps(value)} is ignored because {winner} = "
+                f"{json.dumps(rule[1])}: {rule[2]}"
+            )
+    return notes

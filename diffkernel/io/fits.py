@@ -283,7 +283,11 @@ def _extract(hdul: fits.HDUList, hdu: Any, where: str) -> dict[str, Any]:
             return out
         index = next((i for i, h in enumerate(hdul) if _is_2d_image(h)), None)
         if index is None:
-            raise InputError(f"{where!r} holds no 2-D image in any of its {len(hdul)} HDU(s)")
+            shapes = ", ".join(f"{i}:{_dims(h)}" for i, h in enumerate(hdul))
+            raise InputError(
+                f"{where!r} holds no 2-D image of at least 2x2 pixels in any of its "
+                f"{len(hdul)} HDU(s) (their sizes: {shapes})"
+            )
     else:
         try:
             index = hdul.index_of(hdu)
@@ -304,6 +308,14 @@ def _extract(hdul: fits.HDUList, hdu: Any, where: str) -> dict[str, Any]:
         "index": index,
         "data": data,
     }
+
+
+def _dims(hdu: Any) -> str:
+    """An HDU's size as NAXIS1xNAXIS2..., or what it is when it holds no image."""
+    if not isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU):
+        return type(hdu).__name__
+    naxis = int(hdu.header.get("NAXIS", 0))
+    return "x".join(str(hdu.header.get(f"NAXIS{i}", 0)) for i in range(1, naxis + 1)) or "empty"
 
 
 def _extract_space(hdul: fits.HDUList, extver: int, where: str) -> dict[str, Any]:

@@ -42,11 +42,12 @@ from ..image import Exposure, MaskedImage
 from .fits import exposure_from_hdus, read_exposure
 from .header import SOURCE_KEY, wcs_header
 from .nddata import from_nddata
+from .paths import check_chunks, check_fits_memory, overlaps
 from .zarr.image import ZarrImage
 from .zarr.layout import DEFAULT_CHUNKS, Chunks, PathLike
 from .zarr.write import write_image
 
-__all__ = ["ingest", "open_input", "read_input"]
+__all__ = ["ingest", "open_input", "read_input", "read_sources"]
 
 #: What :func:`ingest` stores.
 Source = PathLike | Exposure | MaskedImage | NDData
@@ -88,10 +89,15 @@ def ingest(
     ------
     InputError
         If ``source`` is of another type, or unreadable as an image (a FITS file or NDData
-        whose variance is unusable at every pixel with data included).
+        whose variance is unusable at every pixel with data included), larger than this
+        machine's memory, or ``path`` itself (even with ``overwrite``); or if ``chunks``
+        is outside :data:`~diffkernel.io.paths.MIN_CHUNK`..:data:`~diffkernel.io.paths.MAX_CHUNK`.
     StoreError
         If the FITS file is missing or the store cannot be written.
     """
+    check_chunks(chunks)
+    if isinstance(source, str | os.PathLike) and overlaps(source, path):
+        raise InputError(f"cannot ingest {str(source)!r} onto itself: give another output path")
     data = _in_memory(source, read_options)
     return write_image(path, data, chunks=chunks, overwrite=overwrite)
 
@@ -143,6 +149,7 @@ def open_input(
     if isinstance(spec, ZarrImage):
         _refuse_options(options, spec.path, name)
         return spec
+    check_chunks(chunks)
     data = _in_memory(spec, options)
     Path(work).mkdir(parents=True, exist_ok=True)
     return write_image(Path(work) / f"{name}.zarr", data, chunks=chunks)
@@ -162,6 +169,7 @@ def _in_memory(
     """The image of a FITS path, an NDData, HDUs, (array, WCS) or an exposure, in memory."""
     options = {k: v for k, v in (read_options or {}).items() if v is not None}
     if isinstance(source, str | os.PathLike):
+        check_fits_memory(source)  # refused, not killed by the OOM killer
         exposure = read_exposure(source, **options)
         # The store records the file it came from: results name it, not the store.
         exposure.meta[SOURCE_KEY] = str(Path(source).resolve())
@@ -250,3 +258,26 @@ def read_input(
         if isinstance(source, str | os.PathLike):
             raise
         raise InputError(f"{name}: {exc}") from None
+
+
+def read_sources(path: str | os.PathLike):
+    """A table of kernel candidates (``x, y`` or ``ra, dec``) from a file astropy reads.
+
+    Raises
+    ------
+    InputError
+        If the file is missing or not a table astropy can read, naming the file.
+    """
+    from astropy.table import Table
+
+    if Path(path).is_dir():
+        raise InputError(f"sources file {str(path)!r} is a folder, not a table file")
+    if not Path(path).is_file():
+        raise InputError(f"sources file {str(path)!r} does not exist")
+    try:
+        return Table.read(path)
+    except Exception as exc:  # astropy raises many kinds for a file it cannot parse
+        raise InputError(
+            f"sources file {str(path)!r} is not a table astropy can read "
+            f"(ECSV, FITS, VOTable...): {type(exc).__name__}: {exc}"
+        ) from exc

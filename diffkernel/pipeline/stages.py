@@ -59,6 +59,7 @@ __all__ = [
     "PreparedFit",
     "prepare_fit",
     "check_mode",
+    "check_image_size",
     "check_plane_names",
     "check_bin_size",
     "refuse_field",
@@ -189,6 +190,7 @@ def prepare_fit(
     """
     kcfg = cfg.kernel.active
     check_plane_names(cfg, work.template.mask_planes, work.science.mask_planes)
+    check_image_size(work.science.shape, kcfg)
     meta: dict[str, Any] = {"aligned": align_pair(work, kcfg)}
     meta["preconvolved"] = bool(preconvolved)
     if kcfg.useAfwBackground:
@@ -275,6 +277,22 @@ def check_bin_size(cfg: MakeKernelConfig, shape: tuple[int, int]) -> None:
             "afwBackgroundConfig.binSize",
             f"larger than the {shape[0]} x {shape[1]} image (a mesh cell must fit in it); "
             f"use at most {min(shape)}",
+        )
+
+
+def check_image_size(shape: tuple[int, int], kcfg) -> None:
+    """Refuse an image no larger than the smallest kernel it could get: no stamp fits.
+
+    Without it such an image ended in "no sources found" or "no usable candidates",
+    which names the wrong cause.
+    """
+    size = kcfg.kernelSizeMin if kcfg.scaleByFwhm else kcfg.kernelSize
+    if min(shape) <= size:
+        which = "kernelSizeMin" if kcfg.scaleByFwhm else "kernelSize"
+        raise InputError(
+            f"the science image is {shape[1]}x{shape[0]} pixels, no larger than the kernel "
+            f"({size} px, {which}): no star's stamp fits in it; use a larger image or a "
+            "smaller kernel"
         )
 
 

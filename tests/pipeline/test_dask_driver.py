@@ -483,8 +483,11 @@ def test_cancelled_result_is_made_again(client):
     assert redone == [1, 2]
     always_lost = client.submit(sum, [1], pure=False)
     client.cancel(always_lost)
-    with pytest.raises(FutureCancelledError):
+    from diffkernel.errors import ClusterError
+
+    with pytest.raises(ClusterError, match="lost a task's result 3 times") as info:
         runner.gather_redoing(always_lost, lambda attempt: always_lost)
+    assert isinstance(info.value.__cause__, FutureCancelledError)
 
 
 def test_own_cluster_keeps_broadcast_copies():

@@ -261,6 +261,24 @@ class ZarrImage:
         box = check_box((y0, y1, x0, x1), self.shape)
         return {name: self._read_direct(name, box) for name in IMAGE_ARRAYS}
 
+    def missing_chunks(self, name: str, y0: int, y1: int, x0: int, x1: int) -> list[str]:
+        """Chunk files of plane ``name`` over the region that are absent from the store.
+
+        Zarr reads an absent chunk as the fill value (NaN for the float planes) and
+        leaves out chunks that hold only it, so an absent image or variance chunk
+        whose pixels are not masked NO_DATA is a damaged store. Empty when the store
+        is not a local one this package reads directly (then it cannot tell).
+        """
+        reader = self._reader(name)
+        if reader is None:
+            return []
+        box = check_box((y0, y1, x0, x1), self.shape)
+        return [
+            str(reader.directory / reader.key((iy, ix)))
+            for iy, ix, _ in chunk_pieces(box, self.chunks)
+            if not (reader.directory / reader.key((iy, ix))).exists()
+        ]
+
     def _reader(self, name: str) -> DirectChunks | None:
         """The direct chunk access of an array, or None where zarr must read it."""
         if name not in self._direct:
@@ -345,6 +363,12 @@ def _check_image_info(info: Mapping[str, Any], where: str) -> None:
             raise StoreError(f"{where}: attribute {ATTR_KEY}.{key} must be two positive integers")
     if not isinstance(info["mask_planes"], dict):
         raise StoreError(f"{where}: attribute {ATTR_KEY}.mask_planes must be a mapping")
+    fwhm = info.get("psf_fwhm")
+    if fwhm is not None and (type(fwhm) not in (int, float) or not np.isfinite(fwhm) or fwhm <= 0):
+        raise StoreError(
+            f"{where}: attribute {ATTR_KEY}.psf_fwhm must be a positive number of pixels "
+            f"(or absent), got {fwhm!r}"
+        )
 
 
 def _check_arrays(arrays: Mapping[str, zarr.Array], info: Mapping[str, Any], where: str) -> None:

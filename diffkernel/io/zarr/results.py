@@ -236,8 +236,7 @@ class ResultWriter:
         StoreError
             If no difference image was created, the fit is missing or given twice, the
             writer was finalized or aborted, or ``path`` appeared meanwhile and
-            ``overwrite`` is False (the finished store is then left at
-            :attr:`partial_path`).
+            ``overwrite`` is False (this run's store is then removed).
         InputError
             If ``candidates`` is not a Table or has a column name Zarr cannot hold.
         """
@@ -272,8 +271,12 @@ class ResultWriter:
         try:
             publish(self._partial, self._path, self._overwrite)
         except StoreError as exc:
+            # Another run published the same path meanwhile (or the rename failed):
+            # this run's copy is removed, and the message says so instead of pointing
+            # at a folder the caller's cleanup deletes.
+            self.abort()
             raise StoreError(
-                f"{exc}; the finished result is left at {str(self._partial)!r}"
+                f"{exc} (another run wrote it meanwhile?); this run's result was discarded"
             ) from exc
         self._state = "finalized"
         return self._path
@@ -474,6 +477,12 @@ def open_result(path: PathLike) -> ResultStore:
     root = open_root(location)
     group_info(root, f"result store {str(location)!r}", "result")
     attrs = root.attrs.asdict()
+    for name in ("metadata", "config", "provenance", "quality"):
+        if not isinstance(attrs.get(name) or {}, dict):
+            raise StoreError(
+                f"result store {str(location)!r}: attribute {name!r} is not a table (it holds "
+                f"a {type(attrs[name]).__name__}); the store was altered: write it again"
+            )
     return ResultStore(
         path=location,
         difference=ZarrImage.open(location, "difference"),

@@ -212,6 +212,33 @@ def write_image(
     return ZarrImage.open(target, group)
 
 
+def settle_zarr_io(timeout: float = 60.0) -> None:
+    """Wait (at most ``timeout`` s) for the writes zarr's IO thread still has in flight.
+
+    After a KeyboardInterrupt in the thread that called zarr, the coroutines it had
+    started keep running on zarr's event loop; this waits for them, so what they write
+    can then be removed for good. A second interrupt stops the wait.
+    """
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    loop = zarr_sync.loop[0]
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            await asyncio.wait(others)
+
+    future = asyncio.run_coroutine_threadsafe(drain(), loop)
+    try:
+        future.result(timeout)
+    except Exception:  # a timeout or a failed write: nothing more to wait for
+        future.cancel()
+
+
 def _write_store(
     target: Path, exposure: Exposure, chunks: Chunks, overwrite: bool, origin: tuple[int, int]
 ) -> None:
@@ -229,6 +256,10 @@ def _write_store(
             raise
         raise StoreError(f"failed to write {str(target)!r}: {exc}") from exc
     except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM): zarr's IO thread is still writing this
+        # plane's chunks into the partial store; removing it now would race with
+        # them and leave it behind (with "Task was destroyed" noise at exit).
+        settle_zarr_io()
         remove(partial)
         raise
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import StoreError
 from ...image import pixel_validation_counts, plane_bits, report_validation, unusable_planes
 from ...io.zarr.image import ZarrImage
 from .runner import TaskRunner
@@ -58,6 +59,15 @@ def check_tile(
         plane_bits(image.mask_planes, exempt),
         unusable_planes(image.mask_planes, exempt),
     )
+    if counts["nan_image"] or counts["nonfinite_variance"]:
+        # A chunk file gone reads as NaN: name it, not "N pixels are NaN".
+        box = (y0, y1, x0, x1)
+        missing = [p for n in ("image", "variance") for p in image.missing_chunks(n, *box)]
+        if missing:
+            raise StoreError(
+                f"{image.path}: {len(missing)} chunk file(s) missing, e.g. {missing[0]!r}; the "
+                "store is incomplete or damaged: write it again (diffkernel ingest)"
+            )
     return counts, digests
 
 

@@ -40,6 +40,7 @@ from astropy.table import Table
 
 from ...config import MakeKernelConfig
 from ...errors import ConfigError, InputError
+from ...io.paths import Output, check_outputs
 from ...io.zarr.filters import create_score, write_filters
 from ...io.zarr.image import ZarrImage
 from ...io.zarr.results import ResultStore, ResultWriter, open_result
@@ -105,6 +106,7 @@ def run_pair(
     overwrite: bool = False,
     progress: bool = False,
     provenance: dict[str, Any] | None = None,
+    timeout: float | None = None,
     decorrelate: bool = True,
     score: bool = False,
 ) -> PairRun:
@@ -154,6 +156,9 @@ def run_pair(
         Show dask's progress bar and the dashboard link.
     provenance : dict, optional
         Extra entries for the result's provenance (e.g. a batch's fingerprint).
+    timeout : float, optional
+        Seconds the run may wait on the cluster; past it the run stops with a
+        :class:`~diffkernel.errors.ClusterError` and publishes nothing.
     decorrelate : bool
         Filter the difference so its noise is white (:mod:`diffkernel.kernel.decorrelate`);
         the filters are recorded in the store's group ``filters``.
@@ -170,6 +175,8 @@ def run_pair(
     cfg.validate()
     sci = open_image(science, "science")
     tmpl = open_image(template, "template")
+    # Even with overwrite, the output may never be (or hold) an input.
+    check_outputs([Output("out", out)], {"science": sci.path, "template": tmpl.path}, True)
     tile = default_tile_size(sci.chunks, sci.shape) if tile_size is None else int(tile_size)
     if tile <= 0 or tile % sci.chunks[0] or tile % sci.chunks[1]:
         raise ConfigError(
@@ -193,6 +200,7 @@ def run_pair(
                 cl, cfg, sci, tmpl, writer, tile, progress, cells_per_task, mode, precision, device
             )
             run.extra_provenance = dict(provenance or {})
+            run.runner.limit(timeout)
             run.decorrelate, run.score = bool(decorrelate), bool(score)
             path, timings, summary = run.execute(sources, preconvolved)
     except BaseException:

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import os
 import sys
 from collections.abc import Mapping
 
 from ..cells import single_threaded_blas
+from .cluster import QUIET_WORKERS_ENV
 
 __all__ = [
     "MMAP_THRESHOLD",
@@ -127,6 +129,11 @@ def dask_setup(worker) -> None:
     would otherwise pay after the cluster is up.
     """
     from . import tasks  # noqa: F401
+
+    if os.environ.get(QUIET_WORKERS_ENV) == "1":
+        # The driver reports a failed task in one line; the worker's own "Compute
+        # Failed" traceback is for -v.
+        logging.getLogger("distributed.worker").setLevel(logging.CRITICAL)
 
 
 def dask_teardown(worker) -> None:
