@@ -15,6 +15,9 @@ variance weighting), ``v_fit`` the variance the fit is weighted by and ``v`` the
 difference's own (see :func:`compute_stats`'s ``fit``). The residual mean and standard
 deviation in units of sigma for *any* coefficient vector follow without pixels, so
 the spatial fit, its assessment and the PCA refit run on these small matrices only.
+A delta-function basis (441 terms for a 21 x 21 kernel) keeps instead the pixels the
+statistics are made of (:class:`ResidualPixels`): a convolution per coefficient vector
+is far cheaper than its ``M``.
 
 The moments are built block by block (kernel columns, background columns) from the
 convolved stamps in place: for a delta-function basis a copy of the design matrix is
@@ -24,13 +27,15 @@ as large as the fit's whole working set.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 import numpy as np
+from scipy import fft
 
 __all__ = [
     "CandidateStats",
     "FitMoments",
+    "ResidualPixels",
     "compute_stats",
     "fit_moments",
     "core_selector",
@@ -43,15 +48,24 @@ __all__ = [
 def take_rows(record, index: np.ndarray | slice):
     """A dataclass of per-candidate arrays (first axis: candidate) for a subset.
 
-    Fields that are not arrays (sizes, or None for what was not computed) are kept.
-    An index that picks consecutive rows in order gives views, not copies: the normal
-    matrices of a delta-function basis are over a megabyte per candidate.
+    Fields that are not arrays (sizes, or None for what was not computed) and fields
+    marked ``shared`` in their metadata (the same for every candidate) are kept;
+    nested records of per-candidate arrays are subset in turn. An index that picks
+    consecutive rows in order gives views, not copies: the normal matrices of a
+    delta-function basis are over a megabyte per candidate.
     """
     index = _as_slice(index)
     values = {}
     for f in fields(record):
         v = getattr(record, f.name)
-        values[f.name] = v[index] if isinstance(v, np.ndarray) else v
+        if f.metadata.get("shared"):
+            values[f.name] = v
+        elif isinstance(v, np.ndarray):
+            values[f.name] = v[index]
+        elif is_dataclass(v) and not isinstance(v, type):
+            values[f.name] = take_rows(v, index)
+        else:
+            values[f.name] = v
     return type(record)(**values)
 
 
@@ -72,15 +86,19 @@ def _as_slice(index: np.ndarray | slice) -> np.ndarray | slice:
 def concatenate_rows(parts: list):
     """Dataclasses of per-candidate arrays of several batches stacked, in order.
 
-    Fields that are not arrays are taken from the first part (the parts of one run
-    agree on them).
+    Fields that are not arrays, or are marked ``shared``, are taken from the first part
+    (the parts of one run agree on them); nested records are stacked in turn.
     """
     first = parts[0]
     values = {}
     for f in fields(first):
         v = getattr(first, f.name)
-        if isinstance(v, np.ndarray):
+        if f.metadata.get("shared"):
+            values[f.name] = v
+        elif isinstance(v, np.ndarray):
             values[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
+        elif is_dataclass(v) and not isinstance(v, type):
+            values[f.name] = concatenate_rows([getattr(p, f.name) for p in parts])
         else:
             values[f.name] = v
     return type(first)(**values)
@@ -96,6 +114,67 @@ def core_selector(stamp_size: int, core_radius: int) -> np.ndarray:
 
 
 @dataclass
+class ResidualPixels:
+    """What the residual statistics of a delta-function basis are computed from: pixels.
+
+    A delta-function basis's kernel columns are shifts of the template cutout, so the
+    model of any coefficient vector is one convolution of the cutout with its kernel
+    image: far cheaper per vector than the ``(K² + n_bg)²`` matrix ``Cᵀ W C`` whose
+    quadratic form would give the same sums (for a 21 x 21 kernel, building it cost
+    about twice a whole Alard-Lupton fit per candidate).
+
+    Attributes
+    ----------
+    template : numpy.ndarray
+        ``(N, S+K-1, S+K-1)`` template cutouts.
+    science, sigma_inverse : numpy.ndarray
+        ``(N, S, S)`` science stamps and the inverse sigma the residuals are in units of.
+    selector : numpy.ndarray or None
+        ``(S, S)`` boolean mask of the statistics' pixels; None for the whole stamp.
+    background_order : int or None
+        Degree of the local background (:func:`local_background_columns`).
+    transform : numpy.ndarray or None
+        ``(K*K, n_kernel)``: the delta-function coefficients of each kernel term of
+        a derived basis (:meth:`CandidateStats.transformed`); None for the identity.
+    """
+
+    template: np.ndarray
+    science: np.ndarray
+    sigma_inverse: np.ndarray
+    selector: np.ndarray | None = field(default=None, metadata={"shared": True})
+    background_order: int | None = field(default=None, metadata={"shared": True})
+    transform: np.ndarray | None = field(default=None, metadata={"shared": True})
+
+    def transformed(self, kernel_transform: np.ndarray) -> ResidualPixels:
+        """The same pixels for a basis whose kernels are ``current @ kernel_transform``."""
+        t = np.asarray(kernel_transform, dtype=np.float64)
+        return replace(self, transform=t if self.transform is None else self.transform @ t)
+
+    def residual_sums(self, coeffs: np.ndarray, n_kernel: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sum and sum of squares of the residuals in units of sigma, each ``(N,)``.
+
+        The residual is ``science - template ⊛ kernel - background`` over the
+        statistics' pixels, times the inverse sigma.
+        """
+        a = np.asarray(coeffs, dtype=np.float64)
+        n, s, _ = self.science.shape
+        k = self.template.shape[-1] - s + 1
+        delta = a[:, :n_kernel] if self.transform is None else a[:, :n_kernel] @ self.transform.T
+        kernels = delta.reshape(n, k, k)
+        # Convolution by FFT at the cutout's size: the valid part does not see the wrap.
+        shape = self.template.shape[-2:]
+        product = fft.rfft2(self.template, axes=(-2, -1)) * fft.rfft2(kernels, shape, axes=(-2, -1))
+        model = fft.irfft2(product, shape, axes=(-2, -1))[:, k - 1 :, k - 1 :]
+        if self.background_order is not None:
+            cols = local_background_columns(s, self.background_order)
+            model = model + (a[:, n_kernel:] @ cols).reshape(n, s, s)
+        resid = ((self.science - model) * self.sigma_inverse).reshape(n, s * s)
+        if self.selector is not None:
+            resid = resid[:, np.flatnonzero(np.asarray(self.selector).reshape(s * s))]
+        return resid.sum(axis=1), np.einsum("np,np->n", resid, resid)
+
+
+@dataclass
 class CandidateStats:
     """Sufficient statistics of a batch of candidates (first axis: candidate).
 
@@ -103,24 +182,27 @@ class CandidateStats:
     ``(N,)`` and ``var_template`` ``(N, K, K)``, when made, are the means over the
     statistics' pixels of ``V_s / v`` and, per kernel pixel, of the template variance
     it sees over ``v``: the difference's variance under any kernel, relative to ``v``.
+    With ``pixels`` (a delta-function basis), the residual statistics come from them
+    and ``m``, ``b``, ``sws``, ``u`` and ``su`` are None.
     """
 
     m_fit: np.ndarray
     b_fit: np.ndarray
-    m: np.ndarray
-    b: np.ndarray
-    sws: np.ndarray
-    u: np.ndarray
-    su: np.ndarray
+    m: np.ndarray | None
+    b: np.ndarray | None
+    sws: np.ndarray | None
+    u: np.ndarray | None
+    su: np.ndarray | None
     npix: np.ndarray
     m_var: np.ndarray | None
     n_background: int
     stamp_half: int
     var_science: np.ndarray | None = None
     var_template: np.ndarray | None = None
+    pixels: ResidualPixels | None = None
 
     def __len__(self) -> int:
-        return self.m.shape[0]
+        return self.m_fit.shape[0]
 
     @property
     def has_background(self) -> bool:
@@ -135,7 +217,7 @@ class CandidateStats:
     @property
     def n_params(self) -> int:
         """Number of coefficients (kernel terms plus background)."""
-        return self.m.shape[-1]
+        return self.m_fit.shape[-1]
 
     def take(self, index: np.ndarray | slice) -> CandidateStats:
         """Statistics of a subset of candidates."""
@@ -155,6 +237,7 @@ class CandidateStats:
             ``(n_kernel, m)``; the background terms, if any, are carried unchanged.
         """
         t = np.asarray(kernel_transform)
+        pixels = None if self.pixels is None else self.pixels.transformed(t)
         if self.has_background:
             n, m = t.shape
             nb = self.n_background
@@ -168,14 +251,18 @@ class CandidateStats:
             # (N, n, n) stack, a megabyte per candidate for a delta-function basis.
             return None if a is None else np.matmul(t.T, np.matmul(a, t))
 
+        def vec(a):
+            return None if a is None else a @ t
+
         return replace(
             self,
             m_fit=mat(self.m_fit),
             b_fit=self.b_fit @ t,
             m=mat(self.m),
-            b=self.b @ t,
-            u=self.u @ t,
+            b=vec(self.b),
+            u=vec(self.u),
             m_var=mat(self.m_var),
+            pixels=pixels,
         )
 
     def residual_moments(
@@ -194,9 +281,12 @@ class CandidateStats:
             ratio is uniform, and for the kernels that made ``v``).
         """
         a = np.asarray(coeffs)
-        chi2 = np.einsum("ni,nij,nj->n", a, self.m, a) - 2 * np.einsum("ni,ni->n", a, self.b)
-        chi2 = np.maximum(chi2 + self.sws, 0.0)
-        total = self.su - np.einsum("ni,ni->n", a, self.u)
+        if self.pixels is not None:
+            total, chi2 = self.pixels.residual_sums(a, self.n_kernel)
+        else:
+            chi2 = np.einsum("ni,nij,nj->n", a, self.m, a) - 2 * np.einsum("ni,ni->n", a, self.b)
+            chi2 = np.maximum(chi2 + self.sws, 0.0)
+            total = self.su - np.einsum("ni,ni->n", a, self.u)
         if kernels is not None and self.var_template is not None:
             ratio = self.var_science + np.einsum("nij,nij->n", kernels**2, self.var_template)
             total, chi2 = total / np.sqrt(ratio), chi2 / ratio
@@ -296,6 +386,7 @@ def compute_stats(
     stats_selector: np.ndarray | None = None,
     with_uncertainty: bool = False,
     fit: FitMoments | None = None,
+    residual_template: np.ndarray | None = None,
 ) -> CandidateStats:
     """Sufficient statistics of a batch from its basis-convolved stamps.
 
@@ -322,6 +413,11 @@ def compute_stats(
         variance; ``variance`` then sets the units of the residual statistics only
         (and ``constant_variance_weighting`` and ``with_uncertainty`` are the
         ``fit``'s).
+    residual_template : numpy.ndarray, optional
+        ``(N, S+K-1, S+K-1)`` template cutouts when ``convolved`` are their shifts
+        (a delta-function basis in its own native order): the residual statistics
+        are then computed from the pixels (:class:`ResidualPixels`), not from a
+        normal matrix of the statistics' weights.
 
     Raises
     ------
@@ -350,6 +446,29 @@ def compute_stats(
             f"terms given for {n} candidates with {n_bg}"
         )
     sig_inv = np.sqrt(1.0 / variance.reshape(n, p))
+    if residual_template is not None:
+        npix = p if stats_selector is None else int(np.count_nonzero(stats_selector))
+        pixels = ResidualPixels(
+            np.asarray(residual_template, dtype=np.float64),
+            np.asarray(science, dtype=np.float64),
+            sig_inv.reshape(n, s, s),
+            None if stats_selector is None else np.asarray(stats_selector, dtype=bool),
+            background_order,
+        )
+        return CandidateStats(
+            m_fit=fit.m_fit,
+            b_fit=fit.b_fit,
+            m=None,
+            b=None,
+            sws=None,
+            u=None,
+            su=None,
+            npix=np.full(n, npix, dtype=np.float64),
+            m_var=fit.m_var,
+            n_background=n_bg,
+            stamp_half=s // 2,
+            pixels=pixels,
+        )
     z = science.reshape(n, p) * sig_inv
     sel = slice(None)
     if stats_selector is not None:

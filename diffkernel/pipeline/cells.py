@@ -22,6 +22,7 @@ from ..image import MaskedImage
 from ..kernel.basis import KernelBasis
 from ..kernel.candidate import (
     CandidateStats,
+    ShiftedTemplates,
     StampBatch,
     basis_columns,
     compute_stats,
@@ -354,8 +355,16 @@ def candidate_stats(
     # The fit keeps the weights above, as ip_diffim's does (it weights by the variance
     # it has before any iteration): only the units of the residuals follow the kernel.
     variance = stamps.difference_variance(basis.kernel_image(single.coeffs[:, : basis.size]))
+    # A delta-function basis's residuals come from the pixels: a normal matrix of the
+    # statistics' weights would cost about twice a whole Alard-Lupton fit per candidate.
     stats = compute_stats(
-        conv, stamps.science, variance, stats_selector=selector, fit=moments, **kwargs
+        conv,
+        stamps.science,
+        variance,
+        stats_selector=selector,
+        fit=moments,
+        residual_template=stamps.template if isinstance(conv, ShiftedTemplates) else None,
+        **kwargs,
     )
     var_science, var_template = variance_response(stamps, variance, selector)
     return replace(stats, var_science=var_science, var_template=var_template), single
