@@ -130,6 +130,17 @@ def add_logging_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _DropCancelledFeeds(logging.Filter):
+    """Drops the scheduler's report of a cancelled coroutine: the progress bar's feed,
+    cancelled as the cluster closes after a failed run, is logged as an ERROR with a
+    traceback, though nothing went wrong but the run's own (already reported) error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import asyncio
+
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes, not when it was made.
 
@@ -165,6 +176,9 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     log.propagate = False
     for name in ("distributed.nanny", "distributed.core", "distributed.worker"):
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.ERROR)
+    scheduler = logging.getLogger("distributed.scheduler")
+    if not verbose and not any(isinstance(f, _DropCancelledFeeds) for f in scheduler.filters):
+        scheduler.addFilter(_DropCancelledFeeds())
 
 
 @contextlib.contextmanager
