@@ -17,11 +17,8 @@ import pytest
 
 from diffkernel import MakeKernelConfig
 from diffkernel.errors import ClusterError
-from diffkernel.image import Exposure, MaskedImage
 from diffkernel.io.zarr.results import result_status
-from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.dask.driver import run_pair
-from diffkernel.simulate import make_pair
 
 distributed = pytest.importorskip("distributed")
 
@@ -77,32 +74,13 @@ def config() -> MakeKernelConfig:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    sim = make_pair(SHAPE, seed=41, template_depth=4)
-    store = tmp_path_factory.mktemp("broadcast") / "pair.zarr"
-    for name, exp in (("template", sim.template), ("science", sim.science)):
-        mi = exp.masked_image
-        f32 = MaskedImage(
-            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
-        )
-        write_image(store, Exposure(f32, exp.wcs, exp.psf_fwhm), group=name, chunks=32)
-    return store, sim.truth.sources
+def pair(fault_pair):
+    return fault_pair
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # Nannies restart a killed worker, as on a real deployment.
-    import dask
-
-    from diffkernel.pipeline.dask.cluster import SCHEDULER_CONFIG
-
-    with (
-        dask.config.set(SCHEDULER_CONFIG),
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0"
-        ) as cl,
-    ):
-        yield cl
+def cluster(nanny_cluster):
+    return nanny_cluster
 
 
 def run(pair, out, client, **kwargs):

@@ -20,11 +20,8 @@ import numpy as np
 import pytest
 
 from diffkernel import MakeKernelConfig
-from diffkernel.image import Exposure, MaskedImage
 from diffkernel.io.zarr.results import open_result, result_status
-from diffkernel.io.zarr.write import write_image
 from diffkernel.pipeline.dask.driver import run_pair
-from diffkernel.simulate import make_pair
 
 distributed = pytest.importorskip("distributed")
 
@@ -40,33 +37,13 @@ def config() -> MakeKernelConfig:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    sim = make_pair(SHAPE, seed=41, template_depth=4)
-    store = tmp_path_factory.mktemp("faults") / "pair.zarr"
-    for name, exp in (("template", sim.template), ("science", sim.science)):
-        mi = exp.masked_image
-        f32 = MaskedImage(
-            mi.image.astype(np.float32), mi.variance.astype(np.float32), mi.mask, mi.mask_planes
-        )
-        write_image(store, Exposure(f32, exp.wcs, exp.psf_fwhm), group=name, chunks=32)
-    return store, sim.truth.sources
+def pair(fault_pair):
+    return fault_pair
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # A nanny per worker restarts a killed worker, as on a real deployment; the
-    # scheduler keeps the broadcast copies (SCHEDULER_CONFIG), as recommended.
-    import dask
-
-    from diffkernel.pipeline.dask.cluster import SCHEDULER_CONFIG
-
-    with (
-        dask.config.set(SCHEDULER_CONFIG),
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cl,
-    ):
-        yield cl
+def cluster(nanny_cluster):
+    return nanny_cluster
 
 
 def run(pair, out, client):
