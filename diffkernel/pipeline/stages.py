@@ -33,6 +33,7 @@ results (tested bit-identical).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from ..kernel.basis import KernelBasis, basis_from_config, regularization_for
 from ..prep.psf import exposure_fwhm
 from ..prep.selection import source_positions
 from .cells import CellPlan, SourcePlacement
+
+log = logging.getLogger("diffkernel")
 
 #: Directions of the convolution.
 MODES = ("convolveTemplate", "convolveScience", "auto")
@@ -309,6 +312,17 @@ def align_pair(work: PixelWork, kcfg) -> bool:
         work.align()
     elif work.template.shape != work.science.shape:
         work.refuse_grids()
+    elif not kcfg.warpingConfig.doAlign:
+        offset = grid_offset(work.template, work.science)
+        if offset is not None and offset > MISALIGNED_PX:
+            # Taken as aligned, as documented; but a result from misaligned grids (another
+            # pixel scale, a shift) is wrong, so say what the WCSs show.
+            log.warning(
+                "warpingConfig.doAlign is false, but the WCSs put the template's grid up to "
+                "%.3g px from the science's (another pixel scale, rotation or shift?); the "
+                "pair is taken as aligned: set doAlign = true to warp the template",
+                offset,
+            )
     work.check()
     return aligned
 
@@ -324,12 +338,25 @@ def needs_alignment(template, science, kcfg) -> bool:
         return False
     if template.shape != science.shape:
         return True
+    return bool(grid_offset(template, science) > 1e-3)
+
+
+#: Offset in pixels between the grids, by their WCSs, past which a pair that
+#: ``doAlign = false`` takes as aligned gets a warning.
+MISALIGNED_PX = 0.5
+
+
+def grid_offset(template, science) -> float | None:
+    """How far, in pixels, the template's WCS puts the science grid's corners and centre
+    from the same pixels of its own grid; None without a WCS on both."""
+    if template.wcs is None or science.wcs is None:
+        return None
     ny, nx = science.shape
     xs = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2])
     ys = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2])
     world = science.wcs.pixel_to_world_values(xs, ys)
     xt, yt = template.wcs.world_to_pixel_values(*world)
-    return bool(np.max(np.hypot(np.asarray(xt) - xs, np.asarray(yt) - ys)) > 1e-3)
+    return float(np.max(np.hypot(np.asarray(xt) - xs, np.asarray(yt) - ys)))
 
 
 def exempt_planes(kcfg) -> tuple[str, ...]:

@@ -521,6 +521,37 @@ def test_exposures_with_different_wcs_are_aligned():
     assert (diff.mask[:, 512 - dx :] & (1 << diff.mask_planes["NO_DATA"])).all()
 
 
+def test_misaligned_grids_taken_as_aligned_are_warned_of():
+    """doAlign = false takes the pair as aligned, as documented, but a pixel scale the
+    WCSs show to differ by 5% is said, not left to give a silent wrong kernel."""
+    import logging
+
+    from diffkernel.errors import DiffkernelError
+
+    pair = make_pair((256, 256), seed=9, wcs=True)
+    scaled = pair.template.wcs.deepcopy()
+    scaled.wcs.cdelt = scaled.wcs.cdelt * 1.05
+    template = type(pair.template)(pair.template.masked_image, scaled, pair.template.psf_fwhm)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffkernel")
+    logger.addHandler(handler)
+    try:
+        for wcs_template, expect in ((pair.template, False), (template, True)):
+            cfg = al_config()
+            cfg.kernel.active.warpingConfig.doAlign = False
+            records.clear()
+            try:
+                MakeKernelTask(cfg).run(wcs_template, pair.science, pair.truth.sources)
+            except DiffkernelError:
+                pass  # the fit on misaligned grids may fail; the warning came first
+            warned = any("doAlign is false" in r.getMessage() for r in records)
+            assert warned is expect
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_alignment_errors(noisy_pair):
     pair = make_pair((256, 256), seed=9, wcs=True)
     far = pair.template.wcs.deepcopy()
