@@ -4,7 +4,7 @@ For a candidate with science stamp ``s`` (``S x S`` pixels) and template cutout 
 (``S + K - 1`` on a side, so that a ``K x K`` convolution is exact over the stamp),
 the columns of the model ``s ≈ C a`` are the template convolved with each basis
 kernel; :mod:`~diffkernel.kernel.moments` makes the sufficient statistics of ``C``
-and ``s`` that every fit and quality statistic uses (re-exported here).
+and ``s`` that every fit and quality statistic uses.
 """
 
 from __future__ import annotations
@@ -17,21 +17,10 @@ from scipy import fft
 
 from ..image import MaskedImage
 from .basis import KernelBasis
-from .moments import (
-    CandidateStats,
-    FitMoments,
-    compute_stats,
-    concatenate_rows,
-    core_selector,
-    fit_moments,
-    local_background_columns,
-    take_rows,
-)
+from .moments import FitMoments, take_rows
 
 __all__ = [
     "StampBatch",
-    "CandidateStats",
-    "FitMoments",
     "cut_stamps",
     "valid_convolutions",
     "convolve_stamps",
@@ -39,12 +28,6 @@ __all__ = [
     "basis_columns",
     "ShiftedTemplates",
     "noise_corrected",
-    "compute_stats",
-    "fit_moments",
-    "core_selector",
-    "local_background_columns",
-    "take_rows",
-    "concatenate_rows",
 ]
 
 

@@ -36,9 +36,9 @@ import numpy as np
 
 from ..errors import NoCandidatesError
 from .basis import KernelBasis, regularization_for
-from .candidate import CandidateStats
 from .clipping import kernel_sum_outliers, residual_failures
 from .fit import SingleFit, fit_single_kernels
+from .moments import CandidateStats
 from .spatial import SpatialSolution
 from .spatial_model import SpatialModel, fit_spatial_model, spatial_residuals
 

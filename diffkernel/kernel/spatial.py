@@ -19,8 +19,8 @@ import numpy as np
 
 from ..errors import ConfigError, SpatialFitError
 from .basis import KernelBasis
-from .candidate import CandidateStats
 from .fit import condition_numbers, solve_spd
+from .moments import CandidateStats
 
 __all__ = ["n_terms", "SpatialFunctions", "SpatialSolution", "fit_spatial", "free_kernel_terms"]
 
@@ -219,7 +219,7 @@ def background_local_map(
     numpy.ndarray
         ``(N, n_local, n_global)``.
     """
-    from .candidate import local_background_columns
+    from .moments import local_background_columns
 
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))

@@ -28,8 +28,8 @@ import numpy as np
 
 from ..errors import SpatialFitError
 from .basis import KernelBasis, derive_basis, renormalize
-from .candidate import CandidateStats
 from .fit import SingleFit, fit_single_kernels, inverse_quadratic_forms, pad_background
+from .moments import CandidateStats
 from .spatial import SpatialFunctions, SpatialSolution, fit_spatial, n_terms
 
 __all__ = [

@@ -21,19 +21,21 @@ from ..errors import NoCandidatesError
 from ..image import MaskedImage
 from ..kernel.basis import KernelBasis
 from ..kernel.candidate import (
-    CandidateStats,
     ShiftedTemplates,
     StampBatch,
     basis_columns,
-    compute_stats,
-    concatenate_rows,
-    core_selector,
     cut_stamps,
-    fit_moments,
     noise_corrected,
     valid_convolutions,
 )
 from ..kernel.fit import SingleFit, fit_single_kernels
+from ..kernel.moments import (
+    CandidateStats,
+    compute_stats,
+    concatenate_rows,
+    core_selector,
+    fit_moments,
+)
 from ..kernel.photometry import StampPhotometry, stamp_photometry
 from ..kernel.solve import BAD, CandidateSet, SolveOutcome, solve
 from ..prep.selection import aperture_flux_snr, assign_cells, core_snr, place_centres, vet_positions

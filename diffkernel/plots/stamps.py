@@ -17,14 +17,9 @@ import numpy as np
 from astropy.table import Table
 
 from ..kernel.basis import regularization_for
-from ..kernel.candidate import (
-    StampBatch,
-    convolve_basis,
-    fit_moments,
-    local_background_columns,
-    noise_corrected,
-)
+from ..kernel.candidate import StampBatch, convolve_basis, noise_corrected
 from ..kernel.fit import fit_single_kernels
+from ..kernel.moments import fit_moments, local_background_columns
 from .backend import new_figure
 from .render import STATUS_COLOURS
 

@@ -13,14 +13,11 @@ from diffkernel.kernel.basis import (
     delta_function_basis,
     derive_basis,
 )
-from diffkernel.kernel.candidate import (
+from diffkernel.kernel.candidate import StampBatch, convolve_basis, convolve_stamps, cut_stamps
+from diffkernel.kernel.moments import (
     CandidateStats,
-    StampBatch,
     compute_stats,
-    convolve_basis,
-    convolve_stamps,
     core_selector,
-    cut_stamps,
     fit_moments,
     local_background_columns,
 )

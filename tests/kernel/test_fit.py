@@ -12,7 +12,7 @@ from scipy.signal import convolve2d
 from diffkernel.config import PsfMatchConfigAL, PsfMatchConfigDF
 from diffkernel.kernel import fit as fit_module
 from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis, regularization_matrix
-from diffkernel.kernel.candidate import compute_stats, convolve_stamps
+from diffkernel.kernel.candidate import convolve_stamps
 from diffkernel.kernel.fit import (
     condition_numbers,
     fit_single_kernels,
@@ -21,6 +21,7 @@ from diffkernel.kernel.fit import (
     risk_scan,
     solve_spd,
 )
+from diffkernel.kernel.moments import compute_stats
 
 K = 11
 S = 21

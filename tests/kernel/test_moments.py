@@ -12,12 +12,11 @@ from diffkernel.kernel.candidate import (
     ShiftedTemplates,
     StampBatch,
     basis_columns,
-    compute_stats,
     convolve_basis,
-    fit_moments,
     noise_corrected,
 )
 from diffkernel.kernel.fit import CONDITION_ALWAYS, fit_single_kernels
+from diffkernel.kernel.moments import compute_stats, fit_moments
 
 K = 7
 S = 11

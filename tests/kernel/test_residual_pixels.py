@@ -11,13 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffkernel.kernel.candidate import (
-    CandidateStats,
-    ShiftedTemplates,
-    compute_stats,
-    core_selector,
-    fit_moments,
-)
+from diffkernel.kernel.candidate import ShiftedTemplates
+from diffkernel.kernel.moments import CandidateStats, compute_stats, core_selector, fit_moments
 
 K = 5
 S = 11

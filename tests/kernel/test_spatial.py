@@ -7,7 +7,7 @@ import pytest
 
 from diffkernel.errors import ConfigError, SpatialFitError
 from diffkernel.kernel.basis import alard_lupton_basis, delta_function_basis
-from diffkernel.kernel.candidate import CandidateStats
+from diffkernel.kernel.moments import CandidateStats
 from diffkernel.kernel.spatial import (
     SpatialFunctions,
     background_local_map,
@@ -182,7 +182,7 @@ def test_background_local_map_constant_term_is_centre_value():
     local = background_local_map(bf, x, y, STAMP_HALF, 2) @ theta
     np.testing.assert_allclose(local[:, 0], bf.evaluate(x, y) @ theta, rtol=1e-10)
     # The local polynomial reproduces the global one over the stamp.
-    from diffkernel.kernel.candidate import local_background_columns
+    from diffkernel.kernel.moments import local_background_columns
 
     cols = local_background_columns(2 * STAMP_HALF + 1, 2)
     off = np.arange(-STAMP_HALF, STAMP_HALF + 1)
@@ -268,7 +268,8 @@ def test_grid_factors_match_evaluate(model):
 def _noisy_star_stats(rng, basis, x, y, kf, coeffs, constant_weighting):
     """Statistics of Gaussian stars convolved with a spatial kernel (spatial coefficients
     ``coeffs`` over ``kf``), with a constant background of 3 and Poisson-like noise."""
-    from diffkernel.kernel.candidate import compute_stats, convolve_basis
+    from diffkernel.kernel.candidate import convolve_basis
+    from diffkernel.kernel.moments import compute_stats
 
     stamp, k = 15, basis.kernel_size
     side = stamp + k - 1

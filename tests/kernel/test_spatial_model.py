@@ -7,7 +7,8 @@ import pytest
 
 from diffkernel.config import PsfMatchConfigAL
 from diffkernel.kernel.basis import alard_lupton_basis
-from diffkernel.kernel.candidate import compute_stats, convolve_basis
+from diffkernel.kernel.candidate import convolve_basis
+from diffkernel.kernel.moments import compute_stats
 from diffkernel.kernel.spatial_model import bic_truncation
 
 STAMP = 21

@@ -147,7 +147,7 @@ def _pixel_moments(stamps, basis, kcfg, coeffs, kernels):
     the difference's own under ``kernels``, all made pixel by pixel with scipy."""
     from scipy.signal import convolve2d
 
-    from diffkernel.kernel.candidate import core_selector, local_background_columns
+    from diffkernel.kernel.moments import core_selector, local_background_columns
 
     size = stamps.stamp_size
     n_k = basis.size
@@ -200,8 +200,9 @@ def test_candidate_residuals_are_in_units_of_the_difference_sigma(fields):
 def test_candidate_fit_weights_are_those_before_the_kernel():
     """Only the units of the residuals follow the kernel: the fits are weighted by the
     science variance plus the template's under the stamp, as before any iteration."""
-    from diffkernel.kernel.candidate import compute_stats, convolve_basis
+    from diffkernel.kernel.candidate import convolve_basis
     from diffkernel.kernel.fit import fit_single_kernels
+    from diffkernel.kernel.moments import compute_stats
     from diffkernel.pipeline.cells import candidate_stats
 
     stamps, basis, kcfg, reg = _bright_stamps({})
