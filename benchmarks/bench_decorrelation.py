@@ -40,7 +40,7 @@ from diffkernel import MakeKernelConfig, MakeKernelTask, subtract_images
 from diffkernel.image import Exposure, MaskedImage
 from diffkernel.kernel.decorrelate import autocorrelation
 from diffkernel.simulate import make_pair, sampled_gaussian
-from diffkernel.simulate.swapped import add_point_source, make_swapped_pair
+from diffkernel.simulate.swapped import add_point_source, make_swapped_pair, optimal_snr
 
 
 def config(order: int = 1) -> MakeKernelConfig:
@@ -104,15 +104,6 @@ def print_lag_table(rows) -> None:
                 f"{label:6s} {s['x1']:7.3f} {s['y1']:7.3f} {s['x2']:7.3f} {s['y2']:7.3f} "
                 f"{s['robust_std']:6.3f} {verdict[label]}"
             )
-
-
-def optimal_snr(psf, kernel, var_c, var_r, science_convolved) -> float:
-    n = 128
-    f_p, f_k = np.fft.fft2(psf, (n, n)), np.fft.fft2(kernel, (n, n))
-    if science_convolved:
-        f_p = f_p * f_k
-    power = var_r + var_c * np.abs(f_k) ** 2
-    return float(np.sqrt(np.sum(np.abs(f_p) ** 2 / power) / n**2))
 
 
 def score_rows(size: int) -> list:

@@ -14,7 +14,7 @@ from ..image import DEFAULT_MASK_PLANES, Exposure, MaskedImage
 from .pair import SimulatedPair, make_pair
 from .render import noisy
 
-__all__ = ["make_swapped_pair", "add_point_source"]
+__all__ = ["make_swapped_pair", "add_point_source", "optimal_snr"]
 
 
 def make_swapped_pair(
@@ -60,3 +60,17 @@ def add_point_source(image: np.ndarray, x: float, y: float, flux: float, psf: np
     h = psf.shape[0] // 2
     xi, yi = int(round(x)), int(round(y))
     image[yi - h : yi + h + 1, xi - h : xi + h + 1] += flux * psf / psf.sum()
+
+
+def optimal_snr(
+    psf: np.ndarray, kernel: np.ndarray, var_c: float, var_r: float, science_convolved: bool
+) -> float:
+    """S/N of a unit-flux point source of profile ``psf`` in the science image, measured
+    optimally on the difference whose noise power is ``var_r + var_c |K|^2`` (the truth
+    that injected transients and the score image are checked against)."""
+    n = 128
+    f_p, f_k = np.fft.fft2(psf, (n, n)), np.fft.fft2(kernel, (n, n))
+    if science_convolved:
+        f_p = f_p * f_k
+    power = var_r + var_c * np.abs(f_k) ** 2
+    return float(np.sqrt(np.sum(np.abs(f_p) ** 2 / power) / n**2))

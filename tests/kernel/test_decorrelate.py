@@ -12,7 +12,7 @@ from diffkernel.kernel.decorrelate import (
     kernel_image_at,
 )
 from diffkernel.simulate import make_pair, sampled_gaussian
-from diffkernel.simulate.swapped import add_point_source, make_swapped_pair
+from diffkernel.simulate.swapped import add_point_source, make_swapped_pair, optimal_snr
 
 SHAPE = (320, 320)
 #: Transients: a grid well inside the image and away from the kernel's border band.
@@ -58,17 +58,6 @@ def with_transients(sim, flux_of, swapped: bool):
         fluxes.append(flux)
     masked = MaskedImage(image, mi.variance, mi.mask, mi.mask_planes)
     return Exposure(masked, science.wcs, science.psf_fwhm, dict(science.meta)), np.array(fluxes)
-
-
-def optimal_snr(psf, kernel, var_c: float, var_r: float, science_convolved: bool) -> float:
-    """S/N of a unit-flux point source of profile ``psf`` in the science image, measured
-    optimally on the difference whose noise power is ``var_r + var_c |K̂|²``."""
-    n = 128
-    f_p, f_k = np.fft.fft2(psf, (n, n)), np.fft.fft2(kernel, (n, n))
-    if science_convolved:
-        f_p = f_p * f_k
-    power = var_r + var_c * np.abs(f_k) ** 2
-    return float(np.sqrt(np.sum(np.abs(f_p) ** 2 / power) / n**2))
 
 
 @pytest.fixture(scope="module")
