@@ -47,7 +47,7 @@ from ...io.zarr.results import ResultStore, ResultWriter, open_result
 from ...io.zarr.workspace import ZarrWorkspace
 from ...kernel.spatial import SpatialSolution
 from ...kernel.subtract import SubtractionKernels, check_fft_options, merged_mask_planes
-from ...quality import assess, footprint_radius, histogram_metrics, kernel_sum_grid
+from ...quality import assess, footprint_radius, histogram_metrics
 from ..cells import SourcePlacement
 from ..stages import PreparedFit, check_mode, check_plane_names, prepare_fit
 from .cluster import connect, default_tile_size
@@ -364,8 +364,8 @@ class PairDriver:
         self, table: Table, outcome, histograms, cells: CellTasks, n_tiles, checksums, started
     ):
         """Judge the result, record the run and publish the store."""
-        summary = run_summary(table, outcome, histograms.sum(axis=0))
         quality = assess(table, self.meta, outcome.solution, self.kcfg, histograms)
+        summary = run_summary(table, quality, histograms.sum(axis=0))
         summary["quality"] = {k: quality[k] for k in ("verdict", "reasons")}
         self.meta["residuals"] = summary["residuals"]
         self.meta["n_cells"] = cells.n_cells
@@ -410,13 +410,12 @@ def footprints_near(placement: SourcePlacement, kernel_size: int):
     return near
 
 
-def run_summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:
+def run_summary(table: Table, quality: dict, histogram: np.ndarray) -> dict[str, Any]:
     """Candidates per stage, the kernel sum over the field and the difference's residuals."""
     status = np.asarray(table["status"])
     reasons = np.asarray(table["reason"])
     good = status == "GOOD"
     ksum = np.asarray(table["kernel_sum"])[good]
-    grid = kernel_sum_grid(outcome.solution)
     metrics = histogram_metrics(histogram)
     residuals = {
         k: metrics[k] for k in ("n_pixels", "mean", "median", "robust_std") if k in metrics
@@ -430,11 +429,7 @@ def run_summary(table: Table, outcome, histogram: np.ndarray) -> dict[str, Any]:
         "rejected": {str(r): int(k) for r, k in zip(why, why_counts, strict=True) if r},
         # The kernel sum the difference used, over the field; the single-candidate
         # sums scatter with each star's noise and are no estimate of it.
-        "kernel_sum": {
-            "mean": float(grid.mean()),
-            "min": float(grid.min()),
-            "max": float(grid.max()),
-        },
+        "kernel_sum": {k: quality["metrics"]["kernel_sum"][k] for k in ("mean", "min", "max")},
         "candidate_kernel_sums": [float(ksum.min()), float(ksum.max())] if ksum.size else None,
         "residuals": residuals,
     }
